@@ -1,0 +1,40 @@
+"""gpt2fn: GPT-2 as a functional, shape-checked program over PyTorch primitives.
+
+    params = gpt2fn.init_params(gpt2fn.preset("tiny"), seed=0)
+    logits = gpt2fn.forward(params, ids)                    # [batch, seq] -> [batch, seq, vocab]
+    grads  = torch.func.grad(gpt2fn.loss)(params, ids, targets)
+"""
+
+from .cache import KVCache, init_cache
+from .config import PRESETS, GPTConfig, preset
+from .layers import attention, attention_pattern, block, gelu, layer_norm, mlp
+from .model import forward, loss, positions_from_mask
+from .params import (
+    AttentionParams,
+    BlockParams,
+    GPTParams,
+    LayerNormParams,
+    MLPParams,
+    count_params,
+    init_params,
+    named_leaves,
+    params_from_dict,
+    params_to_dict,
+    tree_map,
+    tree_to,
+    validate,
+)
+from .shapes import ShapeError, checks_enabled, shape_checks
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GPTConfig", "PRESETS", "preset",
+    "GPTParams", "BlockParams", "AttentionParams", "MLPParams", "LayerNormParams",
+    "init_params", "count_params", "tree_to", "tree_map", "named_leaves", "params_to_dict", "params_from_dict",
+    "validate",
+    "layer_norm", "gelu", "attention", "attention_pattern", "mlp", "block",
+    "forward", "loss", "positions_from_mask",
+    "KVCache", "init_cache",
+    "shape_checks", "checks_enabled", "ShapeError",
+]

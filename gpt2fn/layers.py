@@ -1,0 +1,187 @@
+"""GPT-2's layers as pure functions `f(params, x, *, options) -> y`.
+
+Glossary of axis names: `gpt2fn.shapes`. References: Radford et al. 2019 (GPT-2: pre-norm blocks, final layer
+norm), Vaswani et al. 2017 (scaled dot-product attention), Hendrycks & Gimpel 2016 (GELU), Ba et al. 2016
+(layer normalisation).
+
+Every function here reads only its arguments and returns new tensors. Two optional keyword arguments thread through:
+- `generator`: a `torch.Generator` that turns dropout on (training); without it dropout is the identity.
+- `tap`: a function `(site, value) -> value` called at each named activation site (see `gpt2fn.study`); it may
+  return the value unchanged (capture) or a replacement (intervention). Without it nothing extra is computed.
+"""
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+from .config import GPTConfig
+from .params import AttentionParams, BlockParams, LayerNormParams, MLPParams
+from .shapes import check_record, checked
+
+__all__ = [
+    "Tap", "layer_norm", "gelu", "dropout", "linear", "split_heads", "merge_heads", "causal_mask",
+    "attend_fast", "attend_explicit", "attention", "attention_pattern", "mlp", "block",
+]
+
+Tap = Callable[[str, Tensor], Tensor]
+
+
+def _tap(tap: Tap | None, site: str, x: Tensor) -> Tensor:
+    return x if tap is None else tap(site, x)
+
+
+@checked
+def layer_norm(p: LayerNormParams, x: Float[Tensor, "*batch d_model"], *, eps: float = 1e-5
+               ) -> Float[Tensor, "*batch d_model"]:
+    """Layer normalisation: (x - mean) / sqrt(var + eps) * scale + shift over the last axis (biased variance)."""
+    check_record(p, "norm")
+    return F.layer_norm(x, x.shape[-1:], p.scale, p.shift, eps)
+
+
+@checked
+def gelu(x: Float[Tensor, "*shape"], *, approximate: str = "tanh") -> Float[Tensor, "*shape"]:
+    """Gaussian error linear unit: x * Phi(x), with Phi's tanh approximation (GPT-2) or exact via erf ("erf")."""
+    return F.gelu(x, approximate="tanh" if approximate == "tanh" else "none")
+
+
+def dropout(x: Tensor, rate: float, generator: torch.Generator | None) -> Tensor:
+    """Inverted dropout with an explicit generator; the identity when `generator` is None or `rate` is 0."""
+    if generator is None or rate == 0.0:
+        return x
+    keep = torch.rand(x.shape, generator=generator, device=x.device) >= rate
+    return x * keep.to(x.dtype) / (1.0 - rate)
+
+
+def linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """Affine map `x @ w + b` with `w` stored `[in, out]`."""
+    return x @ w if b is None else torch.addmm(b, x.reshape(-1, x.shape[-1]), w).view(*x.shape[:-1], w.shape[1])
+
+
+def split_heads(x: Float[Tensor, "batch seq d_model"], n_heads: int) -> Float[Tensor, "batch heads seq head_dim"]:
+    return rearrange(x, "b s (h d) -> b h s d", h=n_heads)
+
+
+def merge_heads(z: Float[Tensor, "batch heads seq head_dim"]) -> Float[Tensor, "batch seq d_model"]:
+    return rearrange(z, "b h s d -> b s (h d)")
+
+
+def causal_mask(q_len: int, k_len: int, key_mask: Bool[Tensor, "batch kv_seq"] | None,
+                device: torch.device) -> Bool[Tensor, "batch 1 seq kv_seq"] | Bool[Tensor, "seq kv_seq"]:
+    """Which keys each query may attend to: the last `q_len` of `k_len` positions see themselves and the past.
+
+    With a `key_mask` (False on left-padding slots) padded keys are hidden too; every query keeps at least itself,
+    so a padding query's softmax stays finite (its output is never read by a real token).
+    """
+    offset = k_len - q_len
+    q_pos = torch.arange(q_len, device=device)[:, None] + offset
+    k_pos = torch.arange(k_len, device=device)[None, :]
+    mask = k_pos <= q_pos
+    if key_mask is None:
+        return mask
+    return (mask & key_mask[:, None, None, :]) | (k_pos == q_pos)
+
+
+def attend_fast(q: Float[Tensor, "batch heads seq head_dim"], k: Float[Tensor, "batch heads kv_seq head_dim"],
+                v: Float[Tensor, "batch heads kv_seq head_dim"], key_mask: Bool[Tensor, "batch kv_seq"] | None
+                ) -> Float[Tensor, "batch heads seq head_dim"]:
+    """softmax(q k^T / sqrt(head_dim) + causal mask) v through torch's fused scaled-dot-product attention."""
+    q_len, k_len = q.shape[2], k.shape[2]
+    if key_mask is None and q_len == k_len:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if key_mask is None and q_len == 1:  # one new query sees every cached key: no mask needed
+        return F.scaled_dot_product_attention(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(q_len, k_len, key_mask, q.device))
+
+
+def attend_explicit(q: Float[Tensor, "batch heads seq head_dim"], k: Float[Tensor, "batch heads kv_seq head_dim"],
+                    v: Float[Tensor, "batch heads kv_seq head_dim"], key_mask: Bool[Tensor, "batch kv_seq"] | None,
+                    *, drop_rate: float = 0.0, generator: torch.Generator | None = None,
+                    tap: Tap | None = None, site: str = "attn"
+                    ) -> tuple[Float[Tensor, "batch heads seq head_dim"], Float[Tensor, "batch heads seq kv_seq"]]:
+    """The same attention written out, returning `(z, pattern)`; the pattern is exactly 0 above the diagonal."""
+    mask = causal_mask(q.shape[2], k.shape[2], key_mask, q.device)
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    scores = _tap(tap, f"{site}.scores", scores.masked_fill(~mask, float("-inf")))
+    pattern = _tap(tap, f"{site}.pattern", torch.softmax(scores, dim=-1))
+    return dropout(pattern, drop_rate, generator) @ v, pattern
+
+
+def _qkv(p: AttentionParams, x: Tensor, n_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    qkv = linear(x, p.w_qkv, p.b_qkv)
+    q, k, v = rearrange(qkv, "b s (three h d) -> three b h s d", three=3, h=n_heads)
+    return q, k, v
+
+
+def _with_cache(k: Tensor, v: Tensor, kv: tuple[Tensor, Tensor] | None, start: int) -> tuple[Tensor, Tensor]:
+    if kv is None:
+        return k, v
+    k_buf, v_buf = kv  # written in place: see gpt2fn.cache for why and what it means for the caller
+    end = start + k.shape[2]
+    k_buf[:, :, start:end] = k
+    v_buf[:, :, start:end] = v
+    return k_buf[:, :, :end], v_buf[:, :, :end]
+
+
+@checked
+def attention(p: AttentionParams, x: Float[Tensor, "batch seq d_model"], *, n_heads: int,
+              kv: tuple[Tensor, Tensor] | None = None, start: int = 0,
+              key_mask: Bool[Tensor, "batch kv_seq"] | None = None, drop_rate: float = 0.0,
+              generator: torch.Generator | None = None, tap: Tap | None = None, site: str = "attn"
+              ) -> Float[Tensor, "batch seq d_model"]:
+    """Causal multi-head self-attention: project to q, k, v; attend over the past (and the cache); project out.
+
+    `kv`/`start`: this layer's cache buffers and the slot where `x`'s first position goes. `key_mask`: which of
+    the `start + seq` keys are real tokens. Uses fused SDPA unless dropout or a tap needs the explicit pattern.
+    """
+    check_record(p, site)
+    q, k, v = _qkv(p, x, n_heads)
+    q, k, v = (_tap(tap, f"{site}.{n}", t) for n, t in (("q", q), ("k", k), ("v", v)))
+    k, v = _with_cache(k, v, kv, start)
+    if tap is None and (generator is None or drop_rate == 0.0):
+        z = attend_fast(q, k, v, key_mask)
+    else:
+        z, _ = attend_explicit(q, k, v, key_mask, drop_rate=drop_rate, generator=generator, tap=tap, site=site)
+    z = _tap(tap, f"{site}.z", z)
+    return _tap(tap, f"{site}.out", linear(merge_heads(z), p.w_out, p.b_out))
+
+
+@checked
+def attention_pattern(p: AttentionParams, x: Float[Tensor, "batch seq d_model"], *, n_heads: int,
+                      key_mask: Bool[Tensor, "batch seq"] | None = None
+                      ) -> Float[Tensor, "batch heads seq seq"]:
+    """The attention weights softmax(q k^T / sqrt(head_dim) + mask): each row a distribution over the past."""
+    check_record(p, "attn")
+    q, k, v = _qkv(p, x, n_heads)
+    return attend_explicit(q, k, v, key_mask)[1]
+
+
+@checked
+def mlp(p: MLPParams, x: Float[Tensor, "*batch d_model"], *, approximate: str = "tanh",
+        tap: Tap | None = None, site: str = "mlp") -> Float[Tensor, "*batch d_model"]:
+    """Position-wise feed-forward network: gelu(x W_fc + b_fc) W_proj + b_proj."""
+    check_record(p, site)
+    pre = _tap(tap, f"{site}.pre", linear(x, p.w_fc, p.b_fc))
+    post = _tap(tap, f"{site}.post", gelu(pre, approximate=approximate))
+    return linear(post, p.w_proj, p.b_proj)
+
+
+@checked
+def block(p: BlockParams, x: Float[Tensor, "batch seq d_model"], *, config: GPTConfig, layer: int = 0,
+          kv: tuple[Tensor, Tensor] | None = None, start: int = 0,
+          key_mask: Bool[Tensor, "batch kv_seq"] | None = None, generator: torch.Generator | None = None,
+          tap: Tap | None = None) -> Float[Tensor, "batch seq d_model"]:
+    """Pre-norm transformer block: x + attn(ln1(x)), then + mlp(ln2(.)), with dropout on each branch."""
+    site, rate = f"blocks.{layer}", config.drop_rate
+    x = _tap(tap, f"{site}.resid_pre", x)
+    h = _tap(tap, f"{site}.ln1", layer_norm(p.norm1, x, eps=config.ln_eps))
+    a = attention(p.attn, h, n_heads=config.n_heads, kv=kv, start=start, key_mask=key_mask, drop_rate=rate,
+                  generator=generator, tap=tap, site=f"{site}.attn")
+    x = _tap(tap, f"{site}.resid_mid", x + dropout(a, rate, generator))
+    h = _tap(tap, f"{site}.ln2", layer_norm(p.norm2, x, eps=config.ln_eps))
+    m = _tap(tap, f"{site}.mlp.out", mlp(p.mlp, h, approximate=config.gelu, tap=tap, site=f"{site}.mlp"))
+    return _tap(tap, f"{site}.resid_post", x + dropout(m, rate, generator))

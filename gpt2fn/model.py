@@ -1,0 +1,110 @@
+"""The whole model: token ids -> embeddings -> blocks -> final layer norm -> logits, and the language-model loss.
+
+Site names passed to a `tap` (see `gpt2fn.layers`): `embed.tok`, `embed.pos`, `embed`, then per layer `blocks.{i}.*`
+(`resid_pre, ln1, attn.q, attn.k, attn.v, attn.scores, attn.pattern, attn.z, attn.out, resid_mid, ln2, mlp.pre,
+mlp.post, mlp.out, resid_post`), then `final_norm` and `logits`.
+"""
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from .cache import KVCache
+from .layers import Tap, _tap, block, dropout, layer_norm
+from .params import GPTParams, head_matrix
+from .shapes import check_record, checked
+
+__all__ = ["forward", "loss", "positions_from_mask", "as_generator"]
+
+
+def as_generator(seed: torch.Generator | int | None, device: torch.device) -> torch.Generator | None:
+    """An explicit generator from a seed (None stays None: no randomness)."""
+    if seed is None or isinstance(seed, torch.Generator):
+        return seed
+    return torch.Generator(device=device).manual_seed(int(seed))
+
+
+def positions_from_mask(mask: Bool[Tensor, "batch seq"]) -> Int[Tensor, "batch seq"]:
+    """Position ids that count only real tokens, so left padding shifts nothing: [0,0,1,1,..] -> [0,0,0,1,..]."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _check_ids(params: GPTParams, ids: Tensor, start: int) -> None:
+    cfg = params.config
+    if ids.ndim != 2:
+        raise ValueError(f"ids must be [batch, seq] token ids; got shape {list(ids.shape)}. "
+                         "For a single sequence pass ids[None].")
+    if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise ValueError(f"ids must be an integer tensor of token ids; got dtype {ids.dtype}. Use ids.long().")
+    if ids.shape[1] == 0:
+        raise ValueError("ids has seq = 0 positions; pass at least one token")
+    if start + ids.shape[1] > cfg.context_length:
+        raise ValueError(f"sequence of {start + ids.shape[1]} positions (seq={ids.shape[1]}"
+                         f"{f' after {start} cached' if start else ''}) exceeds context_length "
+                         f"{cfg.context_length}; crop to the last {cfg.context_length} tokens")
+
+
+@checked
+def forward(params: GPTParams, ids: Int[Tensor, "batch seq"], *, cache: KVCache | None = None,
+            positions: Int[Tensor, "batch seq"] | None = None, pad_mask: Bool[Tensor, "batch seq"] | None = None,
+            generator: torch.Generator | int | None = None, tap: Tap | None = None, last_only: bool = False
+            ) -> Float[Tensor, "batch _seq vocab"] | tuple[Float[Tensor, "batch _seq vocab"], KVCache]:
+    """GPT-2: logits[b, t] = unembed(ln_f(blocks(tok_emb[ids] + pos_emb[positions])))[b, t].
+
+    - `cache`: decode incrementally; returns `(logits, advanced cache)` instead of logits (see `gpt2fn.cache`).
+    - `positions`: position ids (default `start, start+1, ...`); `pad_mask`: False on left-padding tokens; when
+      given without `positions`, positions are counted from the mask (cache included).
+    - `generator` (or an int seed): turns dropout on with `config.drop_rate`. None: deterministic inference.
+    - `last_only`: compute logits for the last position only (`[batch, 1, vocab]`), as generation needs.
+    """
+    cfg = params.config
+    start = 0 if cache is None else cache.length
+    _check_ids(params, ids, start)
+    check_record(params, "params")
+    if cache is not None and cache.batch != ids.shape[0]:
+        raise ValueError(f"cache holds batch {cache.batch} but ids have batch {ids.shape[0]}")
+    if cache is not None and start + ids.shape[1] > cache.capacity:
+        raise ValueError(f"cache capacity {cache.capacity} is too small for {start + ids.shape[1]} positions")
+    gen = as_generator(generator, ids.device)
+
+    key_mask = None
+    if pad_mask is not None:
+        if cache is not None:
+            if cache.valid is None:
+                raise ValueError("pad_mask needs a cache made with init_cache(..., padded=True)")
+            cache.valid[:, start:start + ids.shape[1]] = pad_mask  # in place, like the keys (gpt2fn.cache)
+            key_mask = cache.valid[:, :start + ids.shape[1]]
+        else:
+            key_mask = pad_mask
+        if positions is None:
+            positions = positions_from_mask(key_mask)[:, start:]
+    elif cache is not None and cache.valid is not None:
+        cache.valid[:, start:start + ids.shape[1]] = True
+        key_mask = cache.valid[:, :start + ids.shape[1]]
+        if positions is None:
+            positions = positions_from_mask(key_mask)[:, start:]
+
+    tok = _tap(tap, "embed.tok", params.tok_emb[ids])
+    pos_table = params.pos_emb[start:start + ids.shape[1]] if positions is None else params.pos_emb[positions]
+    pos = _tap(tap, "embed.pos", pos_table)
+    x = _tap(tap, "embed", dropout(tok + pos, cfg.drop_rate, gen))
+
+    for i, bp in enumerate(params.blocks):
+        kv = None if cache is None else (cache.keys[i], cache.values[i])
+        x = block(bp, x, config=cfg, layer=i, kv=kv, start=start, key_mask=key_mask, generator=gen, tap=tap)
+
+    if last_only:
+        x = x[:, -1:]
+    x = _tap(tap, "final_norm", layer_norm(params.final_norm, x, eps=cfg.ln_eps))
+    logits = _tap(tap, "logits", x @ head_matrix(params))
+    return logits if cache is None else (logits, cache.advance(ids.shape[1]))
+
+
+@checked
+def loss(params: GPTParams, ids: Int[Tensor, "batch seq"], targets: Int[Tensor, "batch seq"], *,
+         generator: torch.Generator | int | None = None, ignore_index: int = -100) -> Float[Tensor, ""]:
+    """Mean next-token cross-entropy of `targets` under `forward(params, ids)` (targets equal to ignore_index
+    are skipped). Computed in fp32 whatever the parameter dtype."""
+    logits = forward(params, ids, generator=generator)
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index)

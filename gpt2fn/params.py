@@ -1,0 +1,309 @@
+"""The parameter pytree: typed records nested like the model, with the config as static metadata.
+
+    GPTParams
+      tok_emb     [vocab, d_model]        token embedding (also the output head when `config.tie_head`)
+      pos_emb     [ctx, d_model]          position embedding
+      blocks      tuple[BlockParams, ...] one per layer:
+        norm1     LayerNormParams         scale [d_model], shift [d_model] | None
+        attn      AttentionParams         w_qkv [d_model, 3*d_model], b_qkv, w_out [d_model, d_model], b_out
+        norm2     LayerNormParams
+        mlp       MLPParams               w_fc [d_model, d_mlp], b_fc, w_proj [d_mlp, d_model], b_proj
+      final_norm  LayerNormParams
+      head        [d_model, vocab] | None untied output head; None when tied to `tok_emb`
+
+Matrices are stored `[in, out]` and applied as `x @ W` (the OpenAI / Hugging Face orientation). Only tensors are
+leaves (an absent bias is None and no child of its record), so `torch.func.grad`, `vmap`, `jacrev` and
+`torch.utils._pytree.tree_map` work on the whole tree. A tied head is the one `tok_emb` leaf, never a copy.
+"""
+
+import dataclasses
+import math
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import torch
+import torch.utils._pytree as pytree
+from jaxtyping import Float
+from torch import Tensor
+
+from .config import GPTConfig
+
+__all__ = [
+    "LayerNormParams", "AttentionParams", "MLPParams", "BlockParams", "GPTParams",
+    "init_params", "count_params", "tree_to", "named_leaves", "params_to_dict", "params_from_dict",
+    "validate", "head_matrix", "expected_shapes",
+]
+
+
+T = TypeVar("T")
+
+
+def record(cls: type[T]) -> type[T]:
+    """Make `cls` a frozen dataclass registered as a pytree node whose children are its tensor fields.
+
+    Why not a NamedTuple: torch's pytree treats None as a leaf and `torch.func` rejects non-tensor leaves, so an
+    absent bias (None) must be no child at all. Fields marked `static()` (the config) travel in the context.
+    """
+    cls = dataclasses.dataclass(frozen=True, repr=False)(cls)
+    names = tuple(f.name for f in dataclasses.fields(cls) if not f.metadata.get("static"))
+    statics = tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("static"))
+    cls._fields = names  # type: ignore[attr-defined]
+
+    def flatten(obj: Any) -> tuple[list[Any], Any]:
+        present = tuple(n for n in names if getattr(obj, n) is not None)
+        return [getattr(obj, n) for n in present], (present, tuple(getattr(obj, n) for n in statics))
+
+    def flatten_with_keys(obj: Any) -> tuple[list[tuple[Any, Any]], Any]:
+        children, context = flatten(obj)
+        return [(pytree.GetAttrKey(n), c) for n, c in zip(context[0], children)], context
+
+    def unflatten(children: Any, context: Any) -> Any:
+        present, static_values = context
+        kwargs = dict.fromkeys(names)
+        kwargs.update(zip(present, children))
+        kwargs.update(zip(statics, static_values))
+        return cls(**kwargs)
+
+    pytree.register_pytree_node(cls, flatten, unflatten, serialized_type_name=f"gpt2fn.{cls.__qualname__}",
+                                flatten_with_keys_fn=flatten_with_keys)
+    return cls
+
+
+def static() -> Any:
+    """A record field that is pytree metadata, not a child."""
+    return dataclasses.field(metadata={"static": True})
+
+
+class _Record:
+    def replace(self: T, **changes: Any) -> T:
+        """A copy with some fields replaced."""
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+
+    def __repr__(self) -> str:
+        def show(v: Any) -> str:
+            if isinstance(v, Tensor):
+                return f"{str(v.dtype).removeprefix('torch.')}{list(v.shape)}"
+            if isinstance(v, tuple):
+                return f"({len(v)} x {type(v[0]).__name__})" if v else "()"
+            return repr(v)
+        inner = ", ".join(f"{n}={show(getattr(self, n))}" for n in self._fields)  # type: ignore[attr-defined]
+        return f"{type(self).__name__}({inner})"
+
+
+@record
+class LayerNormParams(_Record):
+    """Layer norm gain and bias (`ln_*.weight/.bias` in GPT-2, `norm*.scale/.shift` in the seed)."""
+
+    scale: Float[Tensor, "d_model"]
+    shift: Float[Tensor, "d_model"] | None
+
+
+@record
+class AttentionParams(_Record):
+    """Fused query/key/value projection and the output projection (`attn.c_attn`, `attn.c_proj`)."""
+
+    w_qkv: Float[Tensor, "d_model 3*d_model"]
+    b_qkv: Float[Tensor, "3*d_model"] | None
+    w_out: Float[Tensor, "d_model d_model"]
+    b_out: Float[Tensor, "d_model"] | None
+
+
+@record
+class MLPParams(_Record):
+    """Position-wise feed-forward network (`mlp.c_fc`, `mlp.c_proj`)."""
+
+    w_fc: Float[Tensor, "d_model d_mlp"]
+    b_fc: Float[Tensor, "d_mlp"] | None
+    w_proj: Float[Tensor, "d_mlp d_model"]
+    b_proj: Float[Tensor, "d_model"] | None
+
+
+@record
+class BlockParams(_Record):
+    """One pre-norm transformer block."""
+
+    norm1: LayerNormParams
+    attn: AttentionParams
+    norm2: LayerNormParams
+    mlp: MLPParams
+
+
+@record
+class GPTParams(_Record):
+    """All of a GPT-2's weights. `config` is static metadata (pytree context), not a leaf."""
+
+    tok_emb: Float[Tensor, "vocab d_model"]
+    pos_emb: Float[Tensor, "ctx d_model"]
+    blocks: tuple[BlockParams, ...]
+    final_norm: LayerNormParams
+    head: Float[Tensor, "d_model vocab"] | None
+    config: GPTConfig = static()
+
+    @property
+    def device(self) -> torch.device:
+        return self.tok_emb.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tok_emb.dtype
+
+    def __repr__(self) -> str:
+        return (f"GPTParams({count_params(self):,} parameters, {self.dtype}, {self.device}, "
+                f"config={self.config})")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Initialisation
+
+
+def init_params(config: GPTConfig, seed: int | torch.Generator = 0, *,
+                device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> GPTParams:
+    """GPT-2's initialisation: weights ~ N(0, 0.02), residual output projections scaled by 1/sqrt(2 n_layers),
+    zero biases, unit layer-norm scales. Deterministic for a given seed, whatever the device."""
+    gen = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(seed)
+    d, m, v, c = config.emb_dim, config.d_mlp, config.vocab_size, config.context_length
+    std, resid_std = 0.02, 0.02 / math.sqrt(2 * config.n_layers)
+
+    def normal(*shape: int, s: float = std) -> Tensor:
+        return torch.randn(*shape, generator=gen) * s
+
+    def zeros(n: int, present: bool = True) -> Tensor | None:
+        return torch.zeros(n) if present else None
+
+    def norm() -> LayerNormParams:
+        return LayerNormParams(torch.ones(d), zeros(d, config.bias))
+
+    blocks = tuple(
+        BlockParams(
+            norm1=norm(),
+            attn=AttentionParams(normal(d, 3 * d), zeros(3 * d, config.qkv_bias),
+                                 normal(d, d, s=resid_std), zeros(d, config.bias)),
+            norm2=norm(),
+            mlp=MLPParams(normal(d, m), zeros(m, config.bias), normal(m, d, s=resid_std), zeros(d, config.bias)),
+        )
+        for _ in range(config.n_layers)
+    )
+    params = GPTParams(
+        tok_emb=normal(v, d), pos_emb=normal(c, d), blocks=blocks, final_norm=norm(),
+        head=None if config.tie_head else normal(d, v), config=config,
+    )
+    return tree_to(params, device=device, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tree utilities
+
+
+def tree_to(params: Any, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Any:
+    """Move and/or cast every tensor leaf (floating leaves only for `dtype`); returns a new tree."""
+    if device is None and dtype is None:
+        return params
+
+    def move(t: Tensor) -> Tensor:
+        return t.to(device=device, dtype=dtype if (dtype is not None and t.is_floating_point()) else None)
+
+    return pytree.tree_map_only(Tensor, move, params)
+
+
+def count_params(params: Any) -> int:
+    """Number of scalars in the tree (a tied head is counted once: it is one leaf)."""
+    return sum(t.numel() for t in pytree.tree_leaves(params) if isinstance(t, Tensor))
+
+
+def _key_name(key: Any) -> str:
+    for attr in ("name", "idx", "key"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def named_leaves(params: Any) -> Iterator[tuple[str, Tensor]]:
+    """Yield `("blocks.0.attn.w_qkv", tensor)` pairs in tree order (absent biases are skipped)."""
+    leaves, _ = pytree.tree_flatten_with_path(params)
+    for path, leaf in leaves:
+        if isinstance(leaf, Tensor):
+            yield ".".join(_key_name(k) for k in path), leaf
+
+
+def params_to_dict(params: GPTParams) -> dict[str, Tensor]:
+    """The tree as a flat `{name: tensor}` dict, the names being the tree paths (our safetensors keys)."""
+    return dict(named_leaves(params))
+
+
+def expected_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """Every leaf name the config implies, with its shape."""
+    return {name: tuple(t.shape) for name, t in named_leaves(init_params_meta(config))}
+
+
+def init_params_meta(config: GPTConfig) -> GPTParams:
+    """A tree of the right structure with `meta` tensors (no memory): for shapes and names."""
+    d, m = config.emb_dim, config.d_mlp
+
+    def t(*shape: int, present: bool = True) -> Tensor | None:
+        return torch.empty(*shape, device="meta") if present else None
+
+    def norm() -> LayerNormParams:
+        return LayerNormParams(t(d), t(d, present=config.bias))
+
+    blocks = tuple(
+        BlockParams(norm(), AttentionParams(t(d, 3 * d), t(3 * d, present=config.qkv_bias), t(d, d),
+                                            t(d, present=config.bias)),
+                    norm(), MLPParams(t(d, m), t(m, present=config.bias), t(m, d), t(d, present=config.bias)))
+        for _ in range(config.n_layers)
+    )
+    return GPTParams(t(config.vocab_size, d), t(config.context_length, d), blocks, norm(),
+                     None if config.tie_head else t(d, config.vocab_size), config)
+
+
+def params_from_dict(config: GPTConfig, tensors: dict[str, Tensor], *, source: str = "checkpoint") -> GPTParams:
+    """Build the tree from `{name: tensor}` (names as in :func:`params_to_dict`), reporting every missing,
+    unexpected or mis-shaped key at once."""
+    skeleton = init_params_meta(config)
+    expected = dict(named_leaves(skeleton))
+    missing = [k for k in expected if k not in tensors]
+    unexpected = [k for k in tensors if k not in expected]
+    misshaped = [f"{k}: got {list(tensors[k].shape)}, expected {list(expected[k].shape)}"
+                 for k in expected if k in tensors and tuple(tensors[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or misshaped:
+        raise ValueError(_key_report(source, config, missing, unexpected, misshaped))
+    leaves, spec = pytree.tree_flatten(skeleton)
+    names = [name for name, _ in named_leaves(skeleton)]
+    assert len(names) == len(leaves)
+    return pytree.tree_unflatten([tensors[n] for n in names], spec)
+
+
+def _key_report(source: str, config: GPTConfig, missing: list[str], unexpected: list[str],
+                misshaped: list[str]) -> str:
+    lines = [f"{source} does not match the parameters of {config}:"]
+    if missing:
+        lines.append(f"  missing keys ({len(missing)}): {', '.join(missing)}")
+    if unexpected:
+        lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
+    if misshaped:
+        lines.append(f"  mis-shaped keys ({len(misshaped)}): {'; '.join(misshaped)}")
+    return "\n".join(lines)
+
+
+def validate(params: GPTParams, *, source: str = "params") -> GPTParams:
+    """Check the whole tree against its config once (after loading), naming every wrong leaf; returns it."""
+    if not isinstance(params, GPTParams):
+        raise TypeError(f"{source} must be a GPTParams tree, got {type(params).__name__}")
+    got = params_to_dict(params)
+    params_from_dict(params.config, got, source=source)
+    dtypes = {t.dtype for t in got.values()}
+    devices = {t.device for t in got.values()}
+    if len(dtypes) > 1 or len(devices) > 1:
+        raise ValueError(f"{source} mixes dtypes {dtypes} / devices {devices}; use tree_to(params, device, dtype)")
+    if not next(iter(dtypes)).is_floating_point:
+        raise ValueError(f"{source} has non-floating weights ({dtypes}); cast with tree_to(params, dtype=...)")
+    return params
+
+
+def head_matrix(params: GPTParams) -> Float[Tensor, "d_model vocab"]:
+    """The unembedding `[d_model, vocab]`: the untied head, or a transposed view of the token embedding."""
+    return params.tok_emb.T if params.head is None else params.head
+
+
+def tree_map(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:
+    """`torch.utils._pytree.tree_map`, re-exported for convenience."""
+    return pytree.tree_map(fn, tree, *rest)
