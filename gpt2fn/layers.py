@@ -8,6 +8,8 @@ Every function here reads only its arguments and returns new tensors. Two option
 - `generator`: a `torch.Generator` that turns dropout on (training); without it dropout is the identity.
 - `tap`: a function `(site, value) -> value` called at each named activation site (see `gpt2fn.study`); it may
   return the value unchanged (capture) or a replacement (intervention). Without it nothing extra is computed.
+  A tap may also have a method `wants(site) -> bool`; attention then takes the explicit path (which makes the
+  `scores` and `pattern` sites exist) only when the tap wants one of them, and stays on fused SDPA otherwise.
 """
 
 import math
@@ -33,6 +35,11 @@ Tap = Callable[[str, Tensor], Tensor]
 
 def _tap(tap: Tap | None, site: str, x: Tensor) -> Tensor:
     return x if tap is None else tap(site, x)
+
+
+def _wants(tap: Tap | None, site: str) -> bool:
+    """Whether `tap` reads `site`: a tap without a `wants` method reads every site."""
+    return tap is not None and getattr(tap, "wants", lambda _: True)(site)
 
 
 @checked
@@ -142,7 +149,8 @@ def attention(p: AttentionParams, x: Float[Tensor, "batch seq d_model"], *, n_he
     q, k, v = _qkv(p, x, n_heads)
     q, k, v = (_tap(tap, f"{site}.{n}", t) for n, t in (("q", q), ("k", k), ("v", v)))
     k, v = _with_cache(k, v, kv, start)
-    if tap is None and (generator is None or drop_rate == 0.0):
+    explicit = _wants(tap, f"{site}.scores") or _wants(tap, f"{site}.pattern")
+    if not explicit and (generator is None or drop_rate == 0.0):
         z = attend_fast(q, k, v, key_mask)
     else:
         z, _ = attend_explicit(q, k, v, key_mask, drop_rate=drop_rate, generator=generator, tap=tap, site=site)

@@ -55,13 +55,13 @@ def record(cls: type[T]) -> type[T]:
 
     def flatten_with_keys(obj: Any) -> tuple[list[tuple[Any, Any]], Any]:
         children, context = flatten(obj)
-        return [(pytree.GetAttrKey(n), c) for n, c in zip(context[0], children)], context
+        return [(pytree.GetAttrKey(n), c) for n, c in zip(context[0], children, strict=True)], context
 
     def unflatten(children: Any, context: Any) -> Any:
         present, static_values = context
         kwargs = dict.fromkeys(names)
-        kwargs.update(zip(present, children))
-        kwargs.update(zip(statics, static_values))
+        kwargs.update(zip(present, children, strict=True))
+        kwargs.update(zip(statics, static_values, strict=True))
         return cls(**kwargs)
 
     pytree.register_pytree_node(cls, flatten, unflatten, serialized_type_name=f"gpt2fn.{cls.__qualname__}",
@@ -94,8 +94,8 @@ class _Record:
 class LayerNormParams(_Record):
     """Layer norm gain and bias (`ln_*.weight/.bias` in GPT-2, `norm*.scale/.shift` in the seed)."""
 
-    scale: Float[Tensor, "d_model"]
-    shift: Float[Tensor, "d_model"] | None
+    scale: Float[Tensor, " d_model"]
+    shift: Float[Tensor, " d_model"] | None
 
 
 @record
@@ -103,9 +103,9 @@ class AttentionParams(_Record):
     """Fused query/key/value projection and the output projection (`attn.c_attn`, `attn.c_proj`)."""
 
     w_qkv: Float[Tensor, "d_model 3*d_model"]
-    b_qkv: Float[Tensor, "3*d_model"] | None
+    b_qkv: Float[Tensor, " 3*d_model"] | None
     w_out: Float[Tensor, "d_model d_model"]
-    b_out: Float[Tensor, "d_model"] | None
+    b_out: Float[Tensor, " d_model"] | None
 
 
 @record
@@ -113,9 +113,9 @@ class MLPParams(_Record):
     """Position-wise feed-forward network (`mlp.c_fc`, `mlp.c_proj`)."""
 
     w_fc: Float[Tensor, "d_model d_mlp"]
-    b_fc: Float[Tensor, "d_mlp"] | None
+    b_fc: Float[Tensor, " d_mlp"] | None
     w_proj: Float[Tensor, "d_mlp d_model"]
-    b_proj: Float[Tensor, "d_model"] | None
+    b_proj: Float[Tensor, " d_model"] | None
 
 
 @record

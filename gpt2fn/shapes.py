@@ -49,7 +49,7 @@ def _env_default() -> bool:
     return value not in ("0", "false", "off", "no")
 
 
-_CHECKS: contextvars.ContextVar[bool] = contextvars.ContextVar("gpt2fn_checks", default=_env_default())
+_CHECKS: contextvars.ContextVar[bool] = contextvars.ContextVar("gpt2fn_checks", default=_env_default())  # noqa: B039 (a bool)
 
 
 def checks_enabled() -> bool:
@@ -92,6 +92,11 @@ def _is_record(value: Any) -> bool:
     return hasattr(type(value), "_fields") and not isinstance(value, Tensor)
 
 
+@functools.cache
+def _field_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
 def check_record(record: Any, name: str = "params") -> None:
     """Check each tensor field of a parameter record (see `gpt2fn.params.record`) against its annotation.
 
@@ -101,7 +106,7 @@ def check_record(record: Any, name: str = "params") -> None:
     """
     if not _CHECKS.get() or torch.compiler.is_compiling():
         return
-    hints = typing.get_type_hints(type(record))
+    hints = _field_hints(type(record))
     for field in record._fields:
         value = getattr(record, field)
         path = f"{name}.{field}"

@@ -4,15 +4,17 @@ import os
 
 import pytest
 import torch
-from hypothesis import settings
+from hypothesis import HealthCheck, settings
 
 from gpt2fn import GPTConfig, init_params, preset
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)  # one core per xdist worker; two workers share the two cores
 
-settings.register_profile("default", deadline=None, max_examples=25, print_blob=True)
-settings.register_profile("thorough", deadline=None, max_examples=300, print_blob=True)
+# The device and parameter fixtures are immutable, so sharing them across hypothesis examples is safe.
+_shared = dict(deadline=None, print_blob=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+settings.register_profile("default", max_examples=25, **_shared)
+settings.register_profile("thorough", max_examples=300, **_shared)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
@@ -25,7 +27,7 @@ def available_devices() -> list[str]:
     return devices
 
 
-@pytest.fixture(params=available_devices())
+@pytest.fixture(scope="session", params=available_devices())
 def device(request: pytest.FixtureRequest) -> torch.device:
     """Every device present: cpu always, cuda / mps when available."""
     return torch.device(request.param)
