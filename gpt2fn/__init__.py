@@ -6,6 +6,7 @@
 """
 
 from .cache import KVCache, init_cache
+from .checkpoints import Checkpoint, CheckpointError, load, load_checkpoint, save, save_hf
 from .config import PRESETS, GPTConfig, preset
 from .layers import attention, attention_pattern, block, gelu, layer_norm, mlp
 from .model import forward, loss, positions_from_mask
@@ -37,4 +38,5 @@ __all__ = [
     "forward", "loss", "positions_from_mask",
     "KVCache", "init_cache",
     "shape_checks", "checks_enabled", "ShapeError",
+    "load", "save", "load_checkpoint", "save_hf", "Checkpoint", "CheckpointError",
 ]

@@ -1,0 +1,172 @@
+"""What every adapter shares: the error type, the raw contents of a checkpoint, and the name map that turns
+foreign keys into the pytree, checking presence and shape of every key in the checkpoint's own names.
+
+An adapter is a table `{our name template: Rule(their keys, transpose)}` plus a function that infers the
+config from the tensors. `assemble` walks the names the config implies, so a missing key, a key nobody
+claimed and a key of the wrong shape are all reported together, by the names the user sees in the file.
+"""
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..config import GPTConfig
+from ..params import expected_shapes
+
+__all__ = ["CheckpointError", "CheckpointNotFoundError", "Raw", "Rule", "rule", "assemble", "need", "count_layers",
+           "heads_for", "mlp_dim_for"]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded (or saved): the message names the file, what was expected and what
+    to do. The CLI prints it as one line."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """The source names no file, directory or cached hub model."""
+
+
+@dataclass
+class Raw:
+    """A checkpoint read from disk, before any adapter: flat tensors plus whatever the file said about itself."""
+
+    source: str
+    """How to name the checkpoint in messages (usually its path)."""
+    tensors: dict[str, Tensor]
+    """The state dict, with `_orig_mod.` / `module.` wrapper prefixes already removed."""
+    files: list[Path] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+    """`safetensors` (file metadata), `config.json`, `model_args` (nanoGPT), `config` (a wrapper's dict)."""
+    notes: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+    """Entries read and deliberately not used, each with the reason."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Where one of our leaves comes from: one foreign key, or several concatenated along the output axis
+    (the seed's separate query/key/value), stored `[out, in]` (`nn.Linear`) when `transpose`."""
+
+    theirs: tuple[str, ...]
+    transpose: bool = False
+
+
+def rule(*theirs: str, transpose: bool = False) -> Rule:
+    return Rule(tuple(theirs), transpose)
+
+
+def need(raw: Raw, key: str, layout: str) -> Tensor:
+    """A tensor the config is inferred from; its absence means the file is not (all of) this layout."""
+    if key not in raw.tensors:
+        raise CheckpointError(f"{raw.source} looks like a {layout} checkpoint but has no '{key}'; "
+                              f"its keys start with {_sample(raw.tensors)}")
+    return raw.tensors[key]
+
+
+def count_layers(raw: Raw, prefix: str) -> int:
+    """Number of blocks: one more than the largest `{prefix}{i}.` index (gaps show up as missing keys)."""
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+    found = [int(m.group(1)) for k in raw.tensors if (m := pattern.match(k))]
+    if not found:
+        raise CheckpointError(f"{raw.source} has no transformer blocks (no keys starting with '{prefix}0.'); "
+                              f"its keys start with {_sample(raw.tensors)}")
+    return max(found) + 1
+
+
+def heads_for(emb_dim: int, stated: Any, source: str, where: str, n_heads: int | None) -> int:
+    """The head count: an explicit `n_heads`, else what the file states, else GPT-2's 64-wide heads."""
+    if n_heads is not None:
+        if stated is not None and int(stated) != n_heads:
+            raise CheckpointError(f"n_heads={n_heads} was passed but {where} of {source} says {stated}; "
+                                  "drop the argument or fix the file")
+        return n_heads
+    if stated is not None:
+        return int(stated)
+    if emb_dim % 64 == 0:
+        return emb_dim // 64
+    raise CheckpointError(f"{source} does not say how many attention heads it has, and its width emb_dim="
+                          f"{emb_dim} is not a multiple of GPT-2's head size 64; pass n_heads=... "
+                          "(`--n-heads` on the command line)")
+
+
+def mlp_dim_for(emb_dim: int, hidden: int) -> int | None:
+    return None if hidden == 4 * emb_dim else hidden
+
+
+def _sample(tensors: Mapping[str, Any], n: int = 6) -> str:
+    keys = list(tensors)
+    shown = ", ".join(repr(k) for k in keys[:n])
+    return f"[{shown}{', ...' if len(keys) > n else ''}] ({len(keys)} keys)" if keys else "[] (no tensors)"
+
+
+_BLOCK = re.compile(r"blocks\.(\d+)\.(.+)")
+
+
+def assemble(raw: Raw, config: GPTConfig, rules: Mapping[str, Rule] | None, *, layout: str,
+             ignore: Callable[[str], str | None] = lambda key: None,
+             device: torch.device | str | None = None, dtype: torch.dtype | None = None
+             ) -> tuple[dict[str, Tensor], list[str]]:
+    """Our `{name: tensor}` for `config`, built from `raw` by `rules` (None: the names are already ours).
+
+    Each tensor is moved/cast once, then transposed or concatenated where it lives, so no second full copy of
+    the weights exists. Returns the dict and the ignored keys (with reasons); raises one CheckpointError that
+    lists every missing, unexpected and mis-shaped key by its name in the file.
+    """
+    used: set[str] = set()
+    out: dict[str, Tensor] = {}
+    missing: list[str] = []
+    misshaped: list[str] = []
+    for name, shape in expected_shapes(config).items():
+        m = _BLOCK.fullmatch(name)
+        template, layer = (f"blocks.{{i}}.{m.group(2)}", m.group(1)) if m else (name, None)
+        r = Rule((template,)) if rules is None else rules[template]
+        keys = [k.format(i=layer) for k in r.theirs]
+        absent = [k for k in keys if k not in raw.tensors]
+        if absent:
+            missing += absent
+            continue
+        want = list(shape)
+        want[-1] //= len(keys)
+        if r.transpose:
+            want.reverse()
+        parts = [raw.tensors[k] for k in keys]
+        used.update(keys)
+        bad = [f"{k}: got {list(t.shape)}, expected {want}"
+               for k, t in zip(keys, parts, strict=True) if list(t.shape) != want]
+        if bad:
+            misshaped += bad
+            continue
+        if dtype is None and parts[0].is_floating_point():
+            dtype = parts[0].dtype  # one dtype for the whole tree: the token embedding's (it comes first)
+        parts = [t.to(device=device, dtype=dtype if t.is_floating_point() else None) for t in parts]
+        if r.transpose:
+            parts = [t.T for t in parts]
+        out[name] = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)).contiguous()
+
+    ignored, unexpected = [], []
+    for key in raw.tensors:
+        if key not in used:
+            reason = ignore(key)
+            (unexpected.append(key) if reason is None else ignored.append(f"{key} ({reason})"))
+    if missing or unexpected or misshaped:
+        lines = [f"{raw.source} is not a complete {layout} checkpoint for {_brief(config)}:"]
+        if missing:
+            lines.append(f"  missing keys ({len(missing)}): {', '.join(missing)}")
+        if unexpected:
+            lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
+        if misshaped:
+            lines.append(f"  mis-shaped keys ({len(misshaped)}): {'; '.join(misshaped)}")
+        lines.append("  The config was inferred from the file's own tensors, so the file is inconsistent or of "
+                     "another architecture; re-export it from the model that wrote it.")
+        raise CheckpointError("\n".join(lines))
+    return out, ignored
+
+
+def _brief(config: GPTConfig) -> str:
+    return (f"vocab {config.vocab_size}, context {config.context_length}, width {config.emb_dim}, "
+            f"{config.n_layers} layers, qkv_bias={config.qkv_bias}, bias={config.bias}, tie_head={config.tie_head}")

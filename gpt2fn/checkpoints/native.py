@@ -1,0 +1,77 @@
+"""gpt2fn's own files: safetensors whose keys are the pytree's names (`tok_emb`, `blocks.0.attn.w_qkv`, ...) and
+whose metadata carries the config (`gpt2fn.config`, JSON; the tie is `tie_head`). Loading one back is exact.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor
+
+from ..config import GPTConfig
+from ..params import GPTParams, named_leaves, validate
+from .common import CheckpointError, Raw, assemble
+
+__all__ = ["LAYOUT", "FORMAT_VERSION", "matches", "convert", "save"]
+
+LAYOUT = "gpt2fn safetensors"
+FORMAT_VERSION = "1"
+_CONFIG_KEY = "gpt2fn.config"
+
+
+def matches(raw: Raw) -> bool:
+    return _CONFIG_KEY in (raw.meta.get("safetensors") or {})
+
+
+def convert(raw: Raw, *, n_heads: int | None = None, device: torch.device | str | None = None,
+            dtype: torch.dtype | None = None) -> tuple[GPTConfig, dict[str, Tensor], list[str], list[str]]:
+    text = raw.meta["safetensors"][_CONFIG_KEY]
+    try:
+        config = GPTConfig.from_dict(json.loads(text))
+    except (ValueError, TypeError) as exc:  # JSONDecodeError is a ValueError
+        raise CheckpointError(f"{raw.source} has an invalid gpt2fn config in its metadata ({exc}); "
+                              "it was written by a different version of gpt2fn or edited by hand") from exc
+    if n_heads is not None and n_heads != config.n_heads:
+        raise CheckpointError(f"n_heads={n_heads} was passed but {raw.source} says n_heads={config.n_heads}")
+    tensors, ignored = assemble(raw, config, None, layout=LAYOUT, device=device, dtype=dtype)
+    return config, tensors, ignored, []
+
+
+def _disjoint(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Contiguous CPU tensors with no two sharing memory (safetensors refuses overlapping tensors)."""
+    out: dict[str, Tensor] = {}
+    spans: list[tuple[int, int]] = []
+    for name, t in tensors.items():
+        t = t.detach().to("cpu").contiguous()
+        start = t.data_ptr()
+        end = start + t.numel() * t.element_size()
+        if any(s < end and start < e for s, e in spans):
+            t = t.clone()  # a view of another leaf (say, a head made as tok_emb.T): store its own copy
+            start, end = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+        spans.append((start, end))
+        out[name] = t
+    return out
+
+
+def save(params: GPTParams, path: str | os.PathLike) -> Path:
+    """Write `params` to a safetensors file with the config in its metadata, atomically (a temporary file in the
+    same directory, then `os.replace`): an interrupted save never leaves a half-written file at `path`."""
+    validate(params, source="params to save")
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory; give a file name such as {path / 'model.safetensors'}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {"format": "pt", "gpt2fn.format": FORMAT_VERSION,
+                _CONFIG_KEY: json.dumps(params.config.to_dict(), sort_keys=True)}
+    tensors = _disjoint(dict(named_leaves(params)))
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise CheckpointError(f"could not write {path}: {exc.strerror or exc}") from exc
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
