@@ -26,6 +26,24 @@ from .params import (
     validate,
 )
 from .shapes import ShapeError, checks_enabled, shape_checks
+from .study import (
+    Activations,
+    ablate_head,
+    attention_patterns,
+    direct_logit_attribution,
+    forward_with,
+    logit_diff,
+    logit_lens,
+    patch,
+    patching_sweep,
+    per_example_grad_norms,
+    per_example_grads,
+    run_with_capture,
+    site_grads,
+    site_names,
+    steer,
+)
+from .transforms import center_unembed, fold_layer_norm
 
 __version__ = "0.1.0"
 
@@ -39,4 +57,7 @@ __all__ = [
     "KVCache", "init_cache",
     "shape_checks", "checks_enabled", "ShapeError",
     "load", "save", "load_checkpoint", "save_hf", "Checkpoint", "CheckpointError",
+    "forward_with", "run_with_capture", "Activations", "site_names", "patch", "ablate_head", "steer",
+    "patching_sweep", "site_grads", "per_example_grads", "per_example_grad_norms", "logit_diff",
+    "logit_lens", "direct_logit_attribution", "attention_patterns", "fold_layer_norm", "center_unembed",
 ]

@@ -452,3 +452,14 @@ def test_an_unreadable_file_is_reported_not_raised_from_deep_inside(tmp_path):
     path.chmod(0)
     with pytest.raises(CheckpointError, match=re.escape(str(path))):
         load(path)
+
+
+def test_safetensors_whose_header_length_looks_like_a_pickle_mark_is_still_safetensors(tmp_path):
+    # a header of 1024-1279 bytes starts with b"\x80\x04", the bytes a protocol-4 pickle starts with
+    cfg = gpt2fn.GPTConfig(vocab_size=5, context_length=2, emb_dim=8, n_heads=2, n_layers=1, qkv_bias=True,
+                           bias=False, tie_head=False, drop_rate=0.0)
+    params = gpt2fn.init_params(cfg, seed=0, dtype=torch.bfloat16)
+    path = gpt2fn.save(params, tmp_path / "model.safetensors")
+    assert path.read_bytes()[:2] == b"\x80\x04"
+    back = gpt2fn.load(path)
+    assert back.config == cfg and torch.equal(back.tok_emb, params.tok_emb)

@@ -37,14 +37,15 @@ def sniff(path: Path) -> str:
                               "The download or save was probably interrupted: fetch or write it again")
     if head[:4] == b"PK\x03\x04":
         return "torch-zip"
-    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
-        return "pickle"
+    # safetensors before pickle: a header of 1024-1279 bytes starts with b"\x80\x04", like a pickle's protocol mark
     if len(head) >= 9 and head[8:9] == b"{":
         (header_len,) = struct.unpack("<Q", head[:8])
         if 8 + header_len > size:
             raise CheckpointError(f"{path} is a truncated safetensors file: its header claims {header_len} bytes "
                                   f"but the file has {size}; download or write it again")
         return "safetensors"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "pickle"
     raise CheckpointError(f"{path} is not a checkpoint gpt2fn can read: expected a safetensors file or a "
                           f"torch.save archive (.pt/.pth/.bin), but its first bytes are {head[:8]!r}")
 

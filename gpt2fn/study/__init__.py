@@ -1,0 +1,64 @@
+"""Study tools: capture and edit activations as function arguments, and the views built on them.
+
+Everything here is a pure function of its arguments. Nothing is registered on the model, patched or left behind:
+`forward_with(params, ids, capture=..., edit=...)` builds a `tap` for that one call (see `gpt2fn.layers`) and
+returns what it captured.
+
+    logits, acts = run_with_capture(params, ids, ["blocks.3.attn.pattern", "blocks.*.resid_post"])
+    logits, _ = forward_with(params, ids, edit={"blocks.3.attn.z": ablate_head(7)})          # zero-ablate 3.7
+    logits, _ = forward_with(params, corrupt, edit={"blocks.5.resid_pre": patch(clean_acts["blocks.5.resid_pre"],
+                                                                                 positions=[4])})
+    grads = site_grads(params, ids, "blocks.*.resid_mid", lambda lg: logit_diff(lg, good, bad).sum())
+
+Sites (`{i}` is the layer, 0-based; axis names from `gpt2fn.shapes`; a request may be a glob pattern):
+
+| site                      | axes                          | what                                                 |
+|---------------------------|-------------------------------|------------------------------------------------------|
+| `embed.tok`               | batch seq d_model             | token embeddings `tok_emb[ids]`                      |
+| `embed.pos`               | (batch) seq d_model           | position embeddings (no batch axis by default)       |
+| `embed`                   | batch seq d_model             | their sum: the residual stream entering block 0      |
+| `blocks.{i}.resid_pre`    | batch seq d_model             | residual stream entering block i                     |
+| `blocks.{i}.ln1`          | batch seq d_model             | first layer norm's output (attention input)          |
+| `blocks.{i}.attn.q/k/v`   | batch heads seq head_dim      | queries, keys, values (k/v: this call's positions)   |
+| `blocks.{i}.attn.scores`  | batch heads seq kv_seq        | q k^T / sqrt(head_dim), -inf where masked            |
+| `blocks.{i}.attn.pattern` | batch heads seq kv_seq        | softmax of the scores: rows sum to 1 over the past   |
+| `blocks.{i}.attn.z`       | batch heads seq head_dim      | per-head outputs (pattern @ v), before `w_out`       |
+| `blocks.{i}.attn.out`     | batch seq d_model             | attention output after `w_out`, `b_out`              |
+| `blocks.{i}.resid_mid`    | batch seq d_model             | residual stream after the attention branch           |
+| `blocks.{i}.ln2`          | batch seq d_model             | second layer norm's output (MLP input)               |
+| `blocks.{i}.mlp.pre`      | batch seq d_mlp               | MLP hidden pre-activation `x w_fc + b_fc`            |
+| `blocks.{i}.mlp.post`     | batch seq d_mlp               | after GELU                                           |
+| `blocks.{i}.mlp.out`      | batch seq d_model             | MLP output after `w_proj`, `b_proj`                  |
+| `blocks.{i}.resid_post`   | batch seq d_model             | residual stream leaving block i                      |
+| `final_norm`              | batch seq d_model             | final layer norm's output                            |
+| `logits`                  | batch seq vocab               | the model's output                                   |
+
+Attention `scores`/`pattern` are computed only when captured or edited (the explicit attention path); any other
+capture keeps fused SDPA, so capturing changes no logits. An edit is `fn(value) -> value` of the same shape;
+a captured site holds the value after its edit. The positions (query) axis of every site is the second to last.
+
+Views: `logit_lens`, `direct_logit_attribution`, `attention_patterns`, `save_attention_map` (PNG).
+Transforms: `patching_sweep` (one `vmap` over layers x positions), `site_grads` (`grad`/`jacrev` w.r.t. sites),
+`per_example_grads` / `per_example_grad_norms` (`vmap(grad)`). Weight transforms: `gpt2fn.transforms`.
+"""
+
+from .run import Edit, ablate_head, forward_with, patch, run_with_capture, steer
+from .sites import LAYER_SITES, SITE_DIMS, Activations, resolve_sites, site_dims, site_names
+from .sweeps import logit_diff, patching_sweep, per_example_grad_norms, per_example_grads, site_grads
+from .views import (
+    LogitAttribution,
+    attention_patterns,
+    direct_logit_attribution,
+    lens_labels,
+    logit_lens,
+    save_attention_map,
+    token_labels,
+)
+
+__all__ = [
+    "forward_with", "run_with_capture", "Edit", "patch", "ablate_head", "steer",
+    "Activations", "SITE_DIMS", "LAYER_SITES", "site_names", "site_dims", "resolve_sites",
+    "logit_diff", "patching_sweep", "site_grads", "per_example_grads", "per_example_grad_norms",
+    "logit_lens", "lens_labels", "LogitAttribution", "direct_logit_attribution", "attention_patterns",
+    "token_labels", "save_attention_map",
+]

@@ -1,0 +1,149 @@
+"""Capture and edit activations as arguments of one forward pass: `forward_with(params, ids, capture=, edit=)`.
+
+Built on the `tap` that `gpt2fn.forward` threads through every layer. The tap is made inside the call and dropped
+at its end: nothing is registered on the model, nothing outlives the call but the returned values.
+"""
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..model import forward
+from ..params import GPTParams
+from .sites import Activations, resolve_sites
+
+__all__ = ["Edit", "forward_with", "run_with_capture", "patch", "ablate_head", "steer"]
+
+Edit = Callable[[Tensor], Tensor]
+"""A pure function from a site's value to its replacement (same shape)."""
+
+Positions = int | Sequence[int] | Tensor | None
+Heads = int | Sequence[int] | Tensor | None
+
+
+class _StudyTap:
+    """The tap of one `forward_with` call: applies edits, then stores the requested sites (after the edit)."""
+
+    def __init__(self, capture: Iterable[str], edit: Mapping[str, Edit], explicit_attention: bool) -> None:
+        self.capture = frozenset(capture)
+        self.edit = dict(edit)
+        self.explicit_attention = explicit_attention
+        self.store: dict[str, Tensor] = {}
+
+    def wants(self, site: str) -> bool:
+        if self.explicit_attention and site.endswith((".attn.scores", ".attn.pattern")):
+            return True
+        return site in self.capture or site in self.edit
+
+    def __call__(self, site: str, x: Tensor) -> Tensor:
+        fn = self.edit.get(site)
+        if fn is not None:
+            y = fn(x)
+            if not isinstance(y, Tensor) or y.shape != x.shape:
+                got = list(y.shape) if isinstance(y, Tensor) else type(y).__name__
+                raise ValueError(f"edit of site {site!r} returned {got}; it must return a tensor of the site's "
+                                 f"shape {list(x.shape)}. Broadcast or expand inside the edit function.")
+            x = y
+        if site in self.capture:
+            self.store[site] = x
+        return x
+
+
+def forward_with(params: GPTParams, ids: Tensor, *, capture: str | Iterable[str] = (),
+                 edit: Mapping[str, Edit] | None = None, explicit_attention: bool = False,
+                 **forward_kwargs: Any) -> tuple[Any, Activations]:
+    """`gpt2fn.forward` with named sites captured and/or edited; returns `(forward's result, Activations)`.
+
+    - `capture`: site names or glob patterns (`"blocks.*.attn.pattern"`); only these are stored. A captured site
+      holds the value the model went on with, i.e. after any edit of that site.
+    - `edit`: `{site or pattern: fn}`; `fn(value) -> value` of the same shape replaces the site's value
+      (see `patch`, `ablate_head`, `steer`). A pattern applies the same fn at every site it matches.
+    - `explicit_attention`: compute attention as softmax(q k^T) v even where no attention site is requested
+      (`torch.func.vmap` batches it natively; the fused kernel falls back to a loop under vmap).
+    - `forward_kwargs`: passed on to `gpt2fn.forward` (`positions`, `pad_mask`, `cache`, `generator`, `last_only`).
+
+    Unknown site names raise a ValueError listing the valid ones. Attention `scores`/`pattern` exist only on the
+    explicit path, which is taken exactly when one of them is captured or edited.
+    """
+    cfg = params.config
+    sites = resolve_sites(cfg, capture, what="capture")
+    edits: dict[str, Edit] = {}
+    for request, fn in (edit or {}).items():
+        if not callable(fn):
+            raise TypeError(f"edit[{request!r}] must be a function value -> value; got {type(fn).__name__}. "
+                            f"To set a value use gpt2fn.study.patch(value).")
+        for site in resolve_sites(cfg, [request], what="edit"):
+            if site in edits:
+                raise ValueError(f"site {site!r} is matched by two edit entries (one is {request!r}); "
+                                 "compose the functions into one entry")
+            edits[site] = fn
+    tap = _StudyTap(sites, edits, explicit_attention)
+    out = forward(params, ids, tap=tap, **forward_kwargs)
+    return out, Activations(tap.store)
+
+
+def run_with_capture(params: GPTParams, ids: Tensor, sites: str | Iterable[str], **forward_kwargs: Any
+                     ) -> tuple[Any, Activations]:
+    """`(logits, acts)` with the named sites captured: `forward_with(params, ids, capture=sites)`."""
+    return forward_with(params, ids, capture=sites, **forward_kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Edits. Axes: the heads axis is 1 (sites with 4 axes); the positions (query) axis is always the second to last.
+
+
+def _index_mask(spec: int | Sequence[int] | Tensor, size: int, device: torch.device, what: str) -> Tensor:
+    if isinstance(spec, Tensor) and spec.dtype == torch.bool:
+        if spec.shape != (size,):
+            raise ValueError(f"{what} mask has shape {list(spec.shape)}; expected [{size}]")
+        return spec.to(device)
+    index = [spec] if isinstance(spec, int) else (spec.flatten().tolist() if isinstance(spec, Tensor) else spec)
+    bad = [i for i in index if not -size <= int(i) < size]
+    if bad:
+        raise ValueError(f"{what} {bad} out of range for an axis of size {size}")
+    flat = torch.tensor([int(i) % size for i in index], dtype=torch.long, device=device)
+    return torch.zeros(size, dtype=torch.bool, device=device).index_fill(0, flat, True)
+
+
+def _where_mask(x: Tensor, positions: Positions, heads: Heads) -> Tensor | None:
+    mask = None
+    if positions is not None:
+        pos = _index_mask(positions, x.shape[-2], x.device, "positions")
+        mask = pos[:, None]
+    if heads is not None:
+        if x.ndim != 4:
+            raise ValueError(f"heads= needs a site with a heads axis ([batch heads seq ...]: attn.q/k/v/z/scores/"
+                             f"pattern); this site has shape {list(x.shape)}")
+        h = _index_mask(heads, x.shape[1], x.device, "heads")[:, None, None]
+        mask = h if mask is None else h & mask
+    return mask
+
+
+def patch(source: Tensor | float, *, positions: Positions = None, heads: Heads = None) -> Edit:
+    """Replace the site's value by `source` (broadcastable: another run's activation, a mean, 0.0), everywhere or
+    only at `positions` (query axis) and/or `heads`. `patch(acts[site])` with the run's own capture is the
+    identity; with another prompt's capture it is activation patching."""
+    def edit(x: Tensor) -> Tensor:
+        src = torch.as_tensor(source, dtype=x.dtype, device=x.device)
+        mask = _where_mask(x, positions, heads)
+        return src.expand_as(x) if mask is None else torch.where(mask, src, x)
+    return edit
+
+
+def ablate_head(head: int | Sequence[int], *, value: Tensor | float = 0.0, positions: Positions = None) -> Edit:
+    """Zero-ablate (or, with `value=acts[site].mean(0)`, mean-ablate) attention head(s) at a site with a heads axis,
+    typically `blocks.{i}.attn.z`: the head then writes nothing (or its mean) to the residual stream. `value`
+    broadcasts against the site's `[batch heads seq head_dim]`; a `[heads seq head_dim]` mean gives each head its own.
+    """
+    return patch(value, positions=positions, heads=head)
+
+
+def steer(vector: Tensor, *, scale: float = 1.0, positions: Positions = None) -> Edit:
+    """Add `scale * vector` (e.g. a `[d_model]` steering direction) to the site's value, at `positions` or all."""
+    def edit(x: Tensor) -> Tensor:
+        add = scale * vector.to(dtype=x.dtype, device=x.device)
+        mask = _where_mask(x, positions, None)
+        return x + (add if mask is None else mask.to(x.dtype) * add)
+    return edit

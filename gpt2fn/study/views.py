@@ -1,0 +1,187 @@
+"""Views of a forward pass: logit lens, direct logit attribution per head, attention maps as PNG."""
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from ..layers import layer_norm
+from ..params import GPTParams, head_matrix
+from ..shapes import checked
+from .run import forward_with
+
+__all__ = ["logit_lens", "lens_labels", "LogitAttribution", "direct_logit_attribution",
+           "attention_patterns", "token_labels", "save_attention_map"]
+
+
+def lens_labels(n_layers: int) -> list[str]:
+    """Names of the rows of :func:`logit_lens`: `embed`, then `blocks.{i}` (the residual after block i)."""
+    return ["embed", *(f"blocks.{i}" for i in range(n_layers))]
+
+
+@checked
+def logit_lens(params: GPTParams, ids: Int[Tensor, "batch seq"], *, positions: Sequence[int] | None = None,
+               **forward_kwargs: Any) -> Float[Tensor, "layer batch pos vocab"]:
+    """The logit lens (nostalgebraist 2020): the residual stream after the embedding and after each block, read
+    through the final layer norm and the unembedding as if the model stopped there.
+
+    Row `i` is `lens_labels(n_layers)[i]`; the last row is the model's logits. `positions` keeps only those
+    positions (the full lens of a 124M model is `13 x seq x 50257` floats). Top tokens: `.topk(k, dim=-1)`.
+    """
+    cfg = params.config
+    sites = ["embed", *(f"blocks.{i}.resid_post" for i in range(cfg.n_layers))]
+    _, acts = forward_with(params, ids, capture=sites, **forward_kwargs)
+    unembed = head_matrix(params)
+    rows = []
+    for site in sites:
+        x = acts[site] if positions is None else acts[site][:, list(positions)]
+        rows.append(layer_norm(params.final_norm, x, eps=cfg.ln_eps) @ unembed)
+    return torch.stack(rows)
+
+
+@dataclasses.dataclass(frozen=True)
+class LogitAttribution:
+    """Direct logit attribution of one position: each component's share of a logit (difference), through the
+    final layer norm with its scale frozen at the run's value. The shares sum to the logit (difference).
+
+    Absent biases contribute zeros. Axes: `batch` examples, `layer` blocks, `heads` attention heads.
+    """
+
+    embed_tok: Float[Tensor, " batch"]
+    embed_pos: Float[Tensor, " batch"]
+    heads: Float[Tensor, "batch layer heads"]
+    attn_bias: Float[Tensor, "batch layer"]
+    mlp: Float[Tensor, "batch layer"]
+    mlp_bias: Float[Tensor, "batch layer"]
+    final_bias: Float[Tensor, " batch"]
+
+    def total(self) -> Float[Tensor, " batch"]:
+        """The sum of every share: the logit (difference) itself."""
+        return (self.embed_tok + self.embed_pos + self.heads.sum((1, 2)) + self.attn_bias.sum(1)
+                + self.mlp.sum(1) + self.mlp_bias.sum(1) + self.final_bias)
+
+    def named(self) -> dict[str, Tensor]:
+        """`{component name: [batch] share}`, with names such as `blocks.3.attn.head7` and `blocks.3.mlp`."""
+        out = {"embed.tok": self.embed_tok, "embed.pos": self.embed_pos}
+        for i in range(self.heads.shape[1]):
+            out.update({f"blocks.{i}.attn.head{h}": self.heads[:, i, h] for h in range(self.heads.shape[2])})
+            out[f"blocks.{i}.attn.bias"] = self.attn_bias[:, i]
+            out[f"blocks.{i}.mlp"] = self.mlp[:, i]
+            out[f"blocks.{i}.mlp.bias"] = self.mlp_bias[:, i]
+        out["final_norm.shift"] = self.final_bias
+        return out
+
+
+@checked
+def direct_logit_attribution(params: GPTParams, ids: Int[Tensor, "batch seq"], good: int | Tensor,
+                             bad: int | Tensor | None = None, *, position: int = -1, **forward_kwargs: Any
+                             ) -> LogitAttribution:
+    """Split `logit[good] - logit[bad]` (or `logit[good]` when `bad` is None) at `position` into the direct
+    contributions of the embeddings, each attention head, each MLP, and the biases.
+
+    The residual stream before the final norm is a sum of those components; the norm is linear in it once its
+    scale `1/std(x)` is frozen, so each component c contributes `((c - mean c) / std(x) * gamma) . (W_U[good] -
+    W_U[bad])` and the final norm's shift `beta . (W_U[good] - W_U[bad])`. Head h of layer l writes
+    `z[h] @ w_out[h*head_dim:(h+1)*head_dim]` (the rows of `w_out` it reads).
+    """
+    cfg = params.config
+    last = cfg.n_layers - 1
+    sites = ["embed.tok", "embed.pos", "blocks.*.attn.z", "blocks.*.mlp.out", f"blocks.{last}.resid_post"]
+    _, acts = forward_with(params, ids, capture=sites, **forward_kwargs)
+    batch, d = ids.shape[0], cfg.emb_dim
+    unembed = head_matrix(params)
+
+    def column(t: int | Tensor) -> Tensor:
+        return unembed[:, t].expand(batch, d) if isinstance(t, int) else unembed[:, t.to(unembed.device)].T
+
+    direction = column(good) if bad is None else column(good) - column(bad)  # [batch d_model]
+    x = acts[f"blocks.{last}.resid_post"][:, position]
+    std = (x.var(-1, unbiased=False) + cfg.ln_eps).sqrt()  # the frozen scale of the final norm
+    gamma = params.final_norm.scale
+
+    def share(c: Tensor) -> Tensor:  # c: [batch, *extra, d_model] -> [batch, *extra]
+        extra = (1,) * (c.ndim - 2)
+        centred = c - c.mean(-1, keepdim=True)
+        return (centred * gamma / std.view(batch, *extra, 1) * direction.view(batch, *extra, d)).sum(-1)
+
+    def at(site: str) -> Tensor:
+        value = acts[site]
+        return value[..., position, :].expand(batch, d)  # embed.pos may lack the batch axis
+
+    zeros = torch.zeros(batch, d, dtype=x.dtype, device=x.device)
+    heads, attn_bias, mlp, mlp_bias = [], [], [], []
+    for i, bp in enumerate(params.blocks):
+        z = acts[f"blocks.{i}.attn.z"][:, :, position]  # [batch heads head_dim]
+        w = bp.attn.w_out.view(cfg.n_heads, cfg.head_dim, d)
+        heads.append(share(torch.einsum("bhk,hkd->bhd", z, w)))
+        b_out = zeros if bp.attn.b_out is None else bp.attn.b_out.expand(batch, d)
+        b_proj = zeros if bp.mlp.b_proj is None else bp.mlp.b_proj.expand(batch, d)
+        attn_bias.append(share(b_out))
+        mlp.append(share(acts[f"blocks.{i}.mlp.out"][:, position] - b_proj))
+        mlp_bias.append(share(b_proj))
+    beta = params.final_norm.shift
+    return LogitAttribution(
+        embed_tok=share(at("embed.tok")), embed_pos=share(at("embed.pos")),
+        heads=torch.stack(heads, 1), attn_bias=torch.stack(attn_bias, 1),
+        mlp=torch.stack(mlp, 1), mlp_bias=torch.stack(mlp_bias, 1),
+        final_bias=torch.zeros(batch, dtype=x.dtype, device=x.device) if beta is None else direction @ beta,
+    )
+
+
+@checked
+def attention_patterns(params: GPTParams, ids: Int[Tensor, "batch seq"], *, layers: Sequence[int] | None = None,
+                       **forward_kwargs: Any) -> Float[Tensor, "layer batch heads seq kv_seq"]:
+    """Every head's attention pattern (rows: queries, columns: keys; each row sums to 1 over the past)."""
+    layers = range(params.config.n_layers) if layers is None else layers
+    names = [f"blocks.{i}.attn.pattern" for i in layers]
+    _, acts = forward_with(params, ids, capture=names, **forward_kwargs)
+    return torch.stack([acts[n] for n in names])
+
+
+def token_labels(ids: Sequence[int] | Tensor) -> list[str]:
+    """One printable label per GPT-2 token (a leading space shown as '·', newlines and tabs escaped)."""
+    from ..tokenizer import decode
+
+    ids = ids.tolist() if isinstance(ids, Tensor) else list(ids)
+    return [decode([i]).replace(" ", "·").replace("\n", "\\n").replace("\t", "\\t") or "∅" for i in ids]
+
+
+def save_attention_map(pattern: Float[Tensor, "seq kv_seq"], labels: Sequence[str], path: str | Path, *,
+                       title: str | None = None, key_labels: Sequence[str] | None = None) -> Path:
+    """Write an attention heat map as PNG: queries down, keys across, token labels on both axes.
+
+    Uses matplotlib's Agg canvas directly (no pyplot, no global backend switch). The labels are also stored in the
+    PNG's text metadata (`Description`: JSON `{"queries": [...], "keys": [...]}`).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    key_labels = list(labels) if key_labels is None else list(key_labels)
+    data = pattern.detach().float().cpu().numpy()
+    if data.ndim != 2 or data.shape != (len(labels), len(key_labels)):
+        raise ValueError(f"pattern has shape {list(data.shape)}; expected [{len(labels)}, {len(key_labels)}] "
+                         "to match the query and key labels")
+    side = max(3.0, 0.32 * max(data.shape) + 2.0)
+    fig = Figure(figsize=(side + 1.0, side))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    image = ax.imshow(data, cmap="viridis", vmin=0.0, vmax=1.0)
+    ax.set_xticks(range(len(key_labels)), key_labels, rotation=90, fontsize=8)
+    ax.set_yticks(range(len(labels)), list(labels), fontsize=8)
+    ax.set_xlabel("key (attended to)")
+    ax.set_ylabel("query")
+    if title:
+        ax.set_title(title)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"Title": title or "attention pattern",
+            "Description": json.dumps({"queries": list(labels), "keys": key_labels}, ensure_ascii=False)}
+    fig.savefig(path, format="png", dpi=100, metadata=meta)
+    return path
