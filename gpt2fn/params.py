@@ -31,7 +31,7 @@ from .config import GPTConfig
 __all__ = [
     "LayerNormParams", "AttentionParams", "MLPParams", "BlockParams", "GPTParams",
     "init_params", "count_params", "tree_to", "named_leaves", "params_to_dict", "params_from_dict",
-    "validate", "head_matrix", "expected_shapes",
+    "validate", "head_matrix", "expected_shapes", "key_report",
 ]
 
 
@@ -265,22 +265,21 @@ def params_from_dict(config: GPTConfig, tensors: dict[str, Tensor], *, source: s
     misshaped = [f"{k}: got {list(tensors[k].shape)}, expected {list(expected[k].shape)}"
                  for k in expected if k in tensors and tuple(tensors[k].shape) != tuple(expected[k].shape)]
     if missing or unexpected or misshaped:
-        raise ValueError(_key_report(source, config, missing, unexpected, misshaped))
+        raise ValueError(key_report(f"{source} does not match the parameters of {config}:", missing, unexpected,
+                                    misshaped))
     leaves, spec = pytree.tree_flatten(skeleton)
     names = [name for name, _ in named_leaves(skeleton)]
     assert len(names) == len(leaves)
     return pytree.tree_unflatten([tensors[n] for n in names], spec)
 
 
-def _key_report(source: str, config: GPTConfig, missing: list[str], unexpected: list[str],
-                misshaped: list[str]) -> str:
-    lines = [f"{source} does not match the parameters of {config}:"]
-    if missing:
-        lines.append(f"  missing keys ({len(missing)}): {', '.join(missing)}")
-    if unexpected:
-        lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
-    if misshaped:
-        lines.append(f"  mis-shaped keys ({len(misshaped)}): {'; '.join(misshaped)}")
+def key_report(header: str, missing: list[str], unexpected: list[str], misshaped: list[str]) -> str:
+    """A multi-line report of every missing, unexpected and mis-shaped key under a one-line `header`."""
+    lines = [header]
+    for label, items, sep in (("missing", missing, ", "), ("unexpected", unexpected, ", "),
+                              ("mis-shaped", misshaped, "; ")):
+        if items:
+            lines.append(f"  {label} keys ({len(items)}): {sep.join(items)}")
     return "\n".join(lines)
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ..config import GPTConfig
-from ..params import expected_shapes
+from ..params import expected_shapes, key_report
 
 __all__ = ["CheckpointError", "CheckpointNotFoundError", "Raw", "Rule", "rule", "assemble", "need", "count_layers",
            "heads_for", "mlp_dim_for"]
@@ -154,16 +154,10 @@ def assemble(raw: Raw, config: GPTConfig, rules: Mapping[str, Rule] | None, *, l
             reason = ignore(key)
             (unexpected.append(key) if reason is None else ignored.append(f"{key} ({reason})"))
     if missing or unexpected or misshaped:
-        lines = [f"{raw.source} is not a complete {layout} checkpoint for {_brief(config)}:"]
-        if missing:
-            lines.append(f"  missing keys ({len(missing)}): {', '.join(missing)}")
-        if unexpected:
-            lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
-        if misshaped:
-            lines.append(f"  mis-shaped keys ({len(misshaped)}): {'; '.join(misshaped)}")
-        lines.append("  The config was inferred from the file's own tensors, so the file is inconsistent or of "
-                     "another architecture; re-export it from the model that wrote it.")
-        raise CheckpointError("\n".join(lines))
+        report = key_report(f"{raw.source} is not a complete {layout} checkpoint for {_brief(config)}:",
+                            missing, unexpected, misshaped)
+        raise CheckpointError(report + "\n  The config was inferred from the file's own tensors, so the file is "
+                              "inconsistent or of another architecture; re-export it from the model that wrote it.")
     return out, ignored
 
 
