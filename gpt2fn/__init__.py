@@ -8,6 +8,7 @@
 from .cache import KVCache, init_cache
 from .checkpoints import Checkpoint, CheckpointError, load, load_checkpoint, save, save_hf
 from .config import PRESETS, GPTConfig, preset
+from .generate import default_device, generate, generate_tokens, stream
 from .layers import attention, attention_pattern, block, gelu, layer_norm, mlp
 from .model import forward, loss, positions_from_mask
 from .params import (
@@ -55,6 +56,7 @@ __all__ = [
     "layer_norm", "gelu", "attention", "attention_pattern", "mlp", "block",
     "forward", "loss", "positions_from_mask",
     "KVCache", "init_cache",
+    "generate", "generate_tokens", "stream", "default_device",
     "shape_checks", "checks_enabled", "ShapeError",
     "load", "save", "load_checkpoint", "save_hf", "Checkpoint", "CheckpointError",
     "forward_with", "run_with_capture", "Activations", "site_names", "patch", "ablate_head", "steer",

@@ -1,0 +1,78 @@
+"""`gpt2fn generate`: the seed's run_inference.py in one line.
+
+    gpt2fn generate --checkpoint gpt2_model.pth "Hello, it is time"
+    gpt2fn generate --model gpt2 --temperature 0.8 --top-k 40 --seed 0 --stream Once upon a time
+
+Prints the prompt followed by the model's continuation (streamed piece by piece with --stream).
+"""
+
+import argparse
+import sys
+
+from ..cli import CLIError
+
+HELP = "continue a prompt with a model (greedy by default)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--model", metavar="NAME", default=None,
+                        help="hub name such as gpt2, gpt2-medium, distilgpt2 or org/name (default: gpt2)")
+    source.add_argument("--checkpoint", metavar="PATH", default=None,
+                        help="a checkpoint file or directory: seed .pth, Hugging Face, nanoGPT or gpt2fn safetensors")
+    parser.add_argument("--max-new-tokens", type=int, default=20, metavar="N", help="tokens to add (default 20)")
+    parser.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                        help="0 is greedy (default); above 0 samples")
+    parser.add_argument("--top-k", type=int, default=None, metavar="K", help="sample from the K most likely ids")
+    parser.add_argument("--top-p", type=float, default=None, metavar="P",
+                        help="sample from the smallest set of ids with probability >= P, in (0, 1]")
+    parser.add_argument("--repetition-penalty", type=float, default=None, metavar="R",
+                        help="> 1 discourages ids already in the text")
+    parser.add_argument("--seed", type=int, default=None, metavar="S", help="fixed seed: the same text every time")
+    parser.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                        help="stop before this text (repeatable)")
+    parser.add_argument("--no-eos", action="store_true", help="do not stop at <|endoftext|>")
+    parser.add_argument("--stream", action="store_true", help="print the text as it is generated")
+    parser.add_argument("--device", default=None, metavar="D",
+                        help="cpu, cuda, cuda:1, mps (default: CUDA, then MPS, then CPU)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="cast the weights (default: as stored)")
+    parser.add_argument("prompt", nargs="+", metavar="PROMPT", help="the prompt (several words are joined by spaces)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..generate import default_device, generate, stream
+    from ..sampling import SamplingOptions
+
+    prompt = " ".join(args.prompt)
+    if not prompt:
+        raise CLIError("the prompt is empty; give some text to continue")
+    if args.max_new_tokens < 0:
+        raise CLIError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    SamplingOptions(args.temperature, args.top_k, args.top_p, args.repetition_penalty)  # bad values: fail early
+    if args.stop is not None and not all(args.stop):
+        raise CLIError("--stop needs a non-empty text")
+    try:
+        device = torch.device(args.device) if args.device else default_device()
+    except RuntimeError as exc:
+        raise CLIError(f"--device {args.device!r} is not a device torch knows ({exc})") from None
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+
+    from ..checkpoints import load
+
+    params = load(args.checkpoint or args.model or "gpt2", device=device, dtype=dtype)
+    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
+                   eos=not args.no_eos)
+    if args.stream:
+        sys.stdout.write(prompt)
+        sys.stdout.flush()
+        for piece in stream(params, prompt, **options):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    else:
+        print(prompt + generate(params, prompt, **options))
+    return 0
