@@ -5,6 +5,7 @@
     grads  = torch.func.grad(gpt2fn.loss)(params, ids, targets)
 """
 
+from . import train  # the training namespace: gpt2fn.train.train_step, gpt2fn.train.train, ...
 from .cache import KVCache, init_cache
 from .checkpoints import Checkpoint, CheckpointError, load, load_checkpoint, save, save_hf
 from .config import PRESETS, GPTConfig, preset
@@ -58,8 +59,9 @@ __all__ = [
     "KVCache", "init_cache",
     "generate", "generate_tokens", "stream", "default_device",
     "shape_checks", "checks_enabled", "ShapeError",
-    "load", "save", "load_checkpoint", "save_hf", "Checkpoint", "CheckpointError",
+    "train",
     "forward_with", "run_with_capture", "Activations", "site_names", "patch", "ablate_head", "steer",
     "patching_sweep", "site_grads", "per_example_grads", "per_example_grad_norms", "logit_diff",
     "logit_lens", "direct_logit_attribution", "attention_patterns", "fold_layer_norm", "center_unembed",
+    "load", "save", "load_checkpoint", "save_hf", "Checkpoint", "CheckpointError",
 ]

@@ -27,4 +27,4 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! "$py" -c "import gpt2fn, py
     "$py" -m pip install --quiet --disable-pip-version-check -e "$root[dev]"
     echo "$want" > "$stamp"
 fi
-"$py" -m gpt2fn.tokenizer fetch --quiet
+"$py" -c "import sys; from gpt2fn.tokenizer import main; sys.exit(main(['fetch', '--quiet']))"

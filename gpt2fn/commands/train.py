@@ -1,0 +1,135 @@
+"""`gpt2fn train`: train from scratch (a preset) or fine-tune loaded weights on text files; resumable.
+
+    gpt2fn train --data corpus.txt --out runs/a --preset mini --steps 500
+    gpt2fn train --data docs/ --out runs/ft --init gpt2 --context 256 --lr 1e-4
+    gpt2fn train --data corpus.txt --out runs/a --steps 1000 --resume
+    torchrun --nproc_per_node=2 -m gpt2fn.train --data corpus.txt --out runs/dp --preset mini
+"""
+
+import argparse
+import dataclasses
+import os
+import typing
+
+from ..cli import CLIError
+
+HELP = "train or fine-tune a GPT-2 on text files (resumable, data parallel with torchrun)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="a text file or a directory of text files")
+    p.add_argument("--out", required=True, help="output directory: state, model.safetensors, metrics, loss.png")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--init", metavar="NAME", help="start from loaded weights: a hub name such as gpt2")
+    src.add_argument("--checkpoint", metavar="PATH", help="start from a weights file or directory (gpt2fn.load)")
+    src.add_argument("--preset", metavar="NAME", help="start from random weights of a preset (default: mini)")
+    p.add_argument("--set", metavar="FIELD=VALUE", action="append", default=[],
+                   help="override a config field of --preset, e.g. --set n_layers=4 --set emb_dim=192")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in --out exactly")
+    p.add_argument("--steps", type=int, default=1000, help="total optimisation steps (default 1000)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per step per process (default 8)")
+    p.add_argument("--context", type=int, help="tokens per window (default: the model's context length)")
+    p.add_argument("--lr", type=float, default=6e-4, help="peak learning rate (default 6e-4)")
+    p.add_argument("--min-lr", type=float, help="final cosine learning rate (default lr/10)")
+    p.add_argument("--warmup", type=int, help="linear warmup steps (default min(100, steps/10))")
+    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decay on matrices (default 0.1)")
+    p.add_argument("--clip", type=float, default=1.0, help="global gradient-norm limit, 0 = off (default 1)")
+    p.add_argument("--dropout", type=float, help="dropout rate (default: the config's drop_rate)")
+    p.add_argument("--eval-every", type=int, default=100, help="validation every N steps (default 100)")
+    p.add_argument("--save-every", type=int, help="checkpoint every N steps (default: at each validation)")
+    p.add_argument("--log-every", type=int, default=10, help="metrics line every N steps (default 10)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="tail of the corpus kept for validation")
+    p.add_argument("--cache-dir", help="where tokenized corpora are cached (default ~/.cache/gpt2fn/tokens)")
+    p.add_argument("--max-time", type=float, help="stop and save after this many seconds")
+    p.add_argument("--stop-after", type=int, help="stop (and save) at this step; the schedule still spans --steps")
+    p.add_argument("--seed", type=int, default=0, help="seeds init, data order and dropout (default 0)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto (default)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _parse_overrides(items: list[str]) -> dict[str, typing.Any]:
+    from ..config import GPTConfig
+
+    fields = {f.name: f for f in dataclasses.fields(GPTConfig)}
+    out: dict[str, typing.Any] = {}
+    for item in items:
+        name, sep, raw = item.partition("=")
+        if not sep or name not in fields:
+            raise CLIError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {sorted(fields)}")
+        default = fields[name].default
+        try:
+            if isinstance(default, bool):
+                if raw.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(raw)
+                out[name] = raw.lower() in ("true", "1")
+            elif isinstance(default, int):
+                out[name] = int(raw)
+            elif isinstance(default, float):
+                out[name] = float(raw)
+            elif default is None:
+                out[name] = None if raw.lower() == "none" else int(raw)
+            else:
+                out[name] = raw
+        except ValueError:
+            raise CLIError(f"--set {item!r}: {raw!r} is not a valid value for {name} "
+                           f"(default {default!r})") from None
+    return out
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if "LOCAL_RANK" in os.environ else "cuda"
+    return "cpu"
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from .. import init_params, preset
+    from ..train import TrainConfig, train
+    from ..train.distributed import setup, teardown
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = _device(args.device)
+    if device.startswith("cuda") and "LOCAL_RANK" in os.environ:
+        torch.cuda.set_device(torch.device(device))
+    overrides = _parse_overrides(args.set)
+    if overrides and (args.init or args.checkpoint):
+        raise CLIError("--set changes a preset's config; it cannot reshape loaded weights from --init/--checkpoint")
+    if args.dropout is not None:
+        overrides["drop_rate"] = args.dropout
+    cfg = TrainConfig(
+        data=args.data, out=args.out, steps=args.steps, batch_size=args.batch_size, context=args.context,
+        lr=args.lr, min_lr=args.min_lr, warmup=args.warmup, weight_decay=args.weight_decay,
+        clip=args.clip or None, eval_every=args.eval_every, save_every=args.save_every, log_every=args.log_every,
+        val_fraction=args.val_fraction, seed=args.seed, device=device, max_time=args.max_time,
+        stop_after=args.stop_after,
+        cache_dir=args.cache_dir, progress=not args.no_progress,
+    )
+    info = setup(device)
+    try:
+        params = None
+        from ..train.state import STATE_FILE
+        resuming = args.resume and os.path.isfile(os.path.join(args.out, STATE_FILE))
+        if not resuming:
+            if args.init or args.checkpoint:
+                from .. import load  # the checkpoints package: hub names and files
+
+                params = load(args.init or args.checkpoint)
+                if args.dropout is not None:
+                    params = params.replace(config=params.config.replace(drop_rate=args.dropout))
+            else:
+                name = args.preset or "mini"
+                if args.context is not None and "context_length" not in overrides:
+                    overrides["context_length"] = args.context  # from scratch: no wider position table than used
+                params = init_params(preset(name, **overrides), seed=args.seed)
+        result = train(params, cfg, resume=args.resume, dist_info=info)
+    finally:
+        teardown(info)
+    return {None: 0, "max_time": 0, "stop_after": 0, "SIGINT": 130, "SIGTERM": 143}.get(result.stopped_by, 0)

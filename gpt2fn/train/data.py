@@ -1,0 +1,140 @@
+"""Training data: text files -> GPT-2 token ids in a cached uint16 memory map -> random windows.
+
+    tokens         = load_tokens("corpus/")                  # np.memmap uint16, cached by content hash
+    train, val     = split_tokens(tokens, val_fraction=0.1, context=128)
+    ids, targets   = sample_batch(train, batch_size=16, context=128, generator=gen)   # [batch, seq] int64
+
+A directory means every non-hidden regular file under it, in sorted path order; documents are joined with
+`<|endoftext|>` (id 50256). The cache file is named by a hash of the documents' bytes, so editing a file retokenizes
+and an unchanged corpus is read back without touching the tokenizer. Windows are drawn with an explicit
+`torch.Generator`: its state is the data position a checkpoint saves.
+"""
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["corpus_files", "load_tokens", "split_tokens", "sample_batch", "sample_starts", "windows",
+           "eval_starts", "default_cache_dir"]
+
+_FORMAT = b"gpt2fn-tokens-v1"
+
+
+def default_cache_dir() -> Path:
+    """`$XDG_CACHE_HOME/gpt2fn/tokens` (default `~/.cache/gpt2fn/tokens`)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gpt2fn" / "tokens"
+
+
+def corpus_files(path: str | os.PathLike[str]) -> list[Path]:
+    """The text files a `--data` path names: the file itself, or every non-hidden file under a directory."""
+    root = Path(path)
+    if root.is_file():
+        return [root]
+    if not root.exists():
+        raise FileNotFoundError(f"training data {str(root)!r} does not exist; pass a text file or a directory of them")
+    files = sorted(p for p in root.rglob("*")
+                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    if not files:
+        raise ValueError(f"training data directory {str(root)!r} holds no (non-hidden) files; put text files in it")
+    return files
+
+
+def load_tokens(path: str | os.PathLike[str], *, cache_dir: str | os.PathLike[str] | None = None) -> np.memmap:
+    """Token ids of the corpus at `path` as a read-only uint16 memory map, tokenizing once per content."""
+    from .. import tokenizer  # here, not at import: `python -m gpt2fn.tokenizer` runs before gpt2fn.train loads it
+
+    files = corpus_files(path)
+    digest = hashlib.sha256(_FORMAT)
+    for f in files:
+        data = f.read_bytes()
+        digest.update(len(data).to_bytes(8, "little"))
+        digest.update(data)
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    target = cache / f"{digest.hexdigest()[:32]}.u16"
+    if not target.is_file():
+        ids: list[int] = []
+        for i, f in enumerate(files):
+            try:
+                text = f.read_text(encoding="utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"training file {str(f)!r} is not UTF-8 text ({exc}); convert it or leave it out "
+                                 "of the data directory") from None
+            if i:
+                ids.append(tokenizer.EOT)
+            ids.extend(tokenizer.encode(text))
+        if not ids:
+            raise ValueError(f"training data {str(path)!r} is empty: it has no tokens")
+        cache.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache, prefix=target.name, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(np.asarray(ids, dtype=np.uint16).tobytes())
+            os.replace(tmp, target)  # atomic: a concurrent reader sees the old state or the whole file
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    if target.stat().st_size == 0:
+        raise ValueError(f"training data {str(path)!r} is empty: it has no tokens")
+    return np.memmap(target, dtype=np.uint16, mode="r")
+
+
+def split_tokens(tokens: np.ndarray, *, val_fraction: float = 0.1, context: int,
+                 source: str = "corpus") -> tuple[np.ndarray, np.ndarray]:
+    """The first `1 - val_fraction` of the tokens for training, the tail for validation (views, no copy).
+
+    Both parts must hold at least one window of `context + 1` tokens (inputs plus the shifted targets);
+    `val_fraction=0` gives an empty validation part.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+    need = context + 1
+    n = len(tokens)
+    n_val = int(n * val_fraction)
+    if val_fraction > 0:
+        n_val = max(n_val, need)
+    n_train = n - n_val
+    if n_train < need:
+        split = f" after setting aside {n_val} for validation" if n_val else ""
+        raise ValueError(
+            f"{source} has {n} tokens, leaving {n_train} for training{split}; one training window needs "
+            f"context + 1 = {need} tokens. Use a longer corpus, a smaller --context"
+            f"{', or a smaller validation fraction' if n_val else ''}."
+        )
+    return tokens[:n_train], tokens[n_train:]
+
+
+def sample_starts(n_tokens: int, *, batch_size: int, context: int, generator: torch.Generator) -> Tensor:
+    """`batch_size` window starts, uniform over every position where `context + 1` tokens fit (int64, cpu)."""
+    high = n_tokens - context  # starts 0 .. n - context - 1 leave room for the shifted target
+    if high < 1:
+        raise ValueError(f"{n_tokens} tokens cannot hold a window of context + 1 = {context + 1}")
+    return torch.randint(0, high, (batch_size,), generator=generator)
+
+
+def windows(tokens: np.ndarray, starts: Tensor, context: int) -> tuple[Tensor, Tensor]:
+    """`(ids, targets)`, each `[len(starts), context]` int64: the windows at `starts` and the same shifted by one."""
+    rows = np.stack([np.asarray(tokens[s:s + context + 1]) for s in starts.tolist()]).astype(np.int64)
+    batch = torch.from_numpy(rows)
+    return batch[:, :-1], batch[:, 1:]
+
+
+def sample_batch(tokens: np.ndarray, *, batch_size: int, context: int,
+                 generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """A batch of random windows drawn with `generator` (advancing it): `(ids, targets)`, `[batch, context]`."""
+    return windows(tokens, sample_starts(len(tokens), batch_size=batch_size, context=context,
+                                         generator=generator), context)
+
+
+def eval_starts(n_tokens: int, *, context: int, max_windows: int) -> Tensor:
+    """Up to `max_windows` evenly spaced window starts over a validation part: fixed, so that validation losses
+    at different steps compare like with like, and drawn without touching any generator."""
+    high = n_tokens - context
+    if high < 1:
+        return torch.zeros(0, dtype=torch.int64)
+    count = min(max_windows, max(1, high // context))
+    return torch.linspace(0, high - 1, count).round().long()
