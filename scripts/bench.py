@@ -1,0 +1,863 @@
+"""Benchmarks: gpt2fn next to its peers, in one process, interleaved, against the machine's physical limits.
+
+    .venv/bin/python scripts/bench.py                         # the full run (about 10 minutes on 2 cores)
+    .venv/bin/python scripts/bench.py --quick                 # fewer repeats and tokens: a fast look
+    .venv/bin/python scripts/bench.py --only decode,prefill --out bench.json
+
+Workloads (`--only`, comma separated): `limits` (memory bandwidth, GEMM throughput), `decode` (greedy, 16-token
+prompt + 128 new; batch 1 and 8; fp32 and bf16; new tokens/s and time to first token), `prefill` (one forward
+over 1024 tokens, last-position and all logits), `checks` (shape checks on vs off), `train` (one optimizer step
+of the small config), `load` (seconds and peak resident memory of a 124M checkpoint, a child process each).
+The roofline (bandwidth / bytes read per decoded token) is derived when `limits` and `decode` both run.
+
+Method: random weights (speed does not depend on the values); every contender of a case holds the same weights
+(greedy ids are compared as a sanity check); contenders run interleaved, in alternating order, after a warm-up;
+medians with min-max over the repeats; ratios are gpt2fn's median over the peer's.
+"""
+
+import argparse
+import contextlib
+import datetime
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_peers as peers  # noqa: E402
+
+import gpt2fn  # noqa: E402
+from gpt2fn import GPTParams  # noqa: E402
+
+WORKLOADS = ("limits", "decode", "prefill", "checks", "train", "load")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+GPT2FN, HF, SEED = "gpt2fn", "transformers", "seed loop (no cache)"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Measurement
+
+
+@dataclass
+class Result:
+    """One contender's measurement of one case: samples and their median / min / max."""
+
+    workload: str
+    case: str
+    contender: str
+    metric: str
+    samples: list[float]
+    higher_is_better: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(median=self.median, min=min(self.samples), max=max(self.samples))
+        return d
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def interleaved(contenders: dict[str, Callable[[], Any]], *, repeats: int, device: torch.device,
+                warmup: dict[str, Callable[[], Any]] | None = None, at_most: dict[str, int] | None = None
+                ) -> dict[str, list[float]]:
+    """Seconds per call of each contender: warm-ups first, then `repeats` rounds, the order alternating per round
+    so that drift (thermal, other load) falls on everyone alike. The garbage collector is off while timing (as in
+    `timeit`): a collection of this process's large heap would land on whichever contender happened to run.
+    `at_most` caps the rounds of slow contenders (they then run in the first rounds only)."""
+    for fn in (warmup or contenders).values():
+        fn()
+    sync(device)
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    names = list(contenders)
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for r in range(repeats):
+            for name in names if r % 2 == 0 else names[::-1]:
+                if at_most is not None and len(times[name]) >= at_most.get(name, repeats):
+                    continue
+                sync(device)
+                t0 = time.perf_counter()
+                contenders[name]()
+                sync(device)
+                times[name].append(time.perf_counter() - t0)
+    finally:
+        if enabled:
+            gc.enable()
+    return times
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The machine's limits
+
+
+def bench_limits(device: torch.device, *, mbytes: int = 1024, gemm_n: int = 2048, repeats: int = 5
+                 ) -> list[Result]:
+    """Memory bandwidth (a streaming sum reads, a copy reads and writes) and GEMM throughput per dtype."""
+    n = mbytes * 2**20 // 4
+    x = torch.ones(n, device=device)
+    y = torch.empty_like(x)
+    t = interleaved({"sum": x.sum, "copy": lambda: y.copy_(x)}, repeats=repeats, device=device)
+    out = [Result("limits", "memory bandwidth", "read (sum)", "GB/s", [x.nbytes / s / 1e9 for s in t["sum"]],
+                  extra={"bytes": x.nbytes}),
+           Result("limits", "memory bandwidth", "copy (read+write)", "GB/s",
+                  [2 * x.nbytes / s / 1e9 for s in t["copy"]], extra={"bytes": x.nbytes})]
+    fp32_rate = gemm_rate(torch.float32, device)
+    for name, dtype in DTYPES.items():
+        n = gemm_n
+        if dtype != torch.float32 and gemm_rate(dtype, device) < 0.25 * fp32_rate:
+            n = min(n, 256)  # no fast kernel for this dtype (emulated): a 2048^3 product would take minutes
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
+        t = interleaved({"mm": lambda a=a, b=b: a @ b}, repeats=repeats, device=device)["mm"]
+        out.append(Result("limits", f"GEMM {name}", f"{n}^3", "GFLOP/s", [2 * n**3 / s / 1e9 for s in t]))
+    return out
+
+
+def gemm_rate(dtype: torch.dtype, device: torch.device, n: int = 256) -> float:
+    """GFLOP/s of one n^3 matrix product (best of 3): a quick probe of whether a dtype has fast kernels."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    best = float("inf")
+    for _ in range(3):
+        sync(device)
+        t0 = time.perf_counter()
+        a @ a
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+def bf16_is_fast(device: torch.device) -> bool:
+    """Whether bf16 matrix products run at least at half the fp32 rate (CPUs without AVX512-BF16/AMX emulate
+    bf16 at a small fraction of it, so a bf16 decode there would take minutes and say nothing about gpt2fn)."""
+    return gemm_rate(torch.bfloat16, device) >= 0.5 * gemm_rate(torch.float32, device)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Decoding
+
+
+def gpt2fn_decoder(params: GPTParams) -> tuple[str, Callable[[torch.Tensor, int], torch.Tensor]]:
+    """gpt2fn's greedy decoding: `gpt2fn.generate_tokens` when present, else a loop over `forward` + KV cache."""
+    generate_tokens = getattr(gpt2fn, "generate_tokens", None)
+    if generate_tokens is not None:
+        return GPT2FN, lambda ids, new: generate_tokens(params, ids, max_new_tokens=new, eos=False)
+
+    def loop(ids: torch.Tensor, new: int) -> torch.Tensor:
+        with torch.inference_mode():
+            cache = gpt2fn.init_cache(params.config, ids.shape[0], ids.shape[1] + new, device=ids.device,
+                                      dtype=params.dtype)
+            logits, cache = gpt2fn.forward(params, ids, cache=cache, last_only=True)
+            out = [ids]
+            for _ in range(new - 1):
+                out.append(logits[:, -1].argmax(-1, keepdim=True))
+                logits, cache = gpt2fn.forward(params, out[-1], cache=cache, last_only=True)
+            out.append(logits[:, -1].argmax(-1, keepdim=True))
+            return torch.cat(out, dim=1)
+
+    return GPT2FN + " (forward+cache loop)", loop
+
+
+def hf_decoder(model: Any) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    def run(ids: torch.Tensor, new: int) -> torch.Tensor:
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                              do_sample=False, use_cache=True)
+    return run
+
+
+def seed_decoder(model: torch.nn.Module, ctx: int) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    return lambda ids, new: peers.seed_greedy(model, ids, new, ctx)
+
+
+def bench_decode(params: GPTParams, *, batch: int, prompt_len: int = 16, new_tokens: int = 128,
+                 repeats: int = 3, ttft_repeats: int = 5, with_seed: bool = False, with_hf: bool = True
+                 ) -> list[Result]:
+    """Greedy decoding of `new_tokens` after a `prompt_len` prompt: new tokens/s (all rows of the batch, prefill
+    included) and time to first token, each contender on the same weights and prompt."""
+    device, dtype = params.device, params.dtype
+    case = f"{_dtype_name(dtype)} b{batch}"
+    ids = torch.randint(0, params.config.n_tokens, (batch, prompt_len),
+                        generator=torch.Generator().manual_seed(batch)).to(device)
+    name, gen = gpt2fn_decoder(params)
+    decoders = {name: gen}
+    if with_hf:
+        decoders[HF] = hf_decoder(peers.hf_from_params(params))
+    if with_seed:
+        decoders[SEED] = seed_decoder(peers.seed_from_params(params), params.config.context_length)
+
+    outputs: dict[tuple[str, int], torch.Tensor] = {}
+
+    def runner(n: str, new: int) -> Callable[[], Any]:
+        def run() -> None:
+            outputs[(n, new)] = decoders[n](ids, new)
+        return run
+
+    warm = {n: runner(n, min(4, new_tokens)) for n in decoders}
+    # the seed's loop is an order of magnitude slower and its spread matters little: two rounds at most
+    full = interleaved({n: runner(n, new_tokens) for n in decoders}, repeats=repeats, device=device, warmup=warm,
+                       at_most={SEED: 2})
+    first = interleaved({n: runner(n, 1) for n in decoders}, repeats=ttft_repeats, device=device, warmup=warm)
+    ref = outputs[(name, new_tokens)][:, prompt_len:]
+    results = []
+    for n in decoders:
+        got = outputs[(n, new_tokens)][:, prompt_len:]
+        agree = float((got == ref).float().mean()) if got.shape == ref.shape else 0.0
+        extra = {"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "dtype": _dtype_name(dtype),
+                 "ids_agree_with_gpt2fn": agree,
+                 "ms_per_step": [1e3 * (t - statistics.median(first[n])) / max(1, new_tokens - 1)
+                                 for t in full[n]]}
+        results.append(Result("decode", case, n, "tok/s", [batch * new_tokens / t for t in full[n]], extra=extra))
+        results.append(Result("ttft", case, n, "ms", [1e3 * t for t in first[n]], higher_is_better=False,
+                              extra={"batch": batch, "prompt_len": prompt_len}))
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prefill
+
+
+def bench_prefill(params: GPTParams, *, seq: int = 1024, repeats: int = 3) -> list[Result]:
+    """One forward over `seq` tokens, batch 1: only the last position's logits (what generation needs), and all."""
+    device = params.device
+    seq = min(seq, params.config.context_length)
+    ids = torch.randint(0, params.config.n_tokens, (1, seq), generator=torch.Generator().manual_seed(0)).to(device)
+    hf = peers.hf_from_params(params)
+
+    def g(last: bool) -> Callable[[], Any]:
+        def run() -> Any:
+            with torch.inference_mode():
+                return gpt2fn.forward(params, ids, last_only=last)
+        return run
+
+    def h(last: bool) -> Callable[[], Any]:
+        def run() -> Any:
+            with torch.inference_mode():
+                return hf(ids, use_cache=False, logits_to_keep=1 if last else 0).logits
+        return run
+
+    results = []
+    for label, last in (("last logits", True), ("all logits", False)):
+        t = interleaved({GPT2FN: g(last), HF: h(last)}, repeats=repeats, device=device)
+        case = f"{seq} tok {label}"
+        results += [Result("prefill", case, n, "tok/s", [seq / s for s in ts], extra={"seq": seq})
+                    for n, ts in t.items()]
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shape checks
+
+
+def bench_checks(params: GPTParams, *, prompt_len: int = 16, new_tokens: int = 128, prefill_seq: int = 1024,
+                 repeats: int = 3) -> list[Result]:
+    """Seconds with run-time shape checks on vs off: one decode step (cache), a whole decode, a prefill."""
+    device, cfg = params.device, params.config
+    name, decode = gpt2fn_decoder(params)
+    ids = torch.randint(0, cfg.n_tokens, (1, prompt_len), generator=torch.Generator().manual_seed(1)).to(device)
+    seq = min(prefill_seq, cfg.context_length)
+    long_ids = torch.randint(0, cfg.n_tokens, (1, seq), generator=torch.Generator().manual_seed(2)).to(device)
+    cache = gpt2fn.init_cache(cfg, 1, prompt_len + 1, device=device, dtype=params.dtype)
+    with torch.inference_mode():
+        _, cache = gpt2fn.forward(params, ids, cache=cache)
+    one = ids[:, :1]
+
+    def with_checks(on: bool, fn: Callable[[], Any]) -> Callable[[], Any]:
+        def run() -> Any:
+            with gpt2fn.shape_checks(on), torch.inference_mode():
+                return fn()
+        return run
+
+    cases = {
+        "decode step (1 token, cache)": lambda: gpt2fn.forward(params, one, cache=cache, last_only=True),
+        f"decode {prompt_len}+{new_tokens} ({name})": lambda: decode(ids, new_tokens),
+        f"prefill {seq} tok last logits": lambda: gpt2fn.forward(params, long_ids, last_only=True),
+    }
+    results = []
+    for case, fn in cases.items():
+        reps = repeats * 10 if case.startswith("decode step") else repeats
+        t = interleaved({"checks on": with_checks(True, fn), "checks off": with_checks(False, fn)},
+                        repeats=reps, device=device)
+        results += [Result("checks", case, n, "ms", [1e3 * s for s in ts], higher_is_better=False)
+                    for n, ts in t.items()]
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training step
+
+
+def gpt2fn_train_step(params: GPTParams, lr: float = 6e-4) -> tuple[str, Callable[[Any, Any], None]]:
+    """gpt2fn's functional train step when present, else gpt2fn.loss + autograd + torch.optim.AdamW on the leaves.
+
+    Returns `(label, step(ids, targets) -> loss)`; the step keeps its state in a closure, as a loop would."""
+    train = _train_module()
+    if train is not None:
+        label, step = _functional_step(train, params, lr)
+        if step is not None:
+            return label, step
+    leaves = gpt2fn.tree_map(lambda t: t.detach().clone().requires_grad_(), params)
+    opt = torch.optim.AdamW(list(torch.utils._pytree.tree_leaves(leaves)), lr=lr, betas=(0.9, 0.95),
+                            weight_decay=0.1)
+
+    def step(x: Any, y: Any) -> torch.Tensor:
+        loss = gpt2fn.loss(leaves, x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(torch.utils._pytree.tree_leaves(leaves)), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return GPT2FN + ".loss + torch.optim.AdamW", step
+
+
+def _train_module() -> Any:
+    try:
+        import gpt2fn.train as train  # noqa: PLC0415
+    except ImportError:
+        return None
+    return train
+
+
+def _functional_step(train: Any, params: GPTParams, lr: float) -> tuple[str, Any]:
+    """Adapt to gpt2fn.train's step API: `init_adamw(params, ...)` / `train_step(params, opt, ids, targets, ...)`
+    returning `(params, opt, loss[, ...])`. Returns `(label, None)` when the API is not recognised."""
+    init = next((getattr(train, n) for n in ("init_adamw", "adamw_init", "init_optimizer") if hasattr(train, n)),
+                None)
+    step_fn = next((getattr(train, n) for n in ("train_step", "step") if hasattr(train, n)), None)
+    if init is None or step_fn is None:
+        return GPT2FN, None
+    state = {"params": params, "opt": init(params)}
+
+    def step(x: Any, y: Any) -> torch.Tensor:
+        out = step_fn(state["params"], state["opt"], x, y, lr=lr)
+        state["params"], state["opt"] = out[0], out[1]
+        return getattr(out[2], "loss", out[2])
+
+    return GPT2FN + f".train.{step_fn.__name__}", step
+
+
+def bench_train(config: gpt2fn.GPTConfig, *, batch: int = 8, device: torch.device, repeats: int = 3,
+                with_hf: bool = True) -> list[Result]:
+    """Tokens/s of one AdamW step (forward, backward, update) on `batch` sequences of the full context."""
+    seq = config.context_length
+    params = gpt2fn.init_params(config, seed=0, device=device)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(0, config.n_tokens, (batch, seq), generator=g).to(device)
+    y = torch.randint(0, config.n_tokens, (batch, seq), generator=g).to(device)
+    label, gstep = gpt2fn_train_step(params)
+
+    def module_step(model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
+        # the same work as gpt2fn's step: clip the global norm to 1.0, decay matrices only
+        ps = [p for p in model.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in ps if p.ndim >= 2], "weight_decay": 0.1},
+                  {"params": [p for p in ps if p.ndim < 2], "weight_decay": 0.0}]
+        opt = torch.optim.AdamW(groups, lr=6e-4, betas=(0.9, 0.95))
+
+        def run() -> None:
+            loss_fn().backward()
+            torch.nn.utils.clip_grad_norm_(ps, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return run
+
+    nano = peers.nano_from_params(params)
+    contenders = {label: lambda: gstep(x, y),
+                  "nn.Module (nanoGPT) + torch.optim.AdamW": module_step(nano, lambda: nano(x, y))}
+    if with_hf:
+        hf = peers.hf_from_params(params).train()
+        contenders["transformers + torch.optim.AdamW"] = module_step(hf, lambda: hf(x, labels=y).loss)
+    t = interleaved(contenders, repeats=repeats, device=device)
+    case = f"{config.n_layers}L/{config.emb_dim}/ctx{seq}/b{batch}"
+    return [Result("train", case, n, "tok/s", [batch * seq / s for s in ts], extra={"batch": batch, "seq": seq})
+            for n, ts in t.items()]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading (a child process per measurement)
+
+
+def _memory() -> tuple[int, int]:
+    """(resident bytes now, peak resident bytes) of this process's address space, from /proc/self/status.
+
+    Not `getrusage().ru_maxrss`: Linux carries that high-water mark across `execve`, so a child started from the
+    benchmark (several GB resident) would report the parent's peak. VmHWM belongs to the new address space."""
+    fields = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                fields[key] = int(value.split()[0]) * 1024
+    return fields["VmRSS"], fields["VmHWM"]
+
+
+def child_load(kind: str, path: str, n_heads: str = "0") -> dict[str, Any]:
+    """Run in a fresh process: load `path` the `kind` way, touch every weight, report seconds and peak RSS.
+
+    The memory figure is (peak RSS - RSS before loading) / bytes of the loaded weights: 1.0 means the weights and
+    nothing else; a memory-mapped file counts as resident once its pages are touched."""
+    t0 = time.perf_counter()
+    import safetensors.torch  # noqa: PLC0415
+    imported = time.perf_counter() - t0
+    rss0, peak0 = _memory()
+    t0 = time.perf_counter()
+    if kind == "gpt2fn.load":
+        obj = gpt2fn.load(path, n_heads=int(n_heads) or None)
+    elif kind == "safetensors.load_file":
+        obj = safetensors.torch.load_file(path)
+    elif kind == "torch.load":
+        obj = torch.load(path, weights_only=True, map_location="cpu")
+    else:
+        raise ValueError(f"unknown load kind {kind!r}")
+    loaded = time.perf_counter() - t0
+    leaves = [t for t in torch.utils._pytree.tree_leaves(obj) if isinstance(t, torch.Tensor)]
+    total = sum(float(t.float().sum()) if t.dtype != torch.float32 else float(t.sum()) for t in leaves)
+    ready = time.perf_counter() - t0
+    weight_bytes = sum(t.nbytes for t in {t.data_ptr(): t for t in leaves}.values())
+    rss1, peak1 = _memory()
+    return {"kind": kind, "import_s": imported, "load_s": loaded, "ready_s": ready, "rss_before": rss0,
+            "peak_before": peak0, "rss_after": rss1, "peak_rss": peak1,
+            "ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "weight_bytes": weight_bytes, "checksum": total}
+
+
+def write_checkpoints(directory: Path, *, config: gpt2fn.GPTConfig, seed_config: gpt2fn.GPTConfig
+                      ) -> dict[str, Path]:
+    """A gpt2fn safetensors file (`gpt2fn.save` when present) and a seed-format `.pth` state dict."""
+    params = gpt2fn.init_params(config, seed=0)
+    st = directory / "gpt2fn.safetensors"
+    save = getattr(gpt2fn, "save", None)
+    if save is not None:
+        save(params, st)
+    else:
+        import safetensors.torch  # noqa: PLC0415
+        safetensors.torch.save_file({k: v.contiguous() for k, v in gpt2fn.params_to_dict(params).items()}, st,
+                                    metadata={"gpt2fn_config": json.dumps(config.to_dict())})
+    del params
+    seed_params = gpt2fn.init_params(seed_config, seed=0)
+    pth = directory / "seed.pth"
+    torch.save(peers.seed_state_dict(seed_params), pth)
+    return {"safetensors": st, "pth": pth}
+
+
+def bench_load(*, config: gpt2fn.GPTConfig, seed_config: gpt2fn.GPTConfig, repeats: int = 3,
+               directory: Path | None = None) -> list[Result]:
+    """Seconds until every weight is in memory and peak resident memory, one fresh process per measurement.
+
+    The files were just written, so they are in the page cache: this is the warm-cache load."""
+    with contextlib.ExitStack() as stack:
+        if directory is None:
+            directory = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="gpt2fn-bench-")))
+        files = write_checkpoints(directory, config=config, seed_config=seed_config)
+        kinds: list[tuple[str, str, Path]] = [("safetensors.load_file", "safetensors", files["safetensors"]),
+                                             ("torch.load", "pth", files["pth"])]
+        if hasattr(gpt2fn, "load"):
+            kinds = [("gpt2fn.load", "safetensors", files["safetensors"]),  # the config is inside the file
+                     ("gpt2fn.load", "pth", files["pth"])] + kinds
+        runs: dict[tuple[str, str], list[dict[str, Any]]] = {(k, f): [] for k, f, _ in kinds}
+        for r in range(repeats):
+            for kind, fmt, path in kinds if r % 2 == 0 else kinds[::-1]:
+                heads = seed_config.n_heads if fmt == "pth" else 0  # the seed's .pth does not record it
+                runs[(kind, fmt)].append(_spawn_load(kind, path, heads))
+        sizes = {fmt: path.stat().st_size for _, fmt, path in kinds}
+    results = []
+    for (kind, fmt), rs in runs.items():
+        case = f"{fmt} ({sizes[fmt] / 1e6:.0f} MB file)"
+        weight_bytes = rs[0]["weight_bytes"]
+        extra = {"file_bytes": sizes[fmt], "weight_bytes": weight_bytes,
+                 "load_s": [r["load_s"] for r in rs], "import_s": [r["import_s"] for r in rs],
+                 "rss_before": [r["rss_before"] for r in rs], "peak_rss": [r["peak_rss"] for r in rs]}
+        results.append(Result("load", case, kind, "s", [r["ready_s"] for r in rs], higher_is_better=False,
+                              extra=extra))
+        results.append(Result("load memory", case, kind, "x weights",
+                              [(r["peak_rss"] - r["rss_before"]) / weight_bytes for r in rs],
+                              higher_is_better=False, extra={"weight_bytes": weight_bytes}))
+    return results
+
+
+def _spawn_load(kind: str, path: Path, n_heads: int = 0) -> dict[str, Any]:
+    proc = subprocess.run([sys.executable, __file__, "--child-load", kind, str(path), str(n_heads)],
+                          capture_output=True,
+                          text=True, check=False, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if proc.returncode != 0:
+        raise RuntimeError(f"load child ({kind} {path.name}) failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The roofline, ratios, targets
+
+
+def decode_bytes_per_step(config: gpt2fn.GPTConfig, *, dtype: torch.dtype, batch: int, prompt_len: int,
+                          new_tokens: int) -> tuple[float, float]:
+    """(bytes read, matmul FLOPs) per decode step, averaged over the decode: every weight once (the token
+    embedding as the tied head; one row of each embedding is negligible) plus the KV cache so far."""
+    size = torch.empty((), dtype=dtype).element_size()
+    d, layers = config.emb_dim, config.n_layers
+    block = layers * (d * 3 * d + 3 * d + d * d + d + 2 * d * config.d_mlp + config.d_mlp + d + 4 * d)
+    head = config.vocab_size * d
+    weights = (block + head + 2 * d) * size
+    avg_len = prompt_len + new_tokens / 2
+    kv = batch * 2 * layers * d * avg_len * size
+    flops = 2 * batch * (block + head) + batch * 4 * layers * d * avg_len
+    return weights + kv, flops
+
+
+def roofline(results: list[Result], config: gpt2fn.GPTConfig) -> list[dict[str, Any]]:
+    """Decode's upper bound per case: batch / max(bytes / bandwidth, FLOPs / GEMM rate); gpt2fn's fraction."""
+    bw = next((r.median for r in results if r.workload == "limits" and r.contender == "read (sum)"), None)
+    gemm = {r.case.removeprefix("GEMM "): r.median for r in results
+            if r.workload == "limits" and r.case.startswith("GEMM")}
+    if bw is None:
+        return []
+    rows = []
+    for r in results:
+        if r.workload != "decode" or not r.contender.startswith(GPT2FN):
+            continue
+        e = r.extra
+        dtype = DTYPES[e["dtype"]]
+        nbytes, flops = decode_bytes_per_step(config, dtype=dtype, batch=e["batch"], prompt_len=e["prompt_len"],
+                                              new_tokens=e["new_tokens"])
+        t_mem, t_flop = nbytes / (bw * 1e9), flops / (gemm.get(e["dtype"], float("inf")) * 1e9)
+        limit = e["batch"] / max(t_mem, t_flop)
+        rows.append({"case": r.case, "bytes_per_step": nbytes, "flops_per_step": flops, "bandwidth_gbs": bw,
+                     "bound": "memory" if t_mem >= t_flop else "compute", "roofline_tok_s": limit,
+                     "gpt2fn_tok_s": r.median, "fraction": r.median / limit})
+    return rows
+
+
+@dataclass(frozen=True)
+class Target:
+    workload: str
+    case: str
+    contender: str
+    peer: str | None
+    goal: float
+    kind: str  # "ratio>=": median / peer median >= goal; "overhead<=": on / off - 1 <= goal; "abs<=": median <= goal
+
+    def evaluate(self, results: list[Result]) -> dict[str, Any] | None:
+        mine = _find(results, self.workload, self.case, self.contender)
+        if mine is None:
+            return None
+        row: dict[str, Any] = {"workload": self.workload, "case": mine.case, "contender": mine.contender,
+                               "peer": self.peer, "goal": self.goal, "kind": self.kind}
+        if self.kind == "abs<=":
+            row["value"] = mine.median
+            row["met"] = mine.median <= self.goal
+            return row
+        peer = _find(results, self.workload, self.case, self.peer or "")
+        if peer is None:
+            return None
+        ratio = mine.median / peer.median
+        if self.kind == "overhead<=":
+            row["value"] = ratio - 1
+            row["met"] = ratio - 1 <= self.goal
+        else:
+            ratio = ratio if mine.higher_is_better else 1 / ratio
+            row["value"] = ratio
+            row["met"] = ratio >= self.goal
+        return row
+
+
+def _find(results: list[Result], workload: str, case: str, contender: str) -> Result | None:
+    return next((r for r in results if r.workload == workload and r.case.startswith(case)
+                 and r.contender.startswith(contender)), None)
+
+
+TARGETS = (
+    Target("decode", "fp32 b1", GPT2FN, HF, 1.8, "ratio>="),
+    Target("decode", "bf16 b1", GPT2FN, HF, 1.4, "ratio>="),
+    Target("decode", "fp32 b8", GPT2FN, HF, 1.3, "ratio>="),
+    Target("prefill", "1024 tok last", GPT2FN, HF, 1.0, "ratio>="),
+    Target("train", "", GPT2FN, "nn.Module", 1.0, "ratio>="),
+    Target("checks", "decode 16+", "checks on", "checks off", 0.10, "overhead<="),
+    Target("load", "safetensors", "gpt2fn.load", None, 1.5, "abs<="),
+    Target("load memory", "safetensors", "gpt2fn.load", None, 1.3, "abs<="),
+    Target("load", "pth", "gpt2fn.load", None, 1.5, "abs<="),
+    Target("load memory", "pth", "gpt2fn.load", None, 1.3, "abs<="),
+)
+
+
+def peer_ratios(results: list[Result]) -> list[dict[str, Any]]:
+    """Every contender's median over the first contender of its case (gpt2fn, or 'checks off'), better = >1."""
+    rows = []
+    groups: dict[tuple[str, str], list[Result]] = {}
+    for r in results:
+        groups.setdefault((r.workload, r.case), []).append(r)
+    for (workload, case), rs in groups.items():
+        if workload in ("limits", "load", "load memory"):
+            continue
+        base = rs[0]
+        for r in rs[1:]:
+            speedup = base.median / r.median if base.higher_is_better else r.median / base.median
+            rows.append({"workload": workload, "case": case, "contender": base.contender, "peer": r.contender,
+                         "speedup": speedup})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Report
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    cpu = platform.processor()
+    with contextlib.suppress(OSError):
+        cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
+                   cpu)
+    info = {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
+            "python": platform.python_version(), "device": str(device),
+            "shape_checks_default": gpt2fn.checks_enabled(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    with contextlib.suppress(ImportError):
+        import transformers  # noqa: PLC0415
+        info["transformers"] = transformers.__version__
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    with contextlib.suppress(OSError):
+        info["load_average"] = os.getloadavg()
+    return info
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.3g}" if abs(x) < 100 else f"{x:.0f}"
+
+
+def table(results: list[Result], ratios: list[dict[str, Any]], targets: list[dict[str, Any]],
+          roof: list[dict[str, Any]]) -> str:
+    """A markdown table: one row per contender and case, with the speedup of the case's first contender over it."""
+    speed = {(r["workload"], r["case"], r["peer"]): r["speedup"] for r in ratios}
+    goal = {(t["workload"], t["case"], t["contender"]): t for t in targets}
+    lines = ["| workload | case | contender | median | min-max | unit | gpt2fn speedup | target |",
+             "|---|---|---|---:|---:|---|---:|---|"]
+    for r in results:
+        s = speed.get((r.workload, r.case, r.contender))
+        t = goal.get((r.workload, r.case, r.contender))
+        tgt = ""
+        if t is not None:
+            sign = ">=" if t["kind"] == "ratio>=" else "<="
+            value = f"{t['value']:+.1%}" if t["kind"] == "overhead<=" else _fmt(t["value"])
+            goal_s = f"{t['goal']:.0%}" if t["kind"] == "overhead<=" else _fmt(t["goal"])
+            tgt = f"{value} {sign} {goal_s} {'met' if t['met'] else '**MISSED**'}"
+        lines.append(f"| {r.workload} | {r.case} | {r.contender} | {_fmt(r.median)} | "
+                     f"{_fmt(min(r.samples))}-{_fmt(max(r.samples))} | {r.metric} | "
+                     f"{'' if s is None else f'{s:.2f}x'} | {tgt} |")
+    if roof:
+        lines += ["", "| decode case | bound | bytes/step | roofline tok/s | gpt2fn tok/s | fraction |",
+                  "|---|---|---:|---:|---:|---:|"]
+        lines += [f"| {r['case']} | {r['bound']} | {r['bytes_per_step'] / 1e6:.0f} MB | "
+                  f"{_fmt(r['roofline_tok_s'])} | {_fmt(r['gpt2fn_tok_s'])} | {r['fraction']:.0%} |" for r in roof]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Main
+
+
+@dataclass
+class Plan:
+    """What a run measures, from the command line."""
+
+    only: tuple[str, ...] = WORKLOADS
+    preset: str = "gpt2"
+    train_preset: str = "small"
+    seed_preset: str = "seed"
+    batches: tuple[int, ...] = (1, 8)
+    dtypes: tuple[str, ...] | None = None  # None: fp32, plus bf16 where the device has fast bf16 kernels
+    prompt_len: int = 16
+    new_tokens: int = 128
+    prefill_len: int = 1024
+    train_batch: int = 8
+    repeats: int = 3
+    limit_mb: int = 1024
+    gemm_n: int = 2048
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="fewer repeats and tokens, smaller limit probes")
+    p.add_argument("--only", default=",".join(WORKLOADS), help=f"comma-separated workloads of {WORKLOADS}")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--out", type=Path, default=Path("bench.json"), help="where to write the JSON results")
+    p.add_argument("--markdown", type=Path, default=None,
+                   help="also write the README's Performance section (machine, command, table) to this file")
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds per case (default 3, --quick 2)")
+    p.add_argument("--new-tokens", type=int, default=None, help="decoded tokens (default 128, --quick 16)")
+    p.add_argument("--batches", default=None, help="decode batch sizes, comma separated (default 1,8)")
+    p.add_argument("--dtypes", default=None, help="decode dtypes of fp32,bf16 (default both)")
+    p.add_argument("--preset", default="gpt2", help="model for decode/prefill/checks/load (default gpt2, 124M)")
+    p.add_argument("--train-preset", default="small", help="model for the train step (default small)")
+    p.add_argument("--seed-preset", default="seed", help="model for the seed-format .pth load (default seed)")
+    p.add_argument("--child-load", nargs=3, metavar=("KIND", "PATH", "N_HEADS"), help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def plan_from(args: argparse.Namespace) -> Plan:
+    only = tuple(w.strip() for w in args.only.split(",") if w.strip())
+    unknown = sorted(set(only) - set(WORKLOADS))
+    if unknown:
+        raise SystemExit(f"error: --only got unknown workloads {unknown}; choose from {WORKLOADS}")
+    plan = Plan(only=only, preset=args.preset, train_preset=args.train_preset, seed_preset=args.seed_preset)
+    if args.quick:
+        plan.repeats, plan.new_tokens, plan.prefill_len, plan.limit_mb, plan.gemm_n = 2, 16, 256, 256, 1024
+    plan.repeats = args.repeats or plan.repeats
+    plan.new_tokens = args.new_tokens or plan.new_tokens
+    if args.batches:
+        plan.batches = tuple(int(b) for b in args.batches.split(","))
+    if args.dtypes:
+        plan.dtypes = tuple(d.strip() for d in args.dtypes.split(","))
+        if set(plan.dtypes) - set(DTYPES):
+            raise SystemExit(f"error: --dtypes must be of {sorted(DTYPES)}, got {args.dtypes!r}")
+    return plan
+
+
+@contextlib.contextmanager
+def _stage(name: str) -> Iterator[None]:
+    t0 = time.perf_counter()
+    print(f"[bench] {name} ...", file=sys.stderr, flush=True)
+    yield
+    print(f"[bench] {name} done in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+
+
+def run(plan: Plan, device: torch.device) -> tuple[list[Result], list[str]]:
+    """Every workload of the plan, in order; returns the results and notes on what was skipped and why."""
+    results: list[Result] = []
+    notes: list[str] = []
+    cfg = gpt2fn.preset(plan.preset)
+    needs_model = {"decode", "prefill", "checks"} & set(plan.only)
+    params = gpt2fn.init_params(cfg, seed=0, device=device) if needs_model else None
+    if "limits" in plan.only:
+        with _stage("limits"):
+            results += bench_limits(device, mbytes=plan.limit_mb, gemm_n=plan.gemm_n, repeats=max(3, plan.repeats))
+    if "decode" in plan.only:
+        dtypes = plan.dtypes
+        if dtypes is None:
+            dtypes = ("fp32", "bf16") if bf16_is_fast(device) else ("fp32",)
+            if "bf16" not in dtypes:
+                notes.append(f"bf16 decode skipped: bf16 matrix products on this {device.type} run at under half "
+                             "the fp32 rate (no native bf16 kernels; see the GEMM rows); force with --dtypes")
+        for dt in dtypes:
+            p = params if dt == "fp32" else gpt2fn.tree_to(params, dtype=DTYPES[dt])
+            for b in plan.batches:
+                with _stage(f"decode {dt} b{b}"):
+                    results += bench_decode(p, batch=b, prompt_len=plan.prompt_len, new_tokens=plan.new_tokens,
+                                            repeats=plan.repeats, with_seed=(dt == "fp32" and b == 1))
+            del p
+    if "prefill" in plan.only:
+        with _stage("prefill"):
+            # prefills are short and the two contenders close: two more rounds than the decodes
+            results += bench_prefill(params, seq=plan.prefill_len, repeats=plan.repeats + 2)
+    if "checks" in plan.only:
+        with _stage("checks"):
+            results += bench_checks(params, prompt_len=plan.prompt_len, new_tokens=plan.new_tokens,
+                                    prefill_seq=plan.prefill_len, repeats=plan.repeats)
+    del params
+    gc.collect()
+    if "train" in plan.only:
+        with _stage("train"):
+            results += bench_train(gpt2fn.preset(plan.train_preset), batch=plan.train_batch, device=device,
+                                   repeats=plan.repeats)
+    if "load" in plan.only:
+        with _stage("load"):
+            results += bench_load(config=cfg, seed_config=gpt2fn.preset(plan.seed_preset), repeats=plan.repeats)
+    return results, notes
+
+
+def report(results: list[Result], notes: list[str], plan: Plan, device: torch.device, argv: Sequence[str]
+           ) -> dict[str, Any]:
+    """Everything a run found, as one JSON-ready dict (the markdown table included)."""
+    cfg = gpt2fn.preset(plan.preset)
+    ratios = peer_ratios(results)
+    targets = [row for t in TARGETS if (row := t.evaluate(results)) is not None]
+    roof = roofline(results, cfg)
+    return {"command": " ".join(["python scripts/bench.py", *argv]), "machine": machine_info(device),
+            "plan": asdict(plan), "results": [r.to_json() for r in results], "ratios": ratios,
+            "targets": targets, "roofline": roof, "notes": notes,
+            "table": table(results, ratios, targets, roof) + "".join(f"\n\nNote: {n}" for n in notes)}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.child_load:
+        print(json.dumps(child_load(*args.child_load)))
+        return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    plan = plan_from(args)
+    device = torch.device(args.device)
+    out = report(*run(plan, device), plan, device, argv)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=1))
+    print("\n" + machine_line(out["machine"]) + "\n")
+    print(out["table"])
+    print(f"\nJSON: {args.out}")
+    if args.markdown is not None:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(markdown_section(out))
+        print(f"Markdown: {args.markdown}")
+    return 0
+
+
+def machine_line(m: dict[str, Any]) -> str:
+    load = m.get("load_average")
+    return (f"{m['cpu']}, {m['cores']} cores, {m['threads']} torch threads, {m['cpu_capability']}, "
+            f"torch {m['torch']}, transformers {m.get('transformers', '-')}, device {m['device']}"
+            + (f" ({m['gpu']})" if "gpu" in m else "")
+            + (f", load average at the end {load[0]:.1f}" if load else ""))
+
+
+def markdown_section(out: dict[str, Any]) -> str:
+    """The README's Performance section: what was measured, on what, with which command, and the table."""
+    return "\n".join([
+        "## Performance",
+        "",
+        "gpt2fn next to its peers in one process, on the same random GPT-2 124M weights (speed does not depend on",
+        "the values; greedy ids are compared as a check), contenders interleaved after a warm-up; medians with",
+        "min-max over the rounds. *gpt2fn speedup* is gpt2fn's median over the row's (above 1: gpt2fn is faster).",
+        "Decode: 16-token prompt + 128 new tokens, tokens/s over all rows of the batch, prefill included; ttft: time",
+        "to the first new token. The roofline divides the measured read bandwidth by the bytes a decode step must",
+        "read (every weight once, plus the KV cache).",
+        "",
+        f"Machine: {machine_line(out['machine'])}.",
+        "",
+        "```bash",
+        out["command"].replace("python ", ".venv/bin/python ", 1),
+        "```",
+        "",
+        out["table"],
+        "",
+    ])
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in DTYPES.items()}.get(dtype, str(dtype).removeprefix("torch."))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

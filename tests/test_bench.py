@@ -1,0 +1,121 @@
+"""The benchmark harness (scripts/bench.py) works end to end on a tiny model: every workload runs, the peers hold
+gpt2fn's weights, and the JSON carries the fields the README table is built from. No timing is asserted."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import gpt2fn
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+sys.path.insert(0, str(SCRIPTS))
+
+bench = pytest.importorskip("bench")
+peers = pytest.importorskip("bench_peers")
+pytest.importorskip("transformers")
+
+
+def _check_result(r: "bench.Result") -> None:
+    assert r.samples and all(s > 0 for s in r.samples), r
+    assert min(r.samples) <= r.median <= max(r.samples)
+
+
+def test_peers_compute_the_same_function_as_gpt2fn_on_the_same_weights(tiny_config):
+    params = gpt2fn.init_params(tiny_config, seed=4)
+    ids = torch.randint(0, tiny_config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    diffs = peers.same_weights_check(params, ids)
+    assert set(diffs) == {"seed", "transformers"}
+    assert max(diffs.values()) < 1e-4, diffs
+    untied = gpt2fn.init_params(tiny_config.replace(qkv_bias=False, tie_head=False), seed=4)
+    assert peers.same_weights_check(untied, ids)["seed"] < 1e-4
+    nano = peers.nano_from_params(params)
+    targets = ids.roll(-1, dims=1)
+    torch.testing.assert_close(nano(ids, targets), gpt2fn.loss(params, ids, targets), atol=1e-5, rtol=1e-5)
+
+
+def test_decode_contenders_agree_on_greedy_ids_and_report_throughput_and_ttft(tiny_config):
+    params = gpt2fn.init_params(tiny_config, seed=1)
+    results = bench.bench_decode(params, batch=2, prompt_len=5, new_tokens=4, repeats=1, ttft_repeats=1,
+                                 with_seed=True)
+    by = {(r.workload, r.contender): r for r in results}
+    assert {w for w, _ in by} == {"decode", "ttft"}
+    assert {c for _, c in by} == {bench.GPT2FN, bench.HF, bench.SEED}
+    for r in results:
+        _check_result(r)
+    for c in (bench.GPT2FN, bench.HF, bench.SEED):
+        assert by[("decode", c)].extra["ids_agree_with_gpt2fn"] == 1.0
+        assert by[("decode", c)].metric == "tok/s" and by[("ttft", c)].metric == "ms"
+
+
+def test_prefill_checks_train_and_limits_each_produce_interleaved_results(tiny_config):
+    params = gpt2fn.init_params(tiny_config, seed=2)
+    results = (bench.bench_limits(torch.device("cpu"), mbytes=4, gemm_n=32, repeats=1)
+               + bench.bench_prefill(params, seq=20, repeats=1)
+               + bench.bench_checks(params, prompt_len=4, new_tokens=3, prefill_seq=20, repeats=1)
+               + bench.bench_train(tiny_config, batch=2, device=torch.device("cpu"), repeats=1))
+    for r in results:
+        _check_result(r)
+    cases = {(r.workload, r.case, r.contender) for r in results}
+    assert ("prefill", "20 tok last logits", bench.GPT2FN) in cases
+    assert ("prefill", "20 tok all logits", bench.HF) in cases
+    assert {c for w, _, c in cases if w == "checks"} == {"checks on", "checks off"}
+    train = [r.contender for r in results if r.workload == "train"]
+    assert train[0].startswith(bench.GPT2FN) and any(c.startswith("nn.Module") for c in train)
+    assert {c for w, cs, c in cases if w == "limits"} >= {"read (sum)", "copy (read+write)"}
+
+
+def test_timed_train_step_really_updates_the_weights_it_keeps(tiny_config):
+    params = gpt2fn.init_params(tiny_config, seed=3)
+    label, step = bench.gpt2fn_train_step(params, lr=1e-2)
+    assert label.startswith(bench.GPT2FN)
+    ids = torch.randint(0, tiny_config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(1))
+    losses = [float(step(ids, ids)) for _ in range(6)]
+    assert losses[-1] < losses[0] - 0.1, losses  # one batch, over and over: the loss must fall
+
+
+def test_child_load_reports_seconds_peak_memory_and_weight_bytes(tiny_config, tmp_path):
+    files = bench.write_checkpoints(tmp_path, config=tiny_config,
+                                    seed_config=tiny_config.replace(qkv_bias=False, tie_head=False))
+    got = bench.child_load("gpt2fn.load", str(files["safetensors"]))
+    expected_bytes = sum(t.nbytes for t in gpt2fn.params_to_dict(gpt2fn.load(files["safetensors"])).values())
+    assert got["weight_bytes"] == expected_bytes
+    assert got["peak_rss"] >= got["rss_before"] > 0 and got["ready_s"] >= got["load_s"] > 0
+    pth = bench.child_load("gpt2fn.load", str(files["pth"]), str(tiny_config.n_heads))
+    seed_params = gpt2fn.init_params(tiny_config.replace(qkv_bias=False, tie_head=False), seed=0)
+    assert pth["weight_bytes"] == sum(t.nbytes for t in gpt2fn.params_to_dict(seed_params).values())
+
+
+def test_roofline_counts_every_weight_once_per_step():
+    cfg = gpt2fn.preset("gpt2")
+    nbytes, flops = bench.decode_bytes_per_step(cfg, dtype=torch.float32, batch=1, prompt_len=16, new_tokens=0)
+    params = gpt2fn.init_params(cfg.replace(n_layers=1), seed=0)  # count per-layer bytes on a one-layer copy
+    one_layer = sum(t.nbytes for n, t in gpt2fn.named_leaves(params) if n.startswith("blocks."))
+    head = cfg.vocab_size * cfg.emb_dim * 4
+    kv = 2 * cfg.n_layers * cfg.emb_dim * 16 * 4
+    assert nbytes == pytest.approx(cfg.n_layers * one_layer + head + 2 * cfg.emb_dim * 4 + kv)
+    half, _ = bench.decode_bytes_per_step(cfg, dtype=torch.bfloat16, batch=1, prompt_len=16, new_tokens=0)
+    assert half == pytest.approx(nbytes / 2)
+
+
+def test_main_writes_json_with_the_table_targets_and_machine(tmp_path):
+    out = tmp_path / "bench.json"
+    assert bench.main(["--quick", "--preset", "tiny", "--only", "decode,prefill", "--repeats", "1",
+                       "--new-tokens", "3", "--batches", "1", "--dtypes", "fp32",
+                       "--threads", str(torch.get_num_threads()), "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert set(data) >= {"command", "machine", "plan", "results", "ratios", "targets", "roofline", "table", "notes"}
+    assert set(data["machine"]) >= {"cpu", "cores", "threads", "torch", "device"}
+    r = data["results"][0]
+    assert set(r) >= {"workload", "case", "contender", "metric", "samples", "median", "min", "max"}
+    assert {t["workload"] for t in data["targets"]} == {"decode"}  # prefill's target names the 1024-token case
+    assert all(set(t) >= {"value", "goal", "met"} for t in data["targets"])
+    assert "| decode | fp32 b1 | gpt2fn |" in data["table"]
+    assert any(x["peer"] == bench.HF and x["speedup"] > 0 for x in data["ratios"])
+
+
+def test_unknown_workload_is_refused():
+    with pytest.raises(SystemExit, match="unknown workloads"):
+        bench.plan_from(bench.parse_args(["--only", "decode,bogus"]))
