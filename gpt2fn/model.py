@@ -11,7 +11,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from .cache import KVCache
-from .layers import Tap, _tap, block, dropout, layer_norm
+from .layers import Tap, _tap, block, dropout, layer_norm, linear
 from .params import GPTParams, head_matrix
 from .shapes import check_record, checked
 
@@ -97,7 +97,7 @@ def forward(params: GPTParams, ids: Int[Tensor, "batch seq"], *, cache: KVCache 
     if last_only:
         x = x[:, -1:]
     x = _tap(tap, "final_norm", layer_norm(params.final_norm, x, eps=cfg.ln_eps))
-    logits = _tap(tap, "logits", x @ head_matrix(params))
+    logits = _tap(tap, "logits", linear(x, head_matrix(params), None))
     return logits if cache is None else (logits, cache.advance(ids.shape[1]))
 
 
