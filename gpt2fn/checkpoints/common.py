@@ -121,6 +121,12 @@ def assemble(raw: Raw, config: GPTConfig, rules: Mapping[str, Rule] | None, *, l
     out: dict[str, Tensor] = {}
     missing: list[str] = []
     misshaped: list[str] = []
+    ignored: list[str] = []
+    for key in list(raw.tensors):  # set aside what is ignored (mask buffers, a tied head) before any copy is made
+        reason = ignore(key)
+        if reason is not None:
+            ignored.append(f"{key} ({reason})")
+            del raw.tensors[key]
     for name, shape in expected_shapes(config).items():
         m = _BLOCK.fullmatch(name)
         template, layer = (f"blocks.{{i}}.{m.group(2)}", m.group(1)) if m else (name, None)
@@ -147,12 +153,11 @@ def assemble(raw: Raw, config: GPTConfig, rules: Mapping[str, Rule] | None, *, l
         if r.transpose:
             parts = [t.T for t in parts]
         out[name] = (parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)).contiguous()
+        for k in keys:  # drop the source as soon as its converted copy exists: the peak stays near one copy
+            del raw.tensors[k]
+        del parts
 
-    ignored, unexpected = [], []
-    for key in raw.tensors:
-        if key not in used:
-            reason = ignore(key)
-            (unexpected.append(key) if reason is None else ignored.append(f"{key} ({reason})"))
+    unexpected = [key for key in raw.tensors if key not in used]
     if missing or unexpected or misshaped:
         report = key_report(f"{raw.source} is not a complete {layout} checkpoint for {_brief(config)}:",
                             missing, unexpected, misshaped)

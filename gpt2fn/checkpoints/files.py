@@ -1,7 +1,7 @@
 """Reading checkpoint files safely: sniff the bytes, never unpickle code, memory-map what can be mapped.
 
 - safetensors: `safe_open` maps the file; the tensors are views of the mapping (no copy until moved or cast).
-- `torch.save` zip archives (`.pt`, `.pth`, `.bin`): `torch.load(weights_only=True, mmap=True)`.
+- `torch.save` zip archives (`.pt`, `.pth`, `.bin`): `torch.load(weights_only=True)`, read into memory.
 - legacy `torch.save` pickles: `torch.load(weights_only=True)` (cannot be mapped).
 Anything the weights-only unpickler refuses (an object that would run code on load) is reported, never retried
 with `weights_only=False`. Every failure becomes a CheckpointError naming the file and what was expected.
@@ -65,7 +65,10 @@ def read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
 def read_torch(path: Path, kind: str) -> Any:
     """`torch.load` with the weights-only unpickler (tensors, dicts, lists, numbers, strings only)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=(kind == "torch-zip"))
+        # not memory-mapped: most pickled layouts are transposed on load, and mapped pages would stay resident
+        # beside the copies (1.77x the weights for the seed's .pth); read into memory, the sources are freed one
+        # by one as `common.assemble` converts them
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         text = str(exc)
         refused = [line.strip() for line in text.splitlines() if "GLOBAL" in line or "Unsupported" in line]
