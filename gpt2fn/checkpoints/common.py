@@ -6,8 +6,9 @@ config from the tensors. `assemble` walks the names the config implies, so a mis
 claimed and a key of the wrong shape are all reported together, by the names the user sees in the file.
 """
 
+import contextlib
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from ..config import GPTConfig
 from ..params import expected_shapes, key_report
 
 __all__ = ["CheckpointError", "CheckpointNotFoundError", "Raw", "Rule", "rule", "assemble", "need", "count_layers",
-           "heads_for", "mlp_dim_for"]
+           "heads_for", "mlp_dim_for", "config_errors"]
 
 
 class CheckpointError(ValueError):
@@ -66,6 +67,17 @@ def need(raw: Raw, key: str, layout: str) -> Tensor:
         raise CheckpointError(f"{raw.source} looks like a {layout} checkpoint but has no '{key}'; "
                               f"its keys start with {_sample(raw.tensors)}")
     return raw.tensors[key]
+
+
+@contextlib.contextmanager
+def config_errors(source: str) -> Iterator[None]:
+    """Report a config inferred from `source` that GPTConfig (or a value conversion) refuses as a CheckpointError."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{source}: the inferred config is invalid: {exc}") from exc
 
 
 def count_layers(raw: Raw, prefix: str) -> int:

@@ -25,7 +25,18 @@ from safetensors.torch import save_file
 
 from ..config import GPTConfig
 from ..params import GPTParams, expected_shapes, params_to_dict, validate
-from .common import CheckpointError, Raw, Rule, assemble, count_layers, heads_for, mlp_dim_for, need, rule
+from .common import (
+    CheckpointError,
+    Raw,
+    Rule,
+    assemble,
+    config_errors,
+    count_layers,
+    heads_for,
+    mlp_dim_for,
+    need,
+    rule,
+)
 
 __all__ = ["LAYOUT", "matches", "infer_config", "convert", "gpt2_rules", "save_hf"]
 
@@ -121,7 +132,7 @@ def infer_config(raw: Raw, *, n_heads: int | None = None) -> tuple[GPTConfig, li
         raise CheckpointError(f"{where} of {raw.source} asks for {', '.join(unsupported)}, which gpt2fn does not "
                               "implement; refusing to load it as a different model")
     notes = [f"n_heads={cfg['n_head']} from {where}"] if cfg.get("n_head") is not None and n_heads is None else []
-    try:
+    with config_errors(raw.source):
         config = GPTConfig(
             vocab_size=vocab, context_length=ctx, emb_dim=d, n_layers=n_layers,
             n_heads=heads_for(d, cfg.get("n_head"), raw.source, where, n_heads),
@@ -131,10 +142,6 @@ def infer_config(raw: Raw, *, n_heads: int | None = None) -> tuple[GPTConfig, li
             ln_eps=float(cfg.get("layer_norm_epsilon", 1e-5)), gelu=_GELU[act],
             mlp_dim=mlp_dim_for(d, fc.shape[1]) if fc is not None else None,
         )
-    except (ValueError, TypeError) as exc:
-        if isinstance(exc, CheckpointError):
-            raise
-        raise CheckpointError(f"{raw.source}: the inferred config is invalid: {exc}") from exc
     return config, notes
 
 

@@ -13,7 +13,7 @@ import re
 import torch
 
 from ..config import GPTConfig
-from .common import CheckpointError, Raw, assemble, count_layers, heads_for, mlp_dim_for, need
+from .common import CheckpointError, Raw, assemble, config_errors, count_layers, heads_for, mlp_dim_for, need
 from .hf import gpt2_family, gpt2_rules, tied
 
 __all__ = ["LAYOUT", "matches", "infer_config", "convert", "GPT2_VOCAB"]
@@ -49,7 +49,7 @@ def infer_config(raw: Raw, *, n_heads: int | None = None) -> tuple[GPTConfig, li
     padded = token_vocab(vocab)
     if padded:
         notes.append(f"vocabulary padded to {vocab}: ids >= {padded} are never generated (token_vocab_size)")
-    try:
+    with config_errors(raw.source):
         config = GPTConfig(
             vocab_size=vocab, context_length=ctx, emb_dim=d, n_layers=n_layers,
             n_heads=heads_for(d, args.get("n_head"), raw.source, "model_args", n_heads),
@@ -58,10 +58,6 @@ def infer_config(raw: Raw, *, n_heads: int | None = None) -> tuple[GPTConfig, li
             tie_head=tied(raw, _P + "wte.weight", None), ln_eps=1e-5, gelu="erf",
             mlp_dim=mlp_dim_for(d, fc.shape[0]) if fc is not None else None, token_vocab_size=padded,
         )
-    except (ValueError, TypeError) as exc:
-        if isinstance(exc, CheckpointError):
-            raise
-        raise CheckpointError(f"{raw.source}: the inferred config is invalid: {exc}") from exc
     return config, notes
 
 

@@ -17,7 +17,17 @@ import re
 import torch
 
 from ..config import GPTConfig
-from .common import CheckpointError, Raw, Rule, assemble, count_layers, heads_for, mlp_dim_for, need, rule
+from .common import (
+    Raw,
+    Rule,
+    assemble,
+    config_errors,
+    count_layers,
+    heads_for,
+    mlp_dim_for,
+    need,
+    rule,
+)
 
 __all__ = ["LAYOUT", "matches", "infer_config", "convert"]
 
@@ -60,7 +70,7 @@ def infer_config(raw: Raw, *, n_heads: int | None = None) -> tuple[GPTConfig, li
     notes = []
     if saved.get("n_heads") is not None:
         notes.append("n_heads from the checkpoint's config")
-    try:
+    with config_errors(raw.source):
         drop = float(saved.get("drop_rate", 0.1))
         config = GPTConfig(
             vocab_size=vocab, context_length=ctx, emb_dim=d, n_layers=count_layers(raw, "trf_blocks."),
@@ -69,10 +79,6 @@ def infer_config(raw: Raw, *, n_heads: int | None = None) -> tuple[GPTConfig, li
             bias="trf_blocks.0.att.out_proj.bias" in t, tie_head="out_head.weight" not in t,
             ln_eps=1e-5, gelu="tanh", mlp_dim=mlp_dim_for(d, hidden),
         )
-    except (ValueError, TypeError) as exc:
-        if isinstance(exc, CheckpointError):
-            raise
-        raise CheckpointError(f"{raw.source}: the inferred config is invalid: {exc}") from exc
     return config, notes
 
 
