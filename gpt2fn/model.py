@@ -12,6 +12,7 @@ from torch import Tensor
 
 from .cache import KVCache
 from .layers import Tap, _tap, block, dropout, layer_norm, linear
+from .losses import head_cross_entropy
 from .params import GPTParams, head_matrix
 from .shapes import check_record, checked
 
@@ -58,7 +59,6 @@ def forward(params: GPTParams, ids: Int[Tensor, "batch seq"], *, cache: KVCache 
     - `generator` (or an int seed): turns dropout on with `config.drop_rate`. None: deterministic inference.
     - `last_only`: compute logits for the last position only (`[batch, 1, vocab]`), as generation needs.
     """
-    cfg = params.config
     start = 0 if cache is None else cache.length
     _check_ids(params, ids, start)
     check_record(params, "params")
@@ -85,26 +85,50 @@ def forward(params: GPTParams, ids: Int[Tensor, "batch seq"], *, cache: KVCache 
         if positions is None:
             positions = positions_from_mask(key_mask)[:, start:]
 
-    tok = _tap(tap, "embed.tok", params.tok_emb[ids])
-    pos_table = params.pos_emb[start:start + ids.shape[1]] if positions is None else params.pos_emb[positions]
-    pos = _tap(tap, "embed.pos", pos_table)
-    x = _tap(tap, "embed", dropout(tok + pos, cfg.drop_rate, gen))
-
-    for i, bp in enumerate(params.blocks):
-        kv = None if cache is None else (cache.keys[i], cache.values[i])
-        x = block(bp, x, config=cfg, layer=i, kv=kv, start=start, key_mask=key_mask, generator=gen, tap=tap)
-
-    if last_only:
-        x = x[:, -1:]
-    x = _tap(tap, "final_norm", layer_norm(params.final_norm, x, eps=cfg.ln_eps))
+    x = _features(params, ids, cache=cache, start=start, positions=positions, key_mask=key_mask, generator=gen,
+                  tap=tap, last_only=last_only)
     logits = _tap(tap, "logits", linear(x, head_matrix(params), None))
     return logits if cache is None else (logits, cache.advance(ids.shape[1]))
 
 
+def _features(params: GPTParams, ids: Tensor, *, cache: KVCache | None = None, start: int = 0,
+              positions: Tensor | None = None, key_mask: Tensor | None = None,
+              generator: torch.Generator | None = None, tap: Tap | None = None, last_only: bool = False) -> Tensor:
+    """Everything before the unembedding: embeddings -> blocks -> final layer norm, `[batch, seq, d_model]`."""
+    cfg = params.config
+    tok = _tap(tap, "embed.tok", params.tok_emb[ids])
+    pos_table = params.pos_emb[start:start + ids.shape[1]] if positions is None else params.pos_emb[positions]
+    pos = _tap(tap, "embed.pos", pos_table)
+    x = _tap(tap, "embed", dropout(tok + pos, cfg.drop_rate, generator))
+
+    for i, bp in enumerate(params.blocks):
+        kv = None if cache is None else (cache.keys[i], cache.values[i])
+        x = block(bp, x, config=cfg, layer=i, kv=kv, start=start, key_mask=key_mask, generator=generator, tap=tap)
+
+    if last_only:
+        x = x[:, -1:]
+    return _tap(tap, "final_norm", layer_norm(params.final_norm, x, eps=cfg.ln_eps))
+
+
 @checked
 def loss(params: GPTParams, ids: Int[Tensor, "batch seq"], targets: Int[Tensor, "batch seq"], *,
-         generator: torch.Generator | int | None = None, ignore_index: int = -100) -> Float[Tensor, ""]:
+         generator: torch.Generator | int | None = None, ignore_index: int = -100,
+         fused_head: bool = False) -> Float[Tensor, ""]:
     """Mean next-token cross-entropy of `targets` under `forward(params, ids)` (targets equal to ignore_index
-    are skipped). Computed in fp32 whatever the parameter dtype."""
-    logits = forward(params, ids, generator=generator)
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index)
+    are skipped). Computed in fp32 whatever the parameter dtype.
+
+    `fused_head=True` computes the unembedding and the cross-entropy together, chunk by chunk, with the
+    gradient formed in the same pass (`gpt2fn.losses.head_cross_entropy`): the same values without ever holding
+    the `[batch x seq, vocab]` logits -- faster and much smaller for training (`gpt2fn.train` uses it). It is
+    differentiable once (`grad`, `vjp`, `jacrev`, `vmap` of them, `backward`); second derivatives raise. The
+    default composes with every `torch.func` transform, `hessian` included."""
+    if targets.shape != ids.shape:
+        raise ValueError(f"targets must have the shape of ids {list(ids.shape)}; got {list(targets.shape)}")
+    if not fused_head:
+        logits = forward(params, ids, generator=generator)
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index)
+    _check_ids(params, ids, 0)
+    check_record(params, "params")
+    x = _features(params, ids, generator=as_generator(generator, ids.device))
+    w = params.tok_emb if params.head is None else params.head.T
+    return head_cross_entropy(x.flatten(0, 1), w, targets.flatten(), ignore_index=ignore_index)

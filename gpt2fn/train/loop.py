@@ -145,7 +145,7 @@ def evaluate(params: GPTParams, tokens: np.ndarray, *, context: int, batch_size:
         for i in range(0, len(starts), batch_size):
             chunk = starts[i:i + batch_size]
             ids, targets = windows(tokens, chunk, context)
-            total += float(lm_loss(params, ids.to(device), targets.to(device))) * len(chunk)
+            total += float(lm_loss(params, ids.to(device), targets.to(device), fused_head=True)) * len(chunk)
     return total / len(starts)
 
 

@@ -34,8 +34,9 @@ class StepMetrics(NamedTuple):
 def loss_and_grads(params: GPTParams, ids: Tensor, targets: Tensor, *,
                    generator: torch.Generator | None = None) -> tuple[GPTParams, Tensor]:
     """`(d loss / d params, loss)`: the gradient tree has the structure of `params`; a tied head's gradient
-    accumulates in its one `tok_emb` leaf."""
-    return torch.func.grad_and_value(lm_loss)(params, ids, targets, generator=generator)
+    accumulates in its one `tok_emb` leaf. The head and the cross-entropy run fused and chunked
+    (`gpt2fn.loss(..., fused_head=True)`): no `[batch x seq, vocab]` logits are held."""
+    return torch.func.grad_and_value(lm_loss)(params, ids, targets, generator=generator, fused_head=True)
 
 
 def train_step(params: GPTParams, opt_state: AdamWState, ids: Tensor, targets: Tensor, *, lr: float,
