@@ -47,6 +47,10 @@ class GPTConfig:
     token_vocab_size: int | None = None
     """Ids the tokenizer can produce; rows at or beyond it are padding never to be generated (nanoGPT pads
     50257 to 50304). None means every row is a token."""
+    trained_vocab: tuple[int, ...] | None = dataclasses.field(default=None, repr=False)
+    """The sorted token ids the model predicts when it was trained on a corpus's own vocabulary (`gpt2fn train
+    --vocab corpus`): the loss's softmax runs over these rows only and generation never produces another id.
+    None means the whole vocabulary. The embedding keeps every row, so ids stay GPT-2's."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -71,6 +75,15 @@ class GPTConfig:
             problems.append(
                 f"token_vocab_size must be in [1, vocab_size={self.vocab_size}], got {self.token_vocab_size!r}"
             )
+        if self.trained_vocab is not None:
+            if isinstance(self.trained_vocab, list):  # from JSON
+                object.__setattr__(self, "trained_vocab", tuple(self.trained_vocab))
+            tv = self.trained_vocab
+            if (not isinstance(tv, tuple) or not tv or not all(isinstance(i, int) for i in tv)
+                    or any(b <= a for a, b in zip(tv, tv[1:], strict=False)) or tv[0] < 0
+                    or tv[-1] >= self.vocab_size):
+                problems.append(f"trained_vocab must be a non-empty, strictly increasing tuple of ids in "
+                                f"[0, vocab_size={self.vocab_size}) or None")
         if problems:
             raise ValueError("invalid GPTConfig: " + "; ".join(problems))
 

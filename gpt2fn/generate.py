@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from .cache import init_cache
-from .model import forward
+from .model import forward, trained_vocab_index
 from .params import GPTParams, tree_to
 from .sampling import SamplingOptions, next_token, row_generators
 from .shapes import checks_enabled, shape_checks
@@ -171,13 +171,17 @@ def _token_steps(params: GPTParams, ids: Tensor, mask: Tensor | None, request: _
         seen = torch.zeros(batch, cfg.vocab_size, dtype=torch.bool, device=ids.device)
         seen.scatter_(1, ids, mask if mask is not None else torch.ones_like(ids, dtype=torch.bool))
     done = torch.zeros(batch, dtype=torch.bool, device=ids.device)
+    allowed = None
+    if cfg.trained_vocab is not None:  # a model trained on a corpus's own vocabulary predicts only those ids
+        allowed = trained_vocab_index(cfg, ids.device)[1] >= 0
 
     logits, cache = forward(params, ids, cache=cache, pad_mask=mask, last_only=True)
     positions = None if mask is None else mask.sum(1, keepdim=True)
     checking = checks_enabled()  # the caller's setting for the prefill and the first step; then off (speed)
     for step in range(request.max_new_tokens):
         with shape_checks(checking):
-            tok = next_token(logits[:, -1], opts, n_tokens=cfg.n_tokens, generators=generators, seen=seen)
+            tok = next_token(logits[:, -1], opts, n_tokens=cfg.n_tokens, generators=generators, seen=seen,
+                             allowed=allowed)
         if request.eos_id is not None:
             tok = tok.masked_fill(done, request.eos_id)
             done = done | (tok == request.eos_id)

@@ -5,18 +5,21 @@ Site names passed to a `tap` (see `gpt2fn.layers`): `embed.tok`, `embed.pos`, `e
 mlp.post, mlp.out, resid_post`), then `final_norm` and `logits`.
 """
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from .cache import KVCache
+from .config import GPTConfig
 from .layers import Tap, _tap, block, dropout, layer_norm, linear
 from .losses import head_cross_entropy
 from .params import GPTParams, head_matrix
 from .shapes import check_record, checked
 
-__all__ = ["forward", "loss", "positions_from_mask", "as_generator"]
+__all__ = ["forward", "loss", "positions_from_mask", "as_generator", "trained_vocab_index"]
 
 
 def as_generator(seed: torch.Generator | int | None, device: torch.device) -> torch.Generator | None:
@@ -117,6 +120,9 @@ def loss(params: GPTParams, ids: Int[Tensor, "batch seq"], targets: Int[Tensor, 
     """Mean next-token cross-entropy of `targets` under `forward(params, ids)` (targets equal to ignore_index
     are skipped). Computed in fp32 whatever the parameter dtype.
 
+    With `config.trained_vocab` (a model trained on a corpus's own vocabulary) the softmax runs over those ids
+    only; a target outside them is an index error.
+
     `fused_head=True` computes the unembedding and the cross-entropy together, chunk by chunk, with the
     gradient formed in the same pass (`gpt2fn.losses.head_cross_entropy`): the same values without ever holding
     the `[batch x seq, vocab]` logits -- faster and much smaller for training (`gpt2fn.train` uses it). It is
@@ -124,11 +130,33 @@ def loss(params: GPTParams, ids: Int[Tensor, "batch seq"], targets: Int[Tensor, 
     default composes with every `torch.func` transform, `hessian` included."""
     if targets.shape != ids.shape:
         raise ValueError(f"targets must have the shape of ids {list(ids.shape)}; got {list(targets.shape)}")
+    targets = targets.flatten()
+    rows = None
+    if params.config.trained_vocab is not None:  # the softmax runs over the trained rows only
+        rows, position = trained_vocab_index(params.config, ids.device)
+        keep = targets == ignore_index
+        targets = torch.where(keep, targets, position[targets.clamp(min=0)])  # out-of-vocabulary ids become -1
     if not fused_head:
-        logits = forward(params, ids, generator=generator)
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=ignore_index)
+        logits = forward(params, ids, generator=generator).flatten(0, 1)
+        if rows is not None:
+            logits = logits.index_select(-1, rows)
+        return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index)
     _check_ids(params, ids, 0)
     check_record(params, "params")
     x = _features(params, ids, generator=as_generator(generator, ids.device))
     w = params.tok_emb if params.head is None else params.head.T
-    return head_cross_entropy(x.flatten(0, 1), w, targets.flatten(), ignore_index=ignore_index)
+    if rows is not None:
+        w = w.index_select(0, rows)
+    return head_cross_entropy(x.flatten(0, 1), w, targets, ignore_index=ignore_index)
+
+
+@functools.lru_cache(maxsize=8)
+def trained_vocab_index(config: GPTConfig, device: torch.device) -> tuple[Tensor, Tensor]:
+    """For a config with `trained_vocab`: `(rows, position)`, the trained ids as a tensor and, for every id, its
+    position among them (-1 for an id outside it). Cached per config and device."""
+    if config.trained_vocab is None:
+        raise ValueError("this config has no trained_vocab")
+    rows = torch.tensor(config.trained_vocab, dtype=torch.long, device=device)
+    position = torch.full((config.vocab_size,), -1, dtype=torch.long, device=device)
+    position[rows] = torch.arange(len(rows), device=device)
+    return rows, position

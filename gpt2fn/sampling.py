@@ -62,8 +62,12 @@ def check_options(temperature: float, top_k: int | None, top_p: float | None,
 
 
 @checked
-def mask_vocab(logits: Float[Tensor, "batch vocab"], n_tokens: int) -> Float[Tensor, "batch vocab"]:
-    """Forbid ids `>= n_tokens`: the padding rows of a padded vocabulary (nanoGPT's 50304) are never produced."""
+def mask_vocab(logits: Float[Tensor, "batch vocab"], n_tokens: int, allowed: Bool[Tensor, " vocab"] | None = None
+               ) -> Float[Tensor, "batch vocab"]:
+    """Forbid ids `>= n_tokens` (the padding rows of a padded vocabulary, nanoGPT's 50304) and, when `allowed`
+    is given, every id where it is False (a model trained on a corpus's own vocabulary): they are never produced."""
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
     if n_tokens >= logits.shape[-1]:
         return logits
     ids = torch.arange(logits.shape[-1], device=logits.device)
@@ -151,10 +155,11 @@ def row_generators(seed: int | torch.Generator | Sequence[int | torch.Generator]
 
 
 def next_token(logits: Float[Tensor, "batch vocab"], options: SamplingOptions, *, n_tokens: int,
-               generators: Sequence[torch.Generator] | None = None, seen: Bool[Tensor, "batch vocab"] | None = None
-               ) -> Int[Tensor, " batch"]:
-    """The whole pipeline: mask padded ids, penalise repeats, then greedy or temperature/top-k/top-p sampling."""
-    logits = mask_vocab(logits.float(), n_tokens)
+               generators: Sequence[torch.Generator] | None = None, seen: Bool[Tensor, "batch vocab"] | None = None,
+               allowed: Bool[Tensor, " vocab"] | None = None) -> Int[Tensor, " batch"]:
+    """The whole pipeline: mask padded (or not allowed) ids, penalise repeats, then greedy or
+    temperature/top-k/top-p sampling."""
+    logits = mask_vocab(logits.float(), n_tokens, allowed)
     if options.repetition_penalty is not None and options.repetition_penalty != 1.0:
         if seen is None:
             raise ValueError("repetition_penalty needs `seen`, the ids already in each row")

@@ -221,6 +221,22 @@ def test_saved_hugging_face_directory_is_read_by_transformers(tmp_path):
         assert max_diff(params, model, ids_for(24)) < TOL
 
 
+def test_a_trained_vocabulary_is_exported_as_suppressed_tokens_for_transformers(tmp_path):
+    from transformers import GPT2LMHeadModel
+
+    rows = (1, 4, 9, 20)
+    cfg = GPTConfig(vocab_size=VOCAB, context_length=24, emb_dim=48, n_heads=3, n_layers=1, tie_head=True,
+                    trained_vocab=rows)
+    out = save_hf(init_params(cfg, seed=3), tmp_path / "hf")
+    model = GPT2LMHeadModel.from_pretrained(out).eval()
+    assert sorted(model.generation_config.suppress_tokens) == [i for i in range(VOCAB) if i not in rows]
+    ids = model.generate(torch.tensor([[1, 2]]), max_new_tokens=12, do_sample=True, temperature=5.0,
+                         top_k=0, pad_token_id=0)
+    assert set(ids[0, 2:].tolist()) <= set(rows)
+    save_hf(init_params(cfg.replace(trained_vocab=None), seed=3), out)  # re-export without: no stale mask
+    assert not (out / "generation_config.json").exists()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # nanoGPT
 
@@ -455,11 +471,20 @@ def test_an_unreadable_file_is_reported_not_raised_from_deep_inside(tmp_path):
 
 
 def test_safetensors_whose_header_length_looks_like_a_pickle_mark_is_still_safetensors(tmp_path):
-    # a header of 1024-1279 bytes starts with b"\x80\x04", the bytes a protocol-4 pickle starts with
+    # a header of 1152 (+ 65536 k) bytes starts with b"\x80\x04", the bytes a protocol-4 pickle starts with
     cfg = gpt2fn.GPTConfig(vocab_size=5, context_length=2, emb_dim=8, n_heads=2, n_layers=1, qkv_bias=True,
-                           bias=False, tie_head=False, drop_rate=0.0)
+                           bias=False, tie_head=True, drop_rate=0.0)  # a header under 1152 bytes to pad up
     params = gpt2fn.init_params(cfg, seed=0, dtype=torch.bfloat16)
     path = gpt2fn.save(params, tmp_path / "model.safetensors")
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), "pt") as fh:
+        tensors, metadata = {k: fh.get_tensor(k) for k in fh.keys()}, fh.metadata()
+    for pad in range(0, 400):  # an extra metadata entry grows the header until its length is 0x0480 = 1152
+        save_file(tensors, str(path), metadata={**metadata, "padding": "x" * pad})
+        if path.read_bytes()[:2] == b"\x80\x04":
+            break
     assert path.read_bytes()[:2] == b"\x80\x04"
     back = gpt2fn.load(path)
     assert back.config == cfg and torch.equal(back.tok_emb, params.tok_emb)

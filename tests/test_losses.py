@@ -127,3 +127,44 @@ def test_model_loss_fused_head_in_bf16_stays_close_to_fp32(tiny_config):
     torch.testing.assert_close(low[1], ref[1], atol=2e-2, rtol=2e-2)
     assert low[0].tok_emb.dtype == torch.bfloat16
     torch.testing.assert_close(low[0].tok_emb.float(), ref[0].tok_emb, atol=2e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("fused_head", [False, True])
+def test_a_trained_vocabulary_restricts_the_softmax_to_its_rows(device, tiny_config, fused_head):
+    rows = (2, 5, 6, 11, 40, 96)
+    cfg = tiny_config.replace(trained_vocab=rows)
+    params = init_params(cfg, seed=0, device=device)
+    g = torch.Generator().manual_seed(9)
+    ids = torch.randint(0, cfg.vocab_size, (2, 7), generator=g).to(device)
+    pick = torch.randint(0, len(rows), (2, 7), generator=g)
+    targets = torch.tensor(rows)[pick].to(device)
+    targets[0, 0] = -100
+    got = torch.func.grad_and_value(loss)(params, ids, targets, fused_head=fused_head)
+    index = torch.tensor(rows, device=device)
+
+    def reference(p):
+        logits = gpt2fn.forward(p, ids).flatten(0, 1)[:, index]
+        return F.cross_entropy(logits, pick.to(device).flatten().masked_fill(targets.flatten() == -100, -100))
+
+    want = torch.func.grad_and_value(reference)(params)
+    torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-5)
+    for (name, a), (_, b) in zip(gpt2fn.named_leaves(got[0]), gpt2fn.named_leaves(want[0]), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4, msg=name)
+    outside = [i for i in range(cfg.vocab_size) if i not in rows]
+    assert got[0].tok_emb[outside].abs().max() < got[0].tok_emb[list(rows)].abs().max()  # untouched by the head
+    assert got[1] < torch.func.grad_and_value(loss)(init_params(tiny_config, seed=0, device=device), ids,
+                                                     targets)[1]  # fewer competitors: a lower loss
+
+
+def test_a_trained_vocabulary_must_be_sorted_ids_inside_the_vocabulary(tiny_config):
+    for bad in [(), (3, 2), (1, 1), (-1, 4), (0, tiny_config.vocab_size)]:
+        with pytest.raises(ValueError, match="trained_vocab"):
+            tiny_config.replace(trained_vocab=bad)
+    cfg = gpt2fn.GPTConfig.from_dict({**tiny_config.to_dict(), "trained_vocab": [1, 4, 9]})  # JSON lists
+    assert cfg.trained_vocab == (1, 4, 9) and "trained_vocab" not in repr(cfg)
+
+
+def test_a_trained_vocabulary_survives_save_and_load(tmp_path, tiny_config):
+    params = init_params(tiny_config.replace(trained_vocab=(0, 3, 7)), seed=0)
+    gpt2fn.save(params, tmp_path / "m.safetensors")
+    assert gpt2fn.load(tmp_path / "m.safetensors").config.trained_vocab == (0, 3, 7)

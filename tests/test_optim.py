@@ -25,17 +25,18 @@ def _random_grads(params, seed: int):
     return pytree.tree_map(lambda p: torch.randn(p.shape, generator=gen).to(p.device) * 0.1, params)
 
 
-def _torch_adamw(params, hp: AdamWHParams, lr: float):
+def _torch_adamw(params, hp: AdamWHParams, lr: float, fused: bool = False):
     """torch.optim.AdamW over copies of the leaves, decay on matrices only through two param groups."""
     leaves = [t.detach().clone().requires_grad_(True) for _, t in named_leaves(params)]
     groups = [{"params": [p for p in leaves if p.ndim >= 2], "weight_decay": hp.weight_decay},
               {"params": [p for p in leaves if p.ndim < 2], "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=lr, betas=(hp.beta1, hp.beta2), eps=hp.eps, foreach=False)
+    opt = torch.optim.AdamW(groups, lr=lr, betas=(hp.beta1, hp.beta2), eps=hp.eps,
+                            **({"fused": True} if fused else {"foreach": False}))
     return leaves, opt
 
 
-def _run_both(params, hp: AdamWHParams, lrs: list[float]):
-    leaves, opt = _torch_adamw(params, hp, lrs[0])
+def _run_both(params, hp: AdamWHParams, lrs: list[float], fused: bool = False):
+    leaves, opt = _torch_adamw(params, hp, lrs[0], fused)
     state = adamw_init(params)
     for i, lr in enumerate(lrs):
         grads = _random_grads(params, seed=i)
@@ -44,15 +45,16 @@ def _run_both(params, hp: AdamWHParams, lrs: list[float]):
         for group in opt.param_groups:
             group["lr"] = lr
         opt.step()
-        params, state = adamw_update(grads, state, params, lr=lr, hp=hp)
+        params, state = adamw_update(grads, state, params, lr=lr, hp=hp, fused=fused)
     return params, state, leaves
 
 
-def test_adamw_matches_torch_optim_adamw_step_for_step(tiny_config, device):
+@pytest.mark.parametrize("fused", [False, True], ids=["multi-tensor", "fused"])
+def test_adamw_matches_torch_optim_adamw_step_for_step(tiny_config, device, fused):
     params = init_params(tiny_config, seed=0, device=device)
     hp = AdamWHParams(beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
     lrs = [1e-3, 3e-3, 2e-3, 5e-4, 1e-4]
-    ours, state, theirs = _run_both(params, hp, lrs)
+    ours, state, theirs = _run_both(params, hp, lrs, fused)
     assert int(state.step) == len(lrs)
     for (name, a), b in zip(named_leaves(ours), theirs, strict=True):
         torch.testing.assert_close(a, b.detach(), rtol=1e-6, atol=1e-7, msg=name)
@@ -152,14 +154,18 @@ def test_bad_hyperparameters_are_rejected_by_name():
         AdamWHParams(weight_decay=-1.0)
 
 
-def test_donated_update_gives_the_same_values_in_the_same_buffers(tiny_config):
+@pytest.mark.parametrize("fused", [False, True], ids=["multi-tensor", "fused"])
+def test_donated_update_gives_the_same_values_in_the_same_buffers(tiny_config, fused):
     params = init_params(tiny_config, seed=0)
     grads = _random_grads(params, 4)
     state = adamw_init(params)
     state, params = adamw_update(grads, state, params, lr=1e-2)[::-1]  # a non-trivial state to start from
-    want_p, want_s = adamw_update(grads, state, params, lr=1e-2)
+    before = pytree.tree_map(torch.clone, (params, state))
+    want_p, want_s = adamw_update(grads, state, params, lr=1e-2, fused=fused)
+    for a, b in zip(pytree.tree_leaves(before), pytree.tree_leaves((params, state)), strict=True):
+        assert torch.equal(a, b)  # not donated: the inputs are untouched
     copy = pytree.tree_map(torch.clone, (params, state))
-    got_p, got_s = adamw_update(grads, copy[1], copy[0], lr=1e-2, donate=True)
+    got_p, got_s = adamw_update(grads, copy[1], copy[0], lr=1e-2, donate=True, fused=fused)
     for a, b in zip(pytree.tree_leaves((want_p, want_s)), pytree.tree_leaves((got_p, got_s)), strict=True):
         assert torch.equal(a, b)
     donated = pytree.tree_leaves((copy[0], copy[1].mu, copy[1].nu))
@@ -174,3 +180,10 @@ def test_donated_clipping_scales_the_given_buffers(tiny_config):
     assert torch.equal(norm, norm2)
     for a, b, g in zip(pytree.tree_leaves(want), pytree.tree_leaves(got), pytree.tree_leaves(grads), strict=True):
         assert torch.equal(a, b) and b is g
+
+
+def test_fused_update_needs_one_floating_dtype(tiny_config):
+    params = init_params(tiny_config, seed=0)
+    grads = pytree.tree_map(lambda g: g.bfloat16(), _random_grads(params, 6))
+    with pytest.raises(ValueError, match="one floating dtype.*fused=False"):
+        adamw_update(grads, adamw_init(params), params, lr=1e-3, fused=True)

@@ -149,6 +149,19 @@ def test_train_steps_lower_the_loss_on_a_repeated_batch(cfg_tiny):
     assert losses[-1] < losses[0] - 0.5
 
 
+def test_the_step_fuses_adamw_in_fp32_and_falls_back_for_bf16_params(cfg_tiny):
+    ids, targets = torch.randint(0, 50257, (2, 2, 16), generator=torch.Generator().manual_seed(2))
+    for dtype in (torch.float32, torch.bfloat16):
+        params = init_params(cfg_tiny, seed=0, dtype=dtype)
+        auto = train_step(params, adamw_init(params), ids, targets, lr=1e-2)
+        plain = train_step(params, adamw_init(params), ids, targets, lr=1e-2, fused=False)
+        for a, b in zip(pytree.tree_leaves(auto[:2]), pytree.tree_leaves(plain[:2]), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        assert not torch.equal(auto[0].tok_emb, params.tok_emb)
+    with pytest.raises(ValueError, match="one floating dtype"):  # bf16 params, fp32 moments
+        train_step(params, adamw_init(params), ids, targets, lr=1e-2, fused=True)
+
+
 def test_dropout_follows_the_explicit_generator(cfg_tiny):
     params = init_params(cfg_tiny.replace(drop_rate=0.2), seed=0)
     ids, targets = torch.randint(0, 50257, (2, 2, 16), generator=torch.Generator().manual_seed(1))
@@ -279,3 +292,22 @@ def test_cli_trains_end_to_end_and_the_weights_load_and_generate(corpus, tmp_pat
     if hasattr(gpt2fn, "generate"):
         text = gpt2fn.generate(loaded, "The", max_new_tokens=5)
         assert isinstance(text, str)
+
+
+def test_training_on_the_corpus_vocabulary_records_it_and_generates_only_those_ids(corpus, tmp_path):
+    out = tmp_path / "vocab"
+    code = cli_main(["train", "--data", str(corpus), "--out", str(out), "--preset", "tiny", "--set",
+                     "vocab_size=50257", "--context", "16", "--steps", "3", "--batch-size", "2", "--vocab", "corpus",
+                     "--eval-every", "3", "--no-progress", "--device", "cpu", "--cache-dir", str(tmp_path / "c")])
+    assert code == 0
+    loaded = gpt2fn.load(out / "model.safetensors")
+    expected = sorted(set(tokenizer.encode(corpus.read_text())) | {tokenizer.EOT})
+    assert list(loaded.config.trained_vocab) == expected
+    assert load_state(out / STATE_FILE).params.config.trained_vocab == loaded.config.trained_vocab
+    ids = gpt2fn.generate_tokens(loaded, torch.tensor([tokenizer.encode("The")]), max_new_tokens=40,
+                                 temperature=5.0, seed=0, eos=False)  # hot sampling: near-uniform over allowed ids
+    assert set(ids[0, 1:].tolist()) <= set(expected)
+    full = gpt2fn.generate_tokens(loaded.replace(config=loaded.config.replace(trained_vocab=None)),
+                                  torch.tensor([tokenizer.encode("The")]), max_new_tokens=40, temperature=5.0,
+                                  seed=0, eos=False)
+    assert not set(full[0, 1:].tolist()) <= set(expected)  # the mask is what kept them in

@@ -184,7 +184,9 @@ def save_hf(params: GPTParams, directory: str | os.PathLike) -> Path:
     """Write `config.json` + `model.safetensors` that `GPT2LMHeadModel.from_pretrained` reads.
 
     GPT-2 always has q/k/v and other biases: absent ones (`qkv_bias=False`, `bias=False`) are written as zeros,
-    which computes the same function. `token_vocab_size` has no Hugging Face field and is dropped.
+    which computes the same function. `token_vocab_size` has no Hugging Face field and is dropped. A model
+    trained on a corpus's own vocabulary (`config.trained_vocab`) gets a `generation_config.json` whose
+    `suppress_tokens` lists every other id, so `transformers`' `generate` keeps to the trained ids as gpt2fn does.
     """
     validate(params, source="params to save")
     cfg = params.config
@@ -210,4 +212,12 @@ def save_hf(params: GPTParams, directory: str | os.PathLike) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     (out / "config.json").write_text(json.dumps(hf_config(cfg), indent=2) + "\n", encoding="utf-8")
+    generation = out / "generation_config.json"
+    if cfg.trained_vocab is not None:
+        trained = set(cfg.trained_vocab)
+        suppress = [i for i in range(cfg.vocab_size) if i not in trained]
+        ends = {"bos_token_id": 50256, "eos_token_id": 50256} if cfg.vocab_size > 50256 else {}
+        generation.write_text(json.dumps({**ends, "suppress_tokens": suppress}) + "\n", encoding="utf-8")
+    else:
+        generation.unlink(missing_ok=True)  # a stale one from an earlier export would mask ids
     return out

@@ -42,6 +42,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", help="where tokenized corpora are cached (default ~/.cache/gpt2fn/tokens)")
     p.add_argument("--max-time", type=float, help="stop and save after this many seconds")
     p.add_argument("--stop-after", type=int, help="stop (and save) at this step; the schedule still spans --steps")
+    p.add_argument("--vocab", choices=["full", "corpus"], default="full",
+                   help="softmax over the whole vocabulary (default) or only the ids in the data: several times "
+                        "faster for a small model, which then generates only those ids")
     p.add_argument("--seed", type=int, default=0, help="seeds init, data order and dropout (default 0)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto (default)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -109,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
         lr=args.lr, min_lr=args.min_lr, warmup=args.warmup, weight_decay=args.weight_decay,
         clip=args.clip or None, eval_every=args.eval_every, save_every=args.save_every, log_every=args.log_every,
         val_fraction=args.val_fraction, seed=args.seed, device=device, max_time=args.max_time,
-        stop_after=args.stop_after,
+        stop_after=args.stop_after, vocab=args.vocab,
         cache_dir=args.cache_dir, progress=not args.no_progress,
     )
     info = setup(device)

@@ -37,6 +37,7 @@ from tqdm import tqdm
 from ..checkpoints import save as save_weights
 from ..model import loss as lm_loss
 from ..params import GPTParams, count_params
+from ..tokenizer import EOT
 from . import distributed as D
 from .data import eval_starts, load_tokens, sample_starts, split_tokens, windows
 from .optim import AdamWHParams, adamw_init, warmup_cosine
@@ -95,6 +96,10 @@ class TrainConfig:
     """Where tokenized corpora are cached; None: ~/.cache/gpt2fn/tokens."""
     progress: bool = True
     """Show a progress bar (rank 0, when stderr is a terminal)."""
+    vocab: str = "full"
+    """"full": the softmax spans the model's whole vocabulary. "corpus": only the ids that occur in the data
+    (and <|endoftext|>), recorded as `config.trained_vocab`: a 50,257-row head costs most of a small model's
+    step, and a corpus uses a few thousand ids (generation then produces only those)."""
 
     def __post_init__(self) -> None:
         positive = {"steps": self.steps, "batch_size": self.batch_size, "log_every": self.log_every}
@@ -105,6 +110,8 @@ class TrainConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.context is not None and self.context < 1:
             raise ValueError(f"context must be at least 1, got {self.context}")
+        if self.vocab not in ("full", "corpus"):
+            raise ValueError(f"vocab must be 'full' or 'corpus', got {self.vocab!r}")
 
     @property
     def warmup_steps(self) -> int:
@@ -259,6 +266,12 @@ def train(params: GPTParams | None, cfg: TrainConfig, *, resume: bool = False,
     if top >= config.vocab_size:
         raise ValueError(f"training data {cfg.data!r} holds token id {top}, but the model's vocab_size is "
                          f"{config.vocab_size}; train a model with the GPT-2 vocabulary (vocab_size=50257)")
+    if cfg.vocab == "corpus" and state.step == 0 and config.trained_vocab is None:
+        present = np.bincount(np.asarray(tokens), minlength=config.vocab_size) > 0
+        if EOT < config.vocab_size:
+            present[EOT] = True  # documents are joined with <|endoftext|>; generation may end with it
+        config = config.replace(trained_vocab=tuple(int(i) for i in np.flatnonzero(present)))
+        state.params = state.params.replace(config=config)
     train_tok, val_tok = split_tokens(tokens, val_fraction=cfg.val_fraction, context=context,
                                       source=f"training data {cfg.data!r}")
 
@@ -278,7 +291,10 @@ def train(params: GPTParams | None, cfg: TrainConfig, *, resume: bool = False,
         kept = [r for r in _metrics_lines(metrics_path) if r.get("step", 0) <= state.step]
         metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))  # forget steps a crash lost
         print(f"training {count_params(state.params):,} parameters on {len(train_tok):,} tokens "
-              f"(+{len(val_tok):,} validation), context {context}, global batch "
+              f"(+{len(val_tok):,} validation)"
+              + (f", softmax over the corpus's {len(config.trained_vocab):,} distinct tokens"
+                 if config.trained_vocab is not None else "")
+              + f", context {context}, global batch "
               f"{cfg.batch_size * info.world_size}, {info.world_size} process(es), steps {state.step}->{cfg.steps}",
               file=sys.stderr)
 

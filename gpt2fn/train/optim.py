@@ -93,13 +93,19 @@ def clip_by_global_norm(grads: Any, max_norm: float | None, *, donate: bool = Fa
 
 
 def adamw_update(grads: Any, state: AdamWState, params: Any, *, lr: float,
-                 hp: AdamWHParams = AdamWHParams(), donate: bool = False) -> tuple[Any, AdamWState]:
-    """One AdamW step: returns `(new params, new state)`; the inputs are left untouched.
+                 hp: AdamWHParams = AdamWHParams(), donate: bool = False,
+                 fused: bool = False) -> tuple[Any, AdamWState]:
+    """One AdamW step: returns `(new params, new state)`; the inputs are left untouched (unless donated).
 
     `donate=True` (JAX's buffer donation) writes the new values into the buffers of `params` and `state` and
     returns trees over those same buffers: for a loop that never reads the old params/state again it saves
     allocating three parameter-sized trees per step (page faults dominate a CPU optimizer step). The values are
     identical either way (tests pin both the equality and the reuse).
+
+    `fused=True` runs the whole update as one multi-tensor kernel per weight-decay group (the kernel behind
+    `torch.optim.AdamW(fused=True)`, which it then matches step for step): one pass over the memory instead of
+    about eight, 4x faster on CPU for a 7M-parameter model. It needs floating-point leaves of one dtype with
+    gradients of that dtype; the default multi-tensor path matches the default `torch.optim.AdamW`.
 
         mu  = beta1 mu + (1 - beta1) g             nu = beta2 nu + (1 - beta2) g^2
         p   = p (1 - lr wd [p is a matrix]) - lr / (1 - beta1^t) * mu / (sqrt(nu) / sqrt(1 - beta2^t) + eps)
@@ -112,6 +118,8 @@ def adamw_update(grads: Any, state: AdamWState, params: Any, *, lr: float,
                          f"state ({len(m_leaves)}, {len(v_leaves)}) must share one tree structure; "
                          "build the state with adamw_init(params)")
     step = state.step + 1
+    if fused:
+        return _fused_update(g_leaves, spec, state, step, p_leaves, m_leaves, v_leaves, lr=lr, hp=hp, donate=donate)
     t = int(step)  # the step count is host-side bookkeeping, never differentiated
     bc1, bc2 = 1.0 - hp.beta1 ** t, 1.0 - hp.beta2 ** t
     step_size, bc2_sqrt = lr / bc1, math.sqrt(bc2)
@@ -137,6 +145,27 @@ def adamw_update(grads: Any, state: AdamWState, params: Any, *, lr: float,
     new_p = [q.to(p.dtype) for q, p in zip(new_p, p_leaves, strict=True)]
     return (pytree.tree_unflatten(new_p, spec),
             AdamWState(step, pytree.tree_unflatten(mu, spec), pytree.tree_unflatten(nu, spec)))
+
+
+def _fused_update(g_leaves: list[Tensor], spec: Any, state: AdamWState, step: Tensor, p_leaves: list[Tensor],
+                  m_leaves: list[Tensor], v_leaves: list[Tensor], *, lr: float, hp: AdamWHParams,
+                  donate: bool) -> tuple[Any, AdamWState]:
+    dtypes = {t.dtype for t in (*p_leaves, *g_leaves, *m_leaves, *v_leaves)}
+    if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
+        raise ValueError(f"adamw_update(fused=True) needs params, grads and moments of one floating dtype; got "
+                         f"{sorted(map(str, dtypes))}. Cast the tree (gpt2fn.tree_to) or use fused=False")
+    if not donate:  # the kernel writes in place: work on copies so the caller's trees stay untouched
+        p_leaves, m_leaves, v_leaves = ([t.clone() for t in leaves] for leaves in (p_leaves, m_leaves, v_leaves))
+    count = step.to(device=p_leaves[0].device, dtype=torch.float32) if p_leaves else step.float()
+    for decay in (True, False):  # decoupled weight decay on matrices only: one kernel call per group
+        idx = [i for i, p in enumerate(p_leaves) if (p.ndim >= 2) == decay]
+        if idx:
+            torch._fused_adamw_([p_leaves[i] for i in idx], [g_leaves[i] for i in idx], [m_leaves[i] for i in idx],
+                                [v_leaves[i] for i in idx], [], [count] * len(idx), lr=lr, beta1=hp.beta1,
+                                beta2=hp.beta2, weight_decay=hp.weight_decay if decay else 0.0, eps=hp.eps,
+                                amsgrad=False, maximize=False)
+    return (pytree.tree_unflatten(p_leaves, spec),
+            AdamWState(step, pytree.tree_unflatten(m_leaves, spec), pytree.tree_unflatten(v_leaves, spec)))
 
 
 def warmup_cosine(step: int, *, peak_lr: float, total_steps: int, warmup_steps: int = 0,

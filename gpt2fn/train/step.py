@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor
 
 from ..model import loss as lm_loss
@@ -42,14 +43,18 @@ def loss_and_grads(params: GPTParams, ids: Tensor, targets: Tensor, *,
 def train_step(params: GPTParams, opt_state: AdamWState, ids: Tensor, targets: Tensor, *, lr: float,
                hp: AdamWHParams = DEFAULT_HPARAMS, clip_norm: float | None = 1.0,
                generator: torch.Generator | None = None, grad_reduce: GradReduce | None = None,
-               donate: bool = False) -> tuple[GPTParams, AdamWState, StepMetrics]:
+               donate: bool = False, fused: bool | None = None) -> tuple[GPTParams, AdamWState, StepMetrics]:
     """One optimisation step on the batch `(ids, targets)`; returns `(params, opt_state, metrics)`.
 
     `donate=True`: the new params and state reuse the buffers of the old ones (see `adamw_update`); the loop
-    uses it, since it never reads a step's inputs again. The results are the same values either way."""
+    uses it, since it never reads a step's inputs again. The results are the same values either way.
+    `fused`: AdamW as one fused kernel (`adamw_update(fused=True)`, = `torch.optim.AdamW(fused=True)`); None
+    picks it whenever params and moments share one dtype (fp32 training), else the multi-tensor path."""
     grads, loss = loss_and_grads(params, ids, targets, generator=generator)
     if grad_reduce is not None:
         grads, loss = grad_reduce(grads, loss)
     grads, norm = clip_by_global_norm(grads, clip_norm, donate=True)  # the fresh gradients are ours to reuse
-    params, opt_state = adamw_update(grads, opt_state, params, lr=lr, hp=hp, donate=donate)
+    if fused is None:
+        fused = len({t.dtype for t in pytree.tree_leaves((params, opt_state.mu, opt_state.nu))}) == 1
+    params, opt_state = adamw_update(grads, opt_state, params, lr=lr, hp=hp, donate=donate, fused=fused)
     return params, opt_state, StepMetrics(loss.detach(), norm.detach())
