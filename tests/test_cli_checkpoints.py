@@ -33,6 +33,15 @@ def test_inspect_shows_layout_config_shapes_counts_and_ignored_keys(seed_pth, ca
     assert "optimizer_state_dict (not model weights)" in out
 
 
+def test_inspect_summarises_a_trained_vocabulary(tmp_path, capsys):
+    from gpt2fn import GPTConfig, init_params, save
+
+    cfg = GPTConfig(vocab_size=97, context_length=8, emb_dim=16, n_heads=2, n_layers=1, trained_vocab=(3, 5, 90))
+    path = save(init_params(cfg, seed=0), tmp_path / "m.safetensors")
+    assert main(["inspect", str(path)]) == 0
+    assert "trained_vocab    3 ids (3..90): the model predicts only these" in capsys.readouterr().out
+
+
 def test_inspect_all_lists_every_block(seed_pth, capsys):
     assert main(["inspect", str(seed_pth[0]), "--all"]) == 0
     assert "blocks.2.mlp.w_proj" in capsys.readouterr().out

@@ -34,7 +34,10 @@ def describe(ckpt, *, layouts: dict[str, str], every_block: bool = False) -> str
              "files:   " + (", ".join(str(f) for f in ckpt.files) or "-")]
     lines += [f"note:    {n}" for n in ckpt.notes]
     lines.append("config:")
-    lines += [f"  {k:<17}{v}" for k, v in cfg.to_dict().items()]
+    for k, v in cfg.to_dict().items():
+        if k == "trained_vocab" and v is not None:  # thousands of ids: say how many and where they lie
+            v = f"{len(v):,} ids ({v[0]}..{v[-1]}): the model predicts only these"
+        lines.append(f"  {k:<17}{v}")
     lines.append(f"parameters: {total:,} ({str(params.dtype).removeprefix('torch.')}, {nbytes / 1e6:,.1f} MB)"
                  + ("; head tied to tok_emb" if params.head is None else ""))
     leaves = list(named_leaves(params))
