@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/train_speed.py                       # preset small: 6 layers, 384 wide, ctx 256
     .venv/bin/python scripts/train_speed.py --batch-size 8 --steps 3 --rounds 3 --threads 2
+    .venv/bin/python scripts/train_speed.py --memory              # peak resident memory, a process per contender
 
 Both sides do the same work per step on the same batch: forward, next-token cross-entropy, gradients, global-norm
 clipping to 1.0 and AdamW (betas 0.9/0.95, weight decay 0.1 on matrices only):
@@ -134,6 +135,52 @@ def measure_train_speed(config: gpt2fn.GPTConfig | None = None, *, batch_size: i
             "ratio_cpu_time": ours["tokens_per_cpu_s"] / theirs["tokens_per_cpu_s"]}
 
 
+MEMORY_CASES = {"fused": "gpt2fn step (fused head + cross-entropy)",
+                "plain": "gpt2fn step with F.cross_entropy over full logits",
+                "module": "nn.Module + loss.backward() + torch.optim.AdamW"}
+
+
+def _peak_rss_child(case: str, preset: str, batch_size: int, context: int | None) -> None:
+    """In a fresh process: two steps of one contender, then print the peak resident memory in bytes."""
+    import resource
+
+    import gpt2fn.train.step as step_mod
+
+    cfg = gpt2fn.preset(preset)
+    ctx = context or cfg.context_length
+    gen = torch.Generator().manual_seed(0)
+    ids, targets = (torch.randint(0, cfg.vocab_size, (batch_size, ctx), generator=gen) for _ in range(2))
+    if case == "module":
+        model = ModuleGPT(cfg)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        for _ in range(2):
+            opt.zero_grad(set_to_none=True)
+            model(ids, targets).backward()
+            opt.step()
+    else:
+        if case == "plain":
+            step_mod.loss_and_grads = lambda p, x, y, generator=None: torch.func.grad_and_value(gpt2fn.loss)(
+                p, x, y, generator=generator)
+        params = gpt2fn.init_params(cfg, seed=0)
+        state = adamw_init(params)
+        for _ in range(2):
+            params, state, _ = step_mod.train_step(params, state, ids, targets, lr=1e-4, donate=True)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+def measure_peak_memory(preset: str = "small", batch_size: int = 8, context: int | None = None) -> dict[str, int]:
+    """Peak resident bytes of two training steps of each contender, each in its own process."""
+    import subprocess
+
+    out = {}
+    for case in MEMORY_CASES:
+        cmd = [sys.executable, __file__, "--child-memory", case, "--preset", preset, "--batch-size", str(batch_size)]
+        if context:
+            cmd += ["--context", str(context)]
+        out[case] = int(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.split()[-1])
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="small")
@@ -144,7 +191,17 @@ def main() -> None:
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     ap.add_argument("--no-checks", action="store_true", help="turn gpt2fn's run-time shape checks off")
     ap.add_argument("--json", help="also write the result here")
+    ap.add_argument("--memory", action="store_true", help="measure peak resident memory (a process per contender)")
+    ap.add_argument("--child-memory", choices=list(MEMORY_CASES), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child_memory:
+        return _peak_rss_child(args.child_memory, args.preset, args.batch_size, args.context)
+    if args.memory:
+        peaks = measure_peak_memory(args.preset, args.batch_size, args.context)
+        print(f"peak resident memory over two train steps, preset {args.preset}, batch {args.batch_size}:")
+        for case, peak in peaks.items():
+            print(f"  {MEMORY_CASES[case]:52s} {peak / 2**20:8.0f} MiB")
+        return None
     if args.threads:
         torch.set_num_threads(args.threads)
     result = measure_train_speed(gpt2fn.preset(args.preset), batch_size=args.batch_size, context=args.context,
