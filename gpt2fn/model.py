@@ -134,8 +134,11 @@ def loss(params: GPTParams, ids: Int[Tensor, "batch seq"], targets: Int[Tensor, 
     rows = None
     if params.config.trained_vocab is not None:  # the softmax runs over the trained rows only
         rows, position = trained_vocab_index(params.config, ids.device)
-        keep = targets == ignore_index
-        targets = torch.where(keep, targets, position[targets.clamp(min=0)])  # out-of-vocabulary ids become -1
+        skip = targets == ignore_index
+        # positions among the trained ids (an id outside them becomes -1: an index error below); skipped targets
+        # get -100, which no position can equal, whatever ignore_index was
+        targets = torch.where(skip, -100, position[targets.clamp(min=0)])
+        ignore_index = -100
     if not fused_head:
         logits = forward(params, ids, generator=generator).flatten(0, 1)
         if rows is not None:

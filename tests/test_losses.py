@@ -156,6 +156,15 @@ def test_a_trained_vocabulary_restricts_the_softmax_to_its_rows(device, tiny_con
                                                      targets)[1]  # fewer competitors: a lower loss
 
 
+def test_a_trained_vocabulary_keeps_a_nonnegative_ignore_index_apart_from_positions(tiny_config):
+    # ignore_index=1 is also the position of id 5 among the trained ids: only the target 1 may be skipped
+    params = init_params(tiny_config.replace(trained_vocab=(2, 5, 6, 11)), seed=0)
+    ids = torch.tensor([[3, 4, 7]])
+    both = loss(params, ids, torch.tensor([[5, 1, 6]]), ignore_index=1)
+    torch.testing.assert_close(both, loss(params, ids, torch.tensor([[5, -100, 6]])))
+    assert not torch.isclose(both, loss(params, ids, torch.tensor([[-100, -100, 6]])))
+
+
 def test_a_trained_vocabulary_must_be_sorted_ids_inside_the_vocabulary(tiny_config):
     for bad in [(), (3, 2), (1, 1), (-1, 4), (0, tiny_config.vocab_size)]:
         with pytest.raises(ValueError, match="trained_vocab"):

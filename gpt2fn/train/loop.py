@@ -267,7 +267,9 @@ def train(params: GPTParams | None, cfg: TrainConfig, *, resume: bool = False,
         raise ValueError(f"training data {cfg.data!r} holds token id {top}, but the model's vocab_size is "
                          f"{config.vocab_size}; train a model with the GPT-2 vocabulary (vocab_size=50257)")
     if cfg.vocab == "corpus" and state.step == 0 and config.trained_vocab is None:
-        present = np.bincount(np.asarray(tokens), minlength=config.vocab_size) > 0
+        present = np.zeros(config.vocab_size, dtype=bool)
+        for i in range(0, len(tokens), 1 << 24):  # in slices: a large memory-mapped corpus is never copied whole
+            present |= np.bincount(tokens[i:i + (1 << 24)], minlength=config.vocab_size)[:config.vocab_size] > 0
         if EOT < config.vocab_size:
             present[EOT] = True  # documents are joined with <|endoftext|>; generation may end with it
         config = config.replace(trained_vocab=tuple(int(i) for i in np.flatnonzero(present)))
