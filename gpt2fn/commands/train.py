@@ -3,6 +3,7 @@
     gpt2fn train --data corpus.txt --out runs/a --preset mini --steps 500
     gpt2fn train --data docs/ --out runs/ft --init gpt2 --context 256 --lr 1e-4
     gpt2fn train --data corpus.txt --out runs/a --steps 1000 --resume
+    gpt2fn train --data corpus.txt --out runs/v --preset mini --vocab corpus    # softmax over the corpus's ids
     torchrun --nproc_per_node=2 -m gpt2fn.train --data corpus.txt --out runs/dp --preset mini
 """
 
