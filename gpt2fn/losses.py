@@ -71,7 +71,10 @@ class _HeadCrossEntropy(torch.autograd.Function):
             logits.scatter_add_(1, targets[s:s + chunk, None], -weight[s:s + chunk, None])
             grad = logits if fp32 else logits.to(x.dtype)
             torch.mm(grad, w, out=dx[s:s + chunk])
-            acc.addmm_(grad.T, xc) if fp32 else acc.add_((grad.T @ xc).float())
+            if fp32:
+                acc.addmm_(grad.T, xc)
+            else:
+                acc.add_((grad.T @ xc).float())
         dw = acc if w.dtype == torch.float32 else acc.to(w.dtype)
         return total / count, dx, dw
 

@@ -147,7 +147,7 @@ def loss(params: GPTParams, ids: Int[Tensor, "batch seq"], targets: Int[Tensor, 
     _check_ids(params, ids, 0)
     check_record(params, "params")
     x = _features(params, ids, generator=as_generator(generator, ids.device))
-    w = params.tok_emb if params.head is None else params.head.T
+    w = head_matrix(params).T  # [vocab, d_model]: the tied token embedding itself, or the untied head's view
     if rows is not None:
         w = w.index_select(0, rows)
     return head_cross_entropy(x.flatten(0, 1), w, targets, ignore_index=ignore_index)

@@ -94,7 +94,7 @@ def clip_by_global_norm(grads: Any, max_norm: float | None, *, donate: bool = Fa
 
 def adamw_update(grads: Any, state: AdamWState, params: Any, *, lr: float,
                  hp: AdamWHParams = AdamWHParams(), donate: bool = False,
-                 fused: bool = False) -> tuple[Any, AdamWState]:
+                 fused: bool | None = False) -> tuple[Any, AdamWState]:
     """One AdamW step: returns `(new params, new state)`; the inputs are left untouched (unless donated).
 
     `donate=True` (JAX's buffer donation) writes the new values into the buffers of `params` and `state` and
@@ -106,6 +106,8 @@ def adamw_update(grads: Any, state: AdamWState, params: Any, *, lr: float,
     `torch.optim.AdamW(fused=True)`, which it then matches step for step): one pass over the memory instead of
     about eight, 4x faster on CPU for a 7M-parameter model. It needs floating-point leaves of one dtype with
     gradients of that dtype; the default multi-tensor path matches the default `torch.optim.AdamW`.
+    `fused=None` fuses whenever that holds on CPU or CUDA (fp32 training) and takes the multi-tensor path
+    otherwise (bf16 params with fp32 moments, other devices).
 
         mu  = beta1 mu + (1 - beta1) g             nu = beta2 nu + (1 - beta2) g^2
         p   = p (1 - lr wd [p is a matrix]) - lr / (1 - beta1^t) * mu / (sqrt(nu) / sqrt(1 - beta2^t) + eps)
@@ -118,7 +120,7 @@ def adamw_update(grads: Any, state: AdamWState, params: Any, *, lr: float,
                          f"state ({len(m_leaves)}, {len(v_leaves)}) must share one tree structure; "
                          "build the state with adamw_init(params)")
     step = state.step + 1
-    if fused:
+    if fused is not False and _fusable((*p_leaves, *g_leaves, *m_leaves, *v_leaves), required=fused is True):
         return _fused_update(g_leaves, spec, state, step, p_leaves, m_leaves, v_leaves, lr=lr, hp=hp, donate=donate)
     t = int(step)  # the step count is host-side bookkeeping, never differentiated
     bc1, bc2 = 1.0 - hp.beta1 ** t, 1.0 - hp.beta2 ** t
@@ -147,13 +149,19 @@ def adamw_update(grads: Any, state: AdamWState, params: Any, *, lr: float,
             AdamWState(step, pytree.tree_unflatten(mu, spec), pytree.tree_unflatten(nu, spec)))
 
 
+def _fusable(leaves: tuple[Tensor, ...], *, required: bool) -> bool:
+    """Whether the fused kernel applies: one floating dtype throughout (and, unless `required`, CPU or CUDA)."""
+    dtypes = {t.dtype for t in leaves}
+    one_dtype = len(dtypes) == 1 and next(iter(dtypes)).is_floating_point
+    if required and not one_dtype:
+        raise ValueError(f"adamw_update(fused=True) needs params, grads and moments of one floating dtype; got "
+                         f"{sorted(map(str, dtypes))}. Cast the tree (gpt2fn.tree_to) or use fused=False")
+    return one_dtype and (required or {t.device.type for t in leaves} <= {"cpu", "cuda"})
+
+
 def _fused_update(g_leaves: list[Tensor], spec: Any, state: AdamWState, step: Tensor, p_leaves: list[Tensor],
                   m_leaves: list[Tensor], v_leaves: list[Tensor], *, lr: float, hp: AdamWHParams,
                   donate: bool) -> tuple[Any, AdamWState]:
-    dtypes = {t.dtype for t in (*p_leaves, *g_leaves, *m_leaves, *v_leaves)}
-    if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
-        raise ValueError(f"adamw_update(fused=True) needs params, grads and moments of one floating dtype; got "
-                         f"{sorted(map(str, dtypes))}. Cast the tree (gpt2fn.tree_to) or use fused=False")
     if not donate:  # the kernel writes in place: work on copies so the caller's trees stay untouched
         p_leaves, m_leaves, v_leaves = ([t.clone() for t in leaves] for leaves in (p_leaves, m_leaves, v_leaves))
     count = step.to(device=p_leaves[0].device, dtype=torch.float32) if p_leaves else step.float()

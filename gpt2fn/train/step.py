@@ -12,7 +12,6 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
-import torch.utils._pytree as pytree
 from torch import Tensor
 
 from ..model import loss as lm_loss
@@ -49,14 +48,11 @@ def train_step(params: GPTParams, opt_state: AdamWState, ids: Tensor, targets: T
     `donate=True`: the new params and state reuse the buffers of the old ones (see `adamw_update`); the loop
     uses it, since it never reads a step's inputs again. The results are the same values either way.
     `fused`: AdamW as one fused kernel (`adamw_update(fused=True)`, = `torch.optim.AdamW(fused=True)`); None
-    picks it on CPU and CUDA whenever params and moments share one dtype (fp32 training), else the multi-tensor
-    path."""
+    (see `adamw_update`) picks it on CPU and CUDA whenever params and moments share one dtype (fp32 training),
+    else the multi-tensor path."""
     grads, loss = loss_and_grads(params, ids, targets, generator=generator)
     if grad_reduce is not None:
         grads, loss = grad_reduce(grads, loss)
     grads, norm = clip_by_global_norm(grads, clip_norm, donate=True)  # the fresh gradients are ours to reuse
-    if fused is None:
-        leaves = pytree.tree_leaves((params, opt_state.mu, opt_state.nu))
-        fused = len({t.dtype for t in leaves}) == 1 and {t.device.type for t in leaves} <= {"cpu", "cuda"}
     params, opt_state = adamw_update(grads, opt_state, params, lr=lr, hp=hp, donate=donate, fused=fused)
     return params, opt_state, StepMetrics(loss.detach(), norm.detach())
