@@ -6,9 +6,10 @@
 """
 
 from . import train  # the training namespace: gpt2fn.train.train_step, gpt2fn.train.train, ...
-from .cache import KVCache, init_cache
+from .cache import DonatedCacheError, KVCache, init_cache, rollback, select_rows
 from .checkpoints import Checkpoint, CheckpointError, load, load_checkpoint, save, save_hf
 from .config import PRESETS, GPTConfig, preset
+from .decode import compiled_decode_step, decode_params, decode_step
 from .generate import default_device, generate, generate_tokens, stream
 from .layers import attention, attention_pattern, block, gelu, layer_norm, mlp
 from .model import forward, loss, positions_from_mask
@@ -56,7 +57,8 @@ __all__ = [
     "validate",
     "layer_norm", "gelu", "attention", "attention_pattern", "mlp", "block",
     "forward", "loss", "positions_from_mask",
-    "KVCache", "init_cache",
+    "KVCache", "init_cache", "rollback", "select_rows", "DonatedCacheError",
+    "decode_step", "compiled_decode_step", "decode_params",
     "generate", "generate_tokens", "stream", "default_device",
     "shape_checks", "checks_enabled", "ShapeError",
     "train",

@@ -1,13 +1,20 @@
-"""The key/value cache as a pytree.
+"""The decode state as a value: a key/value cache pytree with static shapes.
 
-A cache holds, per layer, keys and values `[batch, heads, capacity, head_dim]` preallocated to the longest sequence
-the caller will decode, a `valid` mask `[batch, capacity]` of which slots hold real tokens (left padding), and the
-static `length` of slots written so far. `forward(params, ids, cache=cache)` returns `(logits, cache')` where
-`cache'.length = cache.length + seq`.
+    KVCache
+      keys, values  tuple of [batch, heads, capacity, head_dim] per layer    preallocated to a fixed capacity
+      valid         [batch, capacity] bool                                  which slots hold real tokens
+      length        [] int64                                                slots written so far (all rows)
+      positions     [batch] int64                                           each row's next position id
 
-Buffer reuse: for speed, `forward` writes the new keys/values into the preallocated buffers *in place* (no copy of
-the whole context per token) and returns a new `KVCache` record over the same buffers. The record passed in must
-not be reused afterwards (its buffers now hold the newer slots); `tests/test_model.py` pins this behaviour.
+Every field is a tensor of a shape fixed at `init_cache`, so a decode step has the same shapes at every position
+and `torch.compile` traces it once (see `gpt2fn.decode.decode_step`). Rows of a left-padded batch share slot
+indices; `valid` hides the padding slots and `positions` counts only real tokens, so a row decodes exactly as the
+same prompt alone.
+
+A step never changes the cache it is given unless the caller donates it (`donate=True`, as JAX's
+`donate_argnums`): then the new keys and values are written into the input's buffers, the returned cache shares
+them, and the input is marked consumed. Using a consumed cache again (a step, `tree_map`, `rollback`, `select_rows`)
+raises `DonatedCacheError`. `rollback` and `select_rows` are plain functions on the value.
 """
 
 import dataclasses
@@ -19,15 +26,30 @@ from torch import Tensor
 
 from .config import GPTConfig
 
-__all__ = ["KVCache", "init_cache"]
+__all__ = ["KVCache", "DonatedCacheError", "init_cache", "rollback", "select_rows"]
+
+_FIELDS = ("keys", "values", "valid", "length", "positions")
 
 
-@dataclasses.dataclass(frozen=True)
+class DonatedCacheError(RuntimeError):
+    """A cache was used after it was donated to a step (`donate=True`): its buffers now belong to the step's
+    result. Keep using the cache the step returned, or step without donation to keep the input."""
+
+
+def _ticket() -> list[bool]:
+    """Whether a cache value was donated, as a one-item list shared by the values over the same buffers (a list
+    because torch.compile traces its creation and mutation inside the step)."""
+    return [False]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
 class KVCache:
     keys: tuple[Tensor, ...]
     values: tuple[Tensor, ...]
-    valid: Tensor | None
-    length: int = 0
+    valid: Tensor
+    length: Tensor
+    positions: Tensor
+    _ticket: list[bool] = dataclasses.field(default_factory=_ticket, repr=False, compare=False)
 
     @property
     def capacity(self) -> int:
@@ -37,20 +59,34 @@ class KVCache:
     def batch(self) -> int:
         return self.keys[0].shape[0]
 
-    def advance(self, n: int) -> "KVCache":
-        return dataclasses.replace(self, length=self.length + n)
+    @property
+    def consumed(self) -> bool:
+        """True once this cache was donated to a step; it must not be used again."""
+        return self._ticket[0]
+
+    def check_live(self, what: str = "this cache") -> None:
+        """Raise `DonatedCacheError` if the cache was donated."""
+        if self._ticket[0]:
+            raise DonatedCacheError(
+                f"{what} was donated to a decode step (donate=True) and its buffers now hold the step's result; "
+                "use the cache that step returned, or call decode_step without donate=True to keep the input")
+
+    def _consume(self) -> None:
+        self._ticket[0] = True
 
 
-def _flatten(c: KVCache) -> tuple[list[Any], int]:
-    return [c.keys, c.values, c.valid], c.length
+def _flatten(c: KVCache) -> tuple[list[Any], None]:
+    c.check_live("a KVCache")
+    return [c.keys, c.values, c.valid, c.length, c.positions], None
 
 
-def _unflatten(children: Any, length: int) -> KVCache:
-    return KVCache(*children, length=length)
+def _unflatten(children: Any, _: None) -> KVCache:
+    return KVCache(*children)
 
 
-def _flatten_with_keys(c: KVCache) -> tuple[list[tuple[Any, Any]], int]:
-    return [(pytree.GetAttrKey(n), getattr(c, n)) for n in ("keys", "values", "valid")], c.length
+def _flatten_with_keys(c: KVCache) -> tuple[list[tuple[Any, Any]], None]:
+    c.check_live("a KVCache")
+    return [(pytree.GetAttrKey(n), getattr(c, n)) for n in _FIELDS], None
 
 
 pytree.register_pytree_node(KVCache, _flatten, _unflatten, serialized_type_name="gpt2fn.cache.KVCache",
@@ -62,13 +98,49 @@ def init_cache(config: GPTConfig, batch: int, capacity: int | None = None, *,
                padded: bool = False) -> KVCache:
     """An empty cache for `batch` sequences of up to `capacity` positions (default: the context length).
 
-    `padded=True` allocates the `valid` mask needed when prompts are left-padded (pass `pad_mask` to forward).
+    `padded` is accepted for compatibility: every cache carries its `valid` mask, so left-padded prompts need
+    nothing special (pass `pad_mask` to the step).
     """
+    del padded
     capacity = config.context_length if capacity is None else capacity
-    if not 1 <= capacity <= config.context_length:
-        raise ValueError(f"cache capacity {capacity} must be in [1, context_length={config.context_length}]")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"cache batch must be an integer >= 1, got {batch!r}")
+    if isinstance(capacity, bool) or not isinstance(capacity, int) or not 1 <= capacity <= config.context_length:
+        raise ValueError(f"cache capacity {capacity!r} must be an integer in [1, context_length="
+                         f"{config.context_length}]")
     shape = (batch, config.n_heads, capacity, config.head_dim)
     keys = tuple(torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers))
     values = tuple(torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layers))
-    valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device) if padded else None
-    return KVCache(keys, values, valid, 0)
+    valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
+    length = torch.zeros((), dtype=torch.long, device=device)
+    positions = torch.zeros(batch, dtype=torch.long, device=device)
+    return KVCache(keys, values, valid, length, positions)
+
+
+def rollback(cache: KVCache, n: int) -> KVCache:
+    """The cache as it was after its first `n` slots: later slots are forgotten. Each row's next position is
+    recounted from the real tokens it keeps. The key/value buffers are shared with `cache`, not copied (a step
+    out of place leaves both intact; donating either one consumes both)."""
+    cache.check_live()
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= cache.capacity:
+        raise ValueError(f"rollback needs an integer n in [0, capacity={cache.capacity}], got {n!r}")
+    if not torch.compiler.is_compiling() and n > int(cache.length):
+        raise ValueError(f"cannot roll forward: the cache holds {int(cache.length)} slots, asked for {n}")
+    slot = torch.arange(cache.capacity, device=cache.valid.device)
+    valid = cache.valid & (slot < n)
+    # the result shares the buffers, so it shares the ticket: donating either one consumes both
+    return dataclasses.replace(cache, valid=valid, length=torch.full_like(cache.length, n),
+                               positions=valid.sum(-1))
+
+
+def select_rows(cache: KVCache, rows: Tensor) -> KVCache:
+    """The cache of the given rows `[new_batch]` (int64 indices, repeats allowed): beams reordered or selected."""
+    cache.check_live()
+    rows = torch.as_tensor(rows, dtype=torch.long, device=cache.valid.device)
+    if rows.ndim != 1:
+        raise ValueError(f"rows must be a 1-D tensor of row indices, got shape {list(rows.shape)}")
+    if not torch.compiler.is_compiling() and rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= cache.batch):
+        raise ValueError(f"row indices must be in [0, {cache.batch}); got {rows.tolist()}")
+    pick = lambda t: t.index_select(0, rows)
+    return KVCache(tuple(map(pick, cache.keys)), tuple(map(pick, cache.values)), pick(cache.valid), cache.length,
+                   pick(cache.positions))

@@ -1,34 +1,33 @@
 """Autoregressive generation: `generate` (text -> text), `generate_tokens` (ids -> ids), `stream` (text pieces).
 
-Data flow: text -> tokenizer.encode -> left-padded ids + mask -> prefill `forward(..., cache)` once -> one
-`forward` per new token on the cache -> `gpt2fn.sampling.next_token` -> ids -> incremental UTF-8 decode -> text.
+Data flow: text -> tokenizer.encode -> left-padded ids + mask -> prefill `decode_step(params, cache, ids)` once ->
+one `decode_step` per new token -> `gpt2fn.sampling.next_token` -> ids -> incremental UTF-8 decode -> text.
 
-- The cache is preallocated to `prompt + max_new_tokens` positions (at most the context length) and filled in
-  place (see `gpt2fn.cache`); a decode step does no work that grows with the sequence beyond attention itself.
+- The cache is preallocated to `prompt + max_new_tokens` positions (at most the context length) and donated from
+  step to step (`gpt2fn.decode`: written in place, the previous value consumed); a decode step does no work that
+  grows with the sequence beyond attention over the capacity.
 - Batches of prompts of different lengths are left-padded; positions are counted from the mask, so a row's
   tokens are those of the same prompt run alone (sampling included: row `i` has its own generator).
 - Past the context window the sequence slides: when the cache is full, the last `context_length - slide`
   tokens are prefilled again (`slide = max(1, context_length // 8)`), so each token sees between
   `context_length - slide` and `context_length` tokens of context. A prompt longer than the window is cropped
   from the left with a warning, like the seed's loop.
-- Decode-time layout (a derived value, never a leaf of `params`): on CPU in fp32 a tied head is read through a
-  transposed `[d_model, vocab]` copy, because torch reads `x @ W` weights about twice as fast as `x @ W.T`
-  (see `decode_params`). Shape checks run on the prefill and the first decode step, then step aside: on
-  every step they would cost more than half again the step's time for GPT-2 124M.
+- Decode-time layout: `gpt2fn.decode.decode_params`, a derived value made once per call (or passed in as
+  `params`). Shape checks run on the prefill and the first decode step, then step aside: on every step they
+  would cost more than half again the step's time for GPT-2 124M.
 """
 
 import codecs
 import dataclasses
 import warnings
-import weakref
 from collections.abc import Iterator, Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
 
-from .cache import init_cache
-from .model import forward, trained_vocab_index
+from .cache import init_cache, rollback
+from .decode import compiled_decode_step, decode_params, decode_step
+from .model import trained_vocab_index
 from .params import GPTParams, tree_to
 from .sampling import SamplingOptions, next_token, row_generators
 from .shapes import checks_enabled, shape_checks
@@ -47,34 +46,6 @@ def default_device() -> torch.device:
     if mps is not None and mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
-
-
-def decode_params(params: GPTParams) -> GPTParams:
-    """The same weights laid out for decoding on this device: a derived value, never a leaf of `params`.
-
-    On CPU in fp32 a tied head becomes an untied `[d_model, vocab]` copy: `x @ W` streams GPT-2 124M's 154 MB
-    head in about half the time of `x @ tok_emb.T` (PERF-NOTES: 11 -> 5.4 ms per token). The copy costs about a
-    tenth of a second, so the last one made is kept while its `tok_emb` lives and is unchanged (one slot; see
-    `_transposed`). In bf16 and on accelerators the `[vocab, d_model]` orientation is as fast: no copy.
-    """
-    if params.head is not None or params.device.type != "cpu" or params.dtype != torch.float32:
-        return params
-    head = _transposed(params.tok_emb)
-    return params.replace(head=head, config=params.config.replace(tie_head=False))
-
-
-_LAST_HEAD: dict[str, Any] = {}
-
-
-def _transposed(tok_emb: Tensor) -> Tensor:
-    """`tok_emb.T` as a contiguous copy, remembered for the same (unmodified, still alive) tensor."""
-    slot = _LAST_HEAD.get("slot")
-    if slot is not None and slot[0]() is tok_emb and slot[1] == tok_emb._version:
-        return slot[2]
-    _LAST_HEAD.clear()  # free the previous copy before making a new one
-    head = tok_emb.detach().T.contiguous()
-    _LAST_HEAD["slot"] = (weakref.ref(tok_emb, lambda _: _LAST_HEAD.clear()), tok_emb._version, head)
-    return head
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -150,15 +121,18 @@ def _crop_to_window(ids: Tensor, mask: Tensor | None, ctx: int) -> tuple[Tensor,
 
 
 def _token_steps(params: GPTParams, ids: Tensor, mask: Tensor | None, request: _Request,
-                 generators: list[torch.Generator] | None) -> Iterator[Tensor]:
-    """Yield the next token of every row (`[batch]`), step by step; finished rows (EOS) repeat the EOS id."""
+                 generators: list[torch.Generator] | None, compile: bool = False) -> Iterator[Tensor]:
+    """Yield the next token of every row (`[batch]`), step by step; finished rows (EOS) repeat the EOS id.
+
+    Each step is `decode_step` donating the cache it was given (one owner, no copy per token); with `compile`
+    the one-token steps run through `compiled_decode_step()` (one graph for the whole generation)."""
     cfg, opts = params.config, request.options
     (batch, prompt_len), ctx = ids.shape, cfg.context_length
     keep = ctx - max(1, ctx // 8)  # tokens kept when the window slides
     if mask is not None and bool(mask.all()):
-        mask = None  # nothing is padded: the unmasked path is faster
-    cache = init_cache(cfg, batch, min(ctx, prompt_len + request.max_new_tokens), device=ids.device,
-                       dtype=params.dtype, padded=mask is not None)
+        mask = None
+    capacity = min(ctx, prompt_len + request.max_new_tokens)
+    cache = init_cache(cfg, batch, capacity, device=ids.device, dtype=params.dtype)
     # every token so far, preallocated: the source of a re-prefill when the window slides
     history = torch.empty(batch, prompt_len + request.max_new_tokens, dtype=torch.long, device=ids.device)
     history[:, :prompt_len] = ids
@@ -174,9 +148,10 @@ def _token_steps(params: GPTParams, ids: Tensor, mask: Tensor | None, request: _
     allowed = None
     if cfg.trained_vocab is not None:  # a model trained on a corpus's own vocabulary predicts only those ids
         allowed = trained_vocab_index(cfg, ids.device)[1] >= 0
+    step_fn = compiled_decode_step() if compile else decode_step
 
-    logits, cache = forward(params, ids, cache=cache, pad_mask=mask, last_only=True)
-    positions = None if mask is None else mask.sum(1, keepdim=True)
+    logits, cache = decode_step(params, cache, ids, pad_mask=mask, donate=True, last_only=True)
+    filled = prompt_len
     checking = checks_enabled()  # the caller's setting for the prefill and the first step; then off (speed)
     for step in range(request.max_new_tokens):
         with shape_checks(checking):
@@ -192,17 +167,16 @@ def _token_steps(params: GPTParams, ids: Tensor, mask: Tensor | None, request: _
         history[:, end - 1] = tok
         if seen is not None:
             seen.scatter_(1, tok[:, None], True)
-        if cache.length == cache.capacity:  # the window slides: prefill the last `keep` tokens again
+        if filled == capacity:  # the window slides: prefill the last `keep` tokens again into the same buffers
             window_mask = None if real is None else real[:, end - keep:end]
-            logits, cache = forward(params, history[:, end - keep:end], cache=dataclasses.replace(cache, length=0),
-                                    pad_mask=window_mask, last_only=True)
-            positions = None if window_mask is None else window_mask.sum(1, keepdim=True)
+            logits, cache = decode_step(params, rollback(cache, 0), history[:, end - keep:end], pad_mask=window_mask,
+                                        donate=True, last_only=True)
+            filled = keep
             continue
         with shape_checks(checking):
-            logits, cache = forward(params, tok[:, None], cache=cache, positions=positions, last_only=True)
+            logits, cache = step_fn(params, cache, tok[:, None], donate=True, last_only=True)
+        filled += 1
         checking = False
-        if positions is not None:
-            positions = positions + 1
 
 
 def _prepare(params: GPTParams, device: torch.device | str | None) -> GPTParams:
@@ -218,14 +192,14 @@ def _prepare(params: GPTParams, device: torch.device | str | None) -> GPTParams:
 def generate_tokens(params: GPTParams, ids: Tensor, *, max_new_tokens: int = 20, temperature: float = 0.0,
                     top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
                     seed: Seed = None, eos: bool | int | None = None, pad_mask: Tensor | None = None,
-                    device: torch.device | str | None = None) -> Tensor:
+                    device: torch.device | str | None = None, compile: bool = False) -> Tensor:
     """Continue each row of `ids` `[batch, seq]`: returns `[batch, seq + new]` (the prompt, then the new ids).
 
     `new` is `max_new_tokens`, or fewer when every row has produced `eos` (an id; True means `<|endoftext|>`);
     after its EOS a row is filled with the EOS id. `pad_mask` (False on left padding) lets rows differ in length.
     Options as in :func:`generate`.
     """
-    params = decode_params(_prepare(params, device))
+    params = decode_params(_prepare(params, device), batch=ids.shape[0] if isinstance(ids, Tensor) else 1)
     request = _request(params, max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos)
     ids = ids.to(params.device)
     pad_mask = None if pad_mask is None else pad_mask.to(params.device)
@@ -234,7 +208,7 @@ def generate_tokens(params: GPTParams, ids: Tensor, *, max_new_tokens: int = 20,
         return ids
     window, mask = _crop_to_window(ids, pad_mask, params.config.context_length)
     gens = None if request.options.greedy else row_generators(seed, ids.shape[0], params.device)
-    new = list(_token_steps(params, window, mask, request, gens))
+    new = list(_token_steps(params, window, mask, request, gens, compile))
     return torch.cat([ids, torch.stack(new, dim=1)], dim=1)
 
 
@@ -304,21 +278,22 @@ def _encode_prompts(prompts: Sequence[str], n_tokens: int) -> list[list[int]]:
 
 def _text_steps(params: GPTParams, prompts: Sequence[str], *, max_new_tokens: int, temperature: float,
                 top_k: int | None, top_p: float | None, repetition_penalty: float | None, seed: Seed,
-                stop: str | Sequence[str] | None, eos: bool | int | None, device: torch.device | str | None
-                ) -> Iterator[tuple[int, str]]:
+                stop: str | Sequence[str] | None, eos: bool | int | None, device: torch.device | str | None,
+                compile: bool = False) -> Iterator[tuple[int, str]]:
     """Yield `(row, text piece)` as pieces become final, for every row of a batch of prompts."""
-    params = decode_params(_prepare(params, device))
+    params = _prepare(params, device)
     request = _request(params, max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos)
     stops = _check_stop(stop)
     if isinstance(prompts, str) or not prompts:
         raise ValueError("prompts must be a non-empty list of strings")
+    params = decode_params(params, batch=len(prompts))
     ids, mask = left_pad(_encode_prompts(prompts, params.config.n_tokens), device=params.device)
     _check_prompt_ids(ids, mask, params.config.n_tokens)
     rows = [TextStream(stops) for _ in prompts]
     if request.max_new_tokens > 0:
         window, mask = _crop_to_window(ids, mask, params.config.context_length)
         gens = None if request.options.greedy else row_generators(seed, ids.shape[0], params.device)
-        steps = _token_steps(params, window, mask, request, gens)
+        steps = _token_steps(params, window, mask, request, gens, compile)
         try:
             for tok in steps:
                 for i, t in enumerate(tok.tolist()):
@@ -343,7 +318,7 @@ def _text_steps(params: GPTParams, prompts: Sequence[str], *, max_new_tokens: in
 def generate(params: GPTParams, prompt: str | Sequence[str], *, max_new_tokens: int = 20, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
              seed: Seed = None, stop: str | Sequence[str] | None = None, eos: bool | int | None = True,
-             device: torch.device | str | None = None) -> str | list[str]:
+             device: torch.device | str | None = None, compile: bool = False) -> str | list[str]:
     """The model's continuation of `prompt` (without the prompt); a list of prompts gives a list of continuations.
 
     - `temperature=0` (default) is greedy; above 0 it samples, optionally from the `top_k` most likely ids
@@ -353,6 +328,9 @@ def generate(params: GPTParams, prompt: str | Sequence[str], *, max_new_tokens: 
     - Each row stops at `<|endoftext|>` (`eos=True`; or an id; False: never), at the first `stop` string (not
       included in the text), or after `max_new_tokens`.
     - `device`: where to run (params are moved if elsewhere); None runs where the params are.
+    - `compile`: run the one-token steps through `torch.compile` (`gpt2fn.decode.compiled_decode_step`): the
+      same tokens; the first call compiles (seconds), later ones reuse the graph.
+    - `params` may be `decode_params(params)` kept from an earlier call: its layout is then reused as it is.
     """
     single = isinstance(prompt, str)
     prompts = [prompt] if single else list(prompt)
@@ -360,7 +338,7 @@ def generate(params: GPTParams, prompt: str | Sequence[str], *, max_new_tokens: 
     with torch.no_grad():
         for i, piece in _text_steps(params, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                                     top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed,
-                                    stop=stop, eos=eos, device=device):
+                                    stop=stop, eos=eos, device=device, compile=compile):
             texts[i] += piece
     return texts[0] if single else texts
 
@@ -368,7 +346,7 @@ def generate(params: GPTParams, prompt: str | Sequence[str], *, max_new_tokens: 
 def stream(params: GPTParams, prompt: str, *, max_new_tokens: int = 20, temperature: float = 0.0,
            top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
            seed: Seed = None, stop: str | Sequence[str] | None = None, eos: bool | int | None = True,
-           device: torch.device | str | None = None) -> Iterator[str]:
+           device: torch.device | str | None = None, compile: bool = False) -> Iterator[str]:
     """Like :func:`generate` for one prompt, yielding text pieces as soon as they are final. The pieces
     concatenate to `generate`'s text; a multi-byte UTF-8 character is never split between two pieces."""
     if not isinstance(prompt, str):
@@ -376,5 +354,5 @@ def stream(params: GPTParams, prompt: str, *, max_new_tokens: int = 20, temperat
     with torch.no_grad():
         for _, piece in _text_steps(params, [prompt], max_new_tokens=max_new_tokens, temperature=temperature,
                                     top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed,
-                                    stop=stop, eos=eos, device=device):
+                                    stop=stop, eos=eos, device=device, compile=compile):
             yield piece

@@ -22,15 +22,17 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from .config import GPTConfig
+from .kernels import packed_affine
 from .params import AttentionParams, BlockParams, LayerNormParams, MLPParams
 from .shapes import check_record, checked
 
 __all__ = [
     "Tap", "layer_norm", "gelu", "dropout", "linear", "split_heads", "merge_heads", "causal_mask",
-    "attend_fast", "attend_explicit", "attention", "attention_pattern", "mlp", "block",
+    "write_slots", "attend_fast", "attend_explicit", "attention", "attention_pattern", "mlp", "block",
 ]
 
 Tap = Callable[[str, Tensor], Tensor]
+Hidden = Float[Tensor, "batch seq d_model"]
 
 
 def _tap(tap: Tap | None, site: str, x: Tensor) -> Tensor:
@@ -64,24 +66,17 @@ def dropout(x: Tensor, rate: float, generator: torch.Generator | None) -> Tensor
     return x * keep.to(x.dtype) / (1.0 - rate)
 
 
-SPLIT_MAX_ROWS = 16
-
-
 def linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    """Affine map `x @ w + b` with `w` stored `[in, out]`.
+    """Affine map `x @ W + b` with `W` stored `[in, out]`.
 
-    Why the second branch: a product of a few rows (decoding) is bound by reading `w`, and torch runs it on one
-    core. On a multi-threaded CPU in fp32 the `in` axis is split in two halves over a no-copy view of `w`, run as
-    one batched product (one half per core) and summed: both cores stream weights. The result equals `x @ w + b`
-    up to float rounding (tests/test_layers.py); scripts/bench.py measures the gain.
+    A 3-D `w` is a decode layout made by `gpt2fn.kernels.pack` (see `gpt2fn.decode.decode_params`): the same
+    matrix laid out for fast few-row products on the CPU, giving the same values up to float rounding.
     """
-    rows, d_in = x.numel() // max(x.shape[-1], 1), x.shape[-1]
-    if (rows <= SPLIT_MAX_ROWS and d_in % 2 == 0 and x.device.type == "cpu" and w.dtype == torch.float32
-            and w.is_contiguous() and torch.get_num_threads() > 1 and not torch.compiler.is_compiling()):
-        halves = torch.bmm(x.reshape(rows, 2, d_in // 2).transpose(0, 1), w.view(2, d_in // 2, w.shape[1]))
-        y = halves.sum(0) if b is None else halves.sum(0) + b
-        return y.view(*x.shape[:-1], w.shape[1])
-    return x @ w if b is None else torch.addmm(b, x.reshape(-1, d_in), w).view(*x.shape[:-1], w.shape[1])
+    if w.ndim == 3:
+        return packed_affine(x, w, b)
+    if b is None:
+        return x @ w
+    return torch.addmm(b, x.reshape(-1, x.shape[-1]), w).view(*x.shape[:-1], w.shape[-1])
 
 
 def split_heads(x: Float[Tensor, "batch seq d_model"], n_heads: int) -> Float[Tensor, "batch heads seq head_dim"]:
@@ -109,9 +104,12 @@ def causal_mask(q_len: int, k_len: int, key_mask: Bool[Tensor, "batch kv_seq"] |
 
 
 def attend_fast(q: Float[Tensor, "batch heads seq head_dim"], k: Float[Tensor, "batch heads kv_seq head_dim"],
-                v: Float[Tensor, "batch heads kv_seq head_dim"], key_mask: Bool[Tensor, "batch kv_seq"] | None
-                ) -> Float[Tensor, "batch heads seq head_dim"]:
-    """softmax(q k^T / sqrt(head_dim) + causal mask) v through torch's fused scaled-dot-product attention."""
+                v: Float[Tensor, "batch heads kv_seq head_dim"], key_mask: Bool[Tensor, "batch kv_seq"] | None,
+                mask: Bool[Tensor, "batch 1 seq kv_seq"] | None = None) -> Float[Tensor, "batch heads seq head_dim"]:
+    """softmax(q k^T / sqrt(head_dim) + causal mask) v through torch's fused scaled-dot-product attention.
+    `mask` (which keys each query sees, from `gpt2fn.decode`) replaces the causal mask built from `key_mask`."""
+    if mask is not None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     q_len, k_len = q.shape[2], k.shape[2]
     if key_mask is None and q_len == k_len:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -122,11 +120,12 @@ def attend_fast(q: Float[Tensor, "batch heads seq head_dim"], k: Float[Tensor, "
 
 def attend_explicit(q: Float[Tensor, "batch heads seq head_dim"], k: Float[Tensor, "batch heads kv_seq head_dim"],
                     v: Float[Tensor, "batch heads kv_seq head_dim"], key_mask: Bool[Tensor, "batch kv_seq"] | None,
-                    *, drop_rate: float = 0.0, generator: torch.Generator | None = None,
-                    tap: Tap | None = None, site: str = "attn"
+                    *, mask: Bool[Tensor, "batch 1 seq kv_seq"] | None = None, drop_rate: float = 0.0,
+                    generator: torch.Generator | None = None, tap: Tap | None = None, site: str = "attn"
                     ) -> tuple[Float[Tensor, "batch heads seq head_dim"], Float[Tensor, "batch heads seq kv_seq"]]:
     """The same attention written out, returning `(z, pattern)`; the pattern is exactly 0 above the diagonal."""
-    mask = causal_mask(q.shape[2], k.shape[2], key_mask, q.device)
+    if mask is None:
+        mask = causal_mask(q.shape[2], k.shape[2], key_mask, q.device)
     scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
     scores = _tap(tap, f"{site}.scores", scores.masked_fill(~mask, float("-inf")))
     pattern = _tap(tap, f"{site}.pattern", torch.softmax(scores, dim=-1))
@@ -139,38 +138,43 @@ def _qkv(p: AttentionParams, x: Tensor, n_heads: int) -> tuple[Tensor, Tensor, T
     return q, k, v
 
 
-def _with_cache(k: Tensor, v: Tensor, kv: tuple[Tensor, Tensor] | None, start: int) -> tuple[Tensor, Tensor]:
-    if kv is None:
-        return k, v
-    k_buf, v_buf = kv  # written in place: see gpt2fn.cache for why and what it means for the caller
-    end = start + k.shape[2]
-    k_buf[:, :, start:end] = k
-    v_buf[:, :, start:end] = v
-    return k_buf[:, :, :end], v_buf[:, :, :end]
+def write_slots(buf: Tensor, slots: Tensor, new: Tensor, *, donate: bool) -> Tensor:
+    """`buf` `[batch, heads, capacity, head_dim]` with `new` written at `slots` `[seq]` (along the capacity axis):
+    a new tensor, or `buf` itself updated in place when the caller donates it (see `gpt2fn.cache`)."""
+    return buf.index_copy_(2, slots, new) if donate else buf.index_copy(2, slots, new)
 
 
 @checked
 def attention(p: AttentionParams, x: Float[Tensor, "batch seq d_model"], *, n_heads: int,
-              kv: tuple[Tensor, Tensor] | None = None, start: int = 0,
               key_mask: Bool[Tensor, "batch kv_seq"] | None = None, drop_rate: float = 0.0,
-              generator: torch.Generator | None = None, tap: Tap | None = None, site: str = "attn"
-              ) -> Float[Tensor, "batch seq d_model"]:
+              generator: torch.Generator | None = None, tap: Tap | None = None, site: str = "attn",
+              kv: tuple[Tensor, Tensor] | None = None, slots: Tensor | None = None,
+              mask: Bool[Tensor, "batch 1 seq kv_seq"] | None = None, donate: bool = False
+              ) -> Hidden | tuple[Hidden, tuple[Tensor, Tensor]]:
     """Causal multi-head self-attention: project to q, k, v; attend over the past (and the cache); project out.
 
-    `kv`/`start`: this layer's cache buffers and the slot where `x`'s first position goes. `key_mask`: which of
-    the `start + seq` keys are real tokens. Uses fused SDPA unless dropout or a tap needs the explicit pattern.
+    `key_mask`: which keys are real tokens (left padding). Uses fused SDPA unless dropout or a tap needs the
+    explicit pattern. Decoding (`gpt2fn.decode`) passes this layer's cache buffers `kv`, the `slots` `[seq]` where
+    `x`'s positions go and the `mask` of keys each query sees; it then returns `(out, (keys, values))`, the buffers
+    with the new slots written (in place only when `donate`).
     """
     check_record(p, site)
     q, k, v = _qkv(p, x, n_heads)
     q, k, v = (_tap(tap, f"{site}.{n}", t) for n, t in (("q", q), ("k", k), ("v", v)))
-    k, v = _with_cache(k, v, kv, start)
+    if kv is not None:
+        if slots is None or mask is None:
+            raise ValueError("attention with cache buffers `kv` needs `slots` and `mask` (see gpt2fn.decode)")
+        kv = (write_slots(kv[0], slots, k, donate=donate), write_slots(kv[1], slots, v, donate=donate))
+        k, v = kv
     explicit = _wants(tap, f"{site}.scores") or _wants(tap, f"{site}.pattern")
     if not explicit and (generator is None or drop_rate == 0.0):
-        z = attend_fast(q, k, v, key_mask)
+        z = attend_fast(q, k, v, key_mask, mask)
     else:
-        z, _ = attend_explicit(q, k, v, key_mask, drop_rate=drop_rate, generator=generator, tap=tap, site=site)
+        z, _ = attend_explicit(q, k, v, key_mask, mask=mask, drop_rate=drop_rate, generator=generator, tap=tap,
+                               site=site)
     z = _tap(tap, f"{site}.z", z)
-    return _tap(tap, f"{site}.out", linear(merge_heads(z), p.w_out, p.b_out))
+    out = _tap(tap, f"{site}.out", linear(merge_heads(z), p.w_out, p.b_out))
+    return out if kv is None else (out, kv)
 
 
 @checked
@@ -195,16 +199,21 @@ def mlp(p: MLPParams, x: Float[Tensor, "*batch d_model"], *, approximate: str = 
 
 @checked
 def block(p: BlockParams, x: Float[Tensor, "batch seq d_model"], *, config: GPTConfig, layer: int = 0,
-          kv: tuple[Tensor, Tensor] | None = None, start: int = 0,
           key_mask: Bool[Tensor, "batch kv_seq"] | None = None, generator: torch.Generator | None = None,
-          tap: Tap | None = None) -> Float[Tensor, "batch seq d_model"]:
-    """Pre-norm transformer block: x + attn(ln1(x)), then + mlp(ln2(.)), with dropout on each branch."""
+          tap: Tap | None = None, kv: tuple[Tensor, Tensor] | None = None, slots: Tensor | None = None,
+          mask: Tensor | None = None, donate: bool = False
+          ) -> Hidden | tuple[Hidden, tuple[Tensor, Tensor]]:
+    """Pre-norm transformer block: x + attn(ln1(x)), then + mlp(ln2(.)), with dropout on each branch.
+    With cache buffers `kv` (decoding, see `attention`) it returns `(x, (keys, values))`."""
     site, rate = f"blocks.{layer}", config.drop_rate
     x = _tap(tap, f"{site}.resid_pre", x)
     h = _tap(tap, f"{site}.ln1", layer_norm(p.norm1, x, eps=config.ln_eps))
-    a = attention(p.attn, h, n_heads=config.n_heads, kv=kv, start=start, key_mask=key_mask, drop_rate=rate,
-                  generator=generator, tap=tap, site=f"{site}.attn")
+    a = attention(p.attn, h, n_heads=config.n_heads, key_mask=key_mask, drop_rate=rate, generator=generator,
+                  tap=tap, site=f"{site}.attn", kv=kv, slots=slots, mask=mask, donate=donate)
+    if kv is not None:
+        a, kv = a
     x = _tap(tap, f"{site}.resid_mid", x + dropout(a, rate, generator))
     h = _tap(tap, f"{site}.ln2", layer_norm(p.norm2, x, eps=config.ln_eps))
     m = _tap(tap, f"{site}.mlp.out", mlp(p.mlp, h, approximate=config.gelu, tap=tap, site=f"{site}.mlp"))
-    return _tap(tap, f"{site}.resid_post", x + dropout(m, rate, generator))
+    x = _tap(tap, f"{site}.resid_post", x + dropout(m, rate, generator))
+    return x if kv is None else (x, kv)

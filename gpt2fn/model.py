@@ -5,8 +5,6 @@ Site names passed to a `tap` (see `gpt2fn.layers`): `embed.tok`, `embed.pos`, `e
 mlp.post, mlp.out, resid_post`), then `final_norm` and `logits`.
 """
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
@@ -56,58 +54,36 @@ def forward(params: GPTParams, ids: Int[Tensor, "batch seq"], *, cache: KVCache 
             ) -> Float[Tensor, "batch _seq vocab"] | tuple[Float[Tensor, "batch _seq vocab"], KVCache]:
     """GPT-2: logits[b, t] = unembed(ln_f(blocks(tok_emb[ids] + pos_emb[positions])))[b, t].
 
-    - `cache`: decode incrementally; returns `(logits, advanced cache)` instead of logits (see `gpt2fn.cache`).
+    - `cache`: decode incrementally; returns `(logits, cache')` instead of logits, through the pure
+      `gpt2fn.decode_step` (the cache passed in is unchanged; see `gpt2fn.cache`). Dropout does not apply there.
     - `positions`: position ids (default `start, start+1, ...`); `pad_mask`: False on left-padding tokens; when
       given without `positions`, positions are counted from the mask (cache included).
     - `generator` (or an int seed): turns dropout on with `config.drop_rate`. None: deterministic inference.
     - `last_only`: compute logits for the last position only (`[batch, 1, vocab]`), as generation needs.
     """
-    start = 0 if cache is None else cache.length
-    _check_ids(params, ids, start)
+    if cache is not None:  # incremental decoding: the pure step (gpt2fn.decode), out of place
+        from .decode import decode_step
+
+        return decode_step(params, cache, ids, pad_mask=pad_mask, tap=tap, last_only=last_only,
+                           positions=positions)
+    _check_ids(params, ids, 0)
     check_record(params, "params")
-    if cache is not None and cache.batch != ids.shape[0]:
-        raise ValueError(f"cache holds batch {cache.batch} but ids have batch {ids.shape[0]}")
-    if cache is not None and start + ids.shape[1] > cache.capacity:
-        raise ValueError(f"cache capacity {cache.capacity} is too small for {start + ids.shape[1]} positions")
-    gen = as_generator(generator, ids.device)
-
-    key_mask = None
-    if pad_mask is not None:
-        if cache is not None:
-            if cache.valid is None:
-                raise ValueError("pad_mask needs a cache made with init_cache(..., padded=True)")
-            cache.valid[:, start:start + ids.shape[1]] = pad_mask  # in place, like the keys (gpt2fn.cache)
-            key_mask = cache.valid[:, :start + ids.shape[1]]
-        else:
-            key_mask = pad_mask
-        if positions is None:
-            positions = positions_from_mask(key_mask)[:, start:]
-    elif cache is not None and cache.valid is not None:
-        cache.valid[:, start:start + ids.shape[1]] = True
-        key_mask = cache.valid[:, :start + ids.shape[1]]
-        if positions is None:
-            positions = positions_from_mask(key_mask)[:, start:]
-
-    x = _features(params, ids, cache=cache, start=start, positions=positions, key_mask=key_mask, generator=gen,
+    if pad_mask is not None and positions is None:
+        positions = positions_from_mask(pad_mask)
+    x = _features(params, ids, positions=positions, key_mask=pad_mask, generator=as_generator(generator, ids.device),
                   tap=tap, last_only=last_only)
-    logits = _tap(tap, "logits", linear(x, head_matrix(params), None))
-    return logits if cache is None else (logits, cache.advance(ids.shape[1]))
+    return _tap(tap, "logits", linear(x, head_matrix(params), None))
 
 
-def _features(params: GPTParams, ids: Tensor, *, cache: KVCache | None = None, start: int = 0,
-              positions: Tensor | None = None, key_mask: Tensor | None = None,
+def _features(params: GPTParams, ids: Tensor, *, positions: Tensor | None = None, key_mask: Tensor | None = None,
               generator: torch.Generator | None = None, tap: Tap | None = None, last_only: bool = False) -> Tensor:
     """Everything before the unembedding: embeddings -> blocks -> final layer norm, `[batch, seq, d_model]`."""
     cfg = params.config
     tok = _tap(tap, "embed.tok", params.tok_emb[ids])
-    pos_table = params.pos_emb[start:start + ids.shape[1]] if positions is None else params.pos_emb[positions]
-    pos = _tap(tap, "embed.pos", pos_table)
+    pos = _tap(tap, "embed.pos", params.pos_emb[:ids.shape[1]] if positions is None else params.pos_emb[positions])
     x = _tap(tap, "embed", dropout(tok + pos, cfg.drop_rate, generator))
-
     for i, bp in enumerate(params.blocks):
-        kv = None if cache is None else (cache.keys[i], cache.values[i])
-        x = block(bp, x, config=cfg, layer=i, kv=kv, start=start, key_mask=key_mask, generator=generator, tap=tap)
-
+        x = block(bp, x, config=cfg, layer=i, key_mask=key_mask, generator=generator, tap=tap)
     if last_only:
         x = x[:, -1:]
     return _tap(tap, "final_norm", layer_norm(params.final_norm, x, eps=cfg.ln_eps))
@@ -153,10 +129,10 @@ def loss(params: GPTParams, ids: Int[Tensor, "batch seq"], targets: Int[Tensor, 
     return head_cross_entropy(x.flatten(0, 1), w, targets, ignore_index=ignore_index)
 
 
-@functools.lru_cache(maxsize=8)
 def trained_vocab_index(config: GPTConfig, device: torch.device) -> tuple[Tensor, Tensor]:
     """For a config with `trained_vocab`: `(rows, position)`, the trained ids as a tensor and, for every id, its
-    position among them (-1 for an id outside it). Cached per config and device."""
+    position among them (-1 for an id outside it). Built per call (a vocabulary-sized index, cheap next to a
+    forward); a caller that needs it often keeps the value."""
     if config.trained_vocab is None:
         raise ValueError("this config has no trained_vocab")
     rows = torch.tensor(config.trained_vocab, dtype=torch.long, device=device)

@@ -80,7 +80,7 @@ def checked(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        if _CHECKS.get() and not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling() and _CHECKS.get():
             return typed(*args, **kwargs)
         return fn(*args, **kwargs)
 
@@ -104,7 +104,7 @@ def check_record(record: Any, name: str = "params") -> None:
     the function's inputs: a ``d_model`` of 64 in ``x`` and 48 in ``record.scale`` is an error naming both.
     A no-op when checks are off.
     """
-    if not _CHECKS.get() or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or not _CHECKS.get():
         return
     hints = _field_hints(type(record))
     for field in record._fields:

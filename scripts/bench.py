@@ -45,6 +45,7 @@ from gpt2fn import GPTParams  # noqa: E402
 WORKLOADS = ("limits", "decode", "prefill", "checks", "train", "load")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 GPT2FN, HF, SEED = "gpt2fn", "transformers", "seed loop (no cache)"
+COMPILED = "gpt2fn compile=True"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -194,8 +195,8 @@ def seed_decoder(model: torch.nn.Module, ctx: int) -> Callable[[torch.Tensor, in
 
 
 def bench_decode(params: GPTParams, *, batch: int, prompt_len: int = 16, new_tokens: int = 128,
-                 repeats: int = 3, ttft_repeats: int = 5, with_seed: bool = False, with_hf: bool = True
-                 ) -> list[Result]:
+                 repeats: int = 3, ttft_repeats: int = 5, with_seed: bool = False, with_hf: bool = True,
+                 with_compiled: bool = False) -> list[Result]:
     """Greedy decoding of `new_tokens` after a `prompt_len` prompt: new tokens/s (all rows of the batch, prefill
     included) and time to first token, each contender on the same weights and prompt."""
     device, dtype = params.device, params.dtype
@@ -208,6 +209,9 @@ def bench_decode(params: GPTParams, *, batch: int, prompt_len: int = 16, new_tok
         decoders[HF] = hf_decoder(peers.hf_from_params(params))
     if with_seed:
         decoders[SEED] = seed_decoder(peers.seed_from_params(params), params.config.context_length)
+    if with_compiled:  # the same steps through torch.compile (one graph per batch and capacity)
+        decoders[COMPILED] = lambda ids, new: gpt2fn.generate_tokens(params, ids, max_new_tokens=new, eos=False,
+                                                                     compile=True)
 
     outputs: dict[tuple[str, int], torch.Tensor] = {}
 
@@ -217,6 +221,8 @@ def bench_decode(params: GPTParams, *, batch: int, prompt_len: int = 16, new_tok
         return run
 
     warm = {n: runner(n, min(4, new_tokens)) for n in decoders}
+    if COMPILED in warm:  # compile the graph of the measured capacity before timing
+        warm[COMPILED] = runner(COMPILED, new_tokens)
     # the seed's loop is an order of magnitude slower and its spread matters little: two rounds at most
     full = interleaved({n: runner(n, new_tokens) for n in decoders}, repeats=repeats, device=device, warmup=warm,
                        at_most={SEED: 2})
@@ -692,6 +698,7 @@ class Plan:
     prefill_len: int = 1024
     train_batch: int = 8
     repeats: int = 3
+    compiled: bool = True
     limit_mb: int = 1024
     gemm_n: int = 2048
 
@@ -710,6 +717,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=None, help="decoded tokens (default 128, --quick 16)")
     p.add_argument("--batches", default=None, help="decode batch sizes, comma separated (default 1,8)")
     p.add_argument("--dtypes", default=None, help="decode dtypes of fp32,bf16 (default both)")
+    p.add_argument("--no-compiled", action="store_true",
+                   help="skip the torch.compile decode rows (they compile for tens of seconds first)")
     p.add_argument("--preset", default="gpt2", help="model for decode/prefill/checks/load (default gpt2, 124M)")
     p.add_argument("--train-preset", default="small", help="model for the train step (default small)")
     p.add_argument("--seed-preset", default="seed", help="model for the seed-format .pth load (default seed)")
@@ -726,6 +735,7 @@ def plan_from(args: argparse.Namespace) -> Plan:
     if args.quick:
         plan.repeats, plan.new_tokens, plan.prefill_len, plan.limit_mb, plan.gemm_n = 2, 16, 256, 256, 1024
     plan.repeats = args.repeats or plan.repeats
+    plan.compiled = not (args.no_compiled or args.quick)
     plan.new_tokens = args.new_tokens or plan.new_tokens
     if args.batches:
         plan.batches = tuple(int(b) for b in args.batches.split(","))
@@ -766,7 +776,8 @@ def run(plan: Plan, device: torch.device) -> tuple[list[Result], list[str]]:
             for b in plan.batches:
                 with _stage(f"decode {dt} b{b}"):
                     results += bench_decode(p, batch=b, prompt_len=plan.prompt_len, new_tokens=plan.new_tokens,
-                                            repeats=plan.repeats, with_seed=(dt == "fp32" and b == 1))
+                                            repeats=plan.repeats, with_seed=(dt == "fp32" and b == 1),
+                                            with_compiled=plan.compiled and b in (1, 8))
             del p
     if "prefill" in plan.only:
         with _stage("prefill"):

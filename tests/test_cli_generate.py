@@ -72,6 +72,15 @@ def test_cli_streaming_and_sampling_flags_match_the_python_api(capsys, checkpoin
     assert streamed == printed == "Once upon a time" + expected + "\n"
 
 
+@pytest.mark.slow
+def test_cli_compile_flag_gives_the_eager_tokens(capsys, checkpoint):
+    flags = ["--checkpoint", checkpoint, "--device", "cpu", "--max-new-tokens", "12", "--no-eos", "Once upon a"]
+    code, eager, _ = _run(capsys, *flags)
+    assert code == 0
+    code, compiled, _ = _run(capsys, "--compile", *flags)
+    assert code == 0 and compiled == eager
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--checkpoint", "does/not/exist.pth", "Hi"], "does/not/exist.pth"),
     (["--checkpoint", "does/not/exist.pth", "--top-p", "1.5", "Hi"], "top_p"),  # checked before loading

@@ -94,7 +94,7 @@ def test_left_pad_puts_padding_on_the_left():
 
 def test_decode_params_unties_the_head_as_a_contiguous_copy_without_touching_params():
     params = init_params(preset("tiny"), seed=0)
-    fast = decode_params(params)
+    fast = decode_params(params, threads=1)
     assert params.head is None and params.config.tie_head
     assert fast.head is not None and fast.head.is_contiguous() and not fast.config.tie_head
     assert torch.equal(fast.head, params.tok_emb.T) and fast.tok_emb is params.tok_emb
@@ -399,12 +399,19 @@ def test_bfloat16_params_generate_the_same_kind_of_output(sharp):
     assert out.shape == (2, 11) and out.dtype == torch.long and (out < 97).all()
 
 
-def test_the_decode_layout_is_remembered_and_follows_changes_to_the_embedding():
+def test_the_decode_layout_is_a_value_made_afresh_and_reusable():
+    from gpt2fn.kernels import unpack
+
     params = init_params(preset("tiny"), seed=0)
-    head = decode_params(params).head
-    assert decode_params(params).head is head  # the copy is made once per embedding tensor
+    layout = decode_params(params, threads=2)
+    assert layout.blocks[0].mlp.w_fc.ndim == 3  # packed for two threads: a view of the same storage
+    assert layout.blocks[0].mlp.w_fc.data_ptr() == params.blocks[0].mlp.w_fc.data_ptr()
+    again = decode_params(layout, threads=2)  # applying it twice changes nothing
+    assert again.head is layout.head and again.blocks[0].mlp.w_fc is layout.blocks[0].mlp.w_fc
     with torch.no_grad():
-        params.tok_emb.mul_(2)  # an in-place change invalidates it
-    assert torch.equal(decode_params(params).head, params.tok_emb.T)
+        params.tok_emb.mul_(2)  # no memory of earlier calls: a new layout follows the new weights
+    assert torch.equal(unpack(decode_params(params).head), params.tok_emb.T)
     half = gpt2fn.tree_to(params, dtype=torch.bfloat16)
-    assert decode_params(half) is half  # bf16 reads the tied orientation as fast: no copy
+    assert decode_params(half).head is None  # bf16 reads the tied orientation as fast: no copy
+    ids = _ids(1, 2, 5)
+    assert torch.equal(generate_tokens(layout, ids, max_new_tokens=4), generate_tokens(params, ids, max_new_tokens=4))

@@ -133,20 +133,3 @@ def test_mlp_is_gelu_sandwich(device, tiny_config, bias):
     hidden = x @ p.w_fc + (p.b_fc if bias else 0)
     expected = torch.nn.functional.gelu(hidden, approximate="tanh") @ p.w_proj + (p.b_proj if bias else 0)
     torch.testing.assert_close(gpt2fn.mlp(p, x), expected, atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("rows", [1, 3, 16, 17])
-def test_linear_split_path_for_few_rows_equals_the_plain_product(rows):
-    # the two-core path (few rows, fp32, CPU, >1 thread) must give x @ w + b up to rounding, bias or not
-    from gpt2fn.layers import linear
-
-    g = torch.Generator().manual_seed(rows)
-    x, w, b = torch.randn(rows, 48, generator=g), torch.randn(48, 40, generator=g), torch.randn(40, generator=g)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        torch.testing.assert_close(linear(x, w, b), x @ w + b, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(linear(x[None], w, None), (x @ w)[None], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(linear(x, w.T.contiguous().T, b), x @ w + b, atol=1e-5, rtol=1e-5)  # strided w
-    finally:
-        torch.set_num_threads(threads)

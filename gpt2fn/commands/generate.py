@@ -37,6 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cpu, cuda, cuda:1, mps (default: CUDA, then MPS, then CPU)")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="cast the weights (default: as stored)")
+    parser.add_argument("--compile", action="store_true",
+                        help="run the decode step through torch.compile (same tokens; compiles once, seconds)")
     parser.add_argument("prompt", nargs="+", metavar="PROMPT", help="the prompt (several words are joined by spaces)")
 
 
@@ -65,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     params = load(args.checkpoint or args.model or "gpt2", device=device, dtype=dtype)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
-                   eos=not args.no_eos)
+                   eos=not args.no_eos, compile=args.compile)
     if args.stream:
         sys.stdout.write(prompt)
         sys.stdout.flush()
