@@ -5,7 +5,11 @@ Every function reads only its arguments and returns new tensors; randomness come
 Logits are `[batch, vocab]` (the last position's); filtering works in fp32 whatever the model's dtype.
 
     logits -> mask_vocab (padding ids of a nanoGPT vocab) -> repetition_penalty (Keskar et al. 2019, CTRL)
-           -> temperature -> top_k (Fan et al. 2018) -> top_p (nucleus, Holtzman et al. 2019) -> sample / greedy
+           -> no_repeat_ngram (Paulus et al. 2017) -> suppress_tokens
+           -> temperature -> top_k (Fan et al. 2018) -> top_p (nucleus, Holtzman et al. 2019)
+           -> min_p (Nguyen et al. 2024, after temperature) -> sample / greedy
+
+The order is `transformers`' (`GenerationMixin._get_logits_processor`): processors, then the sampling warpers.
 
 `temperature == 0` means greedy (argmax), the seed's behaviour and the default.
 """
@@ -22,7 +26,8 @@ from .shapes import checked
 
 __all__ = [
     "SamplingOptions", "check_options", "mask_vocab", "repetition_penalty", "scale_temperature", "top_k_filter",
-    "top_p_filter", "greedy", "sample", "row_generators", "next_token",
+    "top_p_filter", "min_p_filter", "no_repeat_ngram", "suppress_tokens", "greedy", "sample", "row_generators",
+    "next_token",
 ]
 
 
@@ -34,9 +39,15 @@ class SamplingOptions:
     top_k: int | None = None
     top_p: float | None = None
     repetition_penalty: float | None = None
+    min_p: float | None = None
+    no_repeat_ngram_size: int | None = None
+    suppress: tuple[int, ...] | None = None  # any sequence of ids is accepted and stored as a tuple
 
     def __post_init__(self) -> None:
-        check_options(self.temperature, self.top_k, self.top_p, self.repetition_penalty)
+        check_options(self.temperature, self.top_k, self.top_p, self.repetition_penalty, min_p=self.min_p,
+                      no_repeat_ngram_size=self.no_repeat_ngram_size, suppress=self.suppress)
+        if self.suppress is not None:
+            object.__setattr__(self, "suppress", tuple(int(i) for i in self.suppress))
 
     @property
     def greedy(self) -> bool:
@@ -44,7 +55,8 @@ class SamplingOptions:
 
 
 def check_options(temperature: float, top_k: int | None, top_p: float | None,
-                  repetition_penalty: float | None) -> None:
+                  repetition_penalty: float | None, *, min_p: float | None = None,
+                  no_repeat_ngram_size: int | None = None, suppress: Sequence[int] | None = None) -> None:
     """Raise a ValueError naming every bad decoding option at once."""
     problems = []
     if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
@@ -57,8 +69,27 @@ def check_options(temperature: float, top_k: int | None, top_p: float | None,
                                            or not math.isfinite(repetition_penalty) or repetition_penalty <= 0):
         problems.append(f"repetition_penalty must be a finite number > 0 (1 = none) or None, "
                         f"got {repetition_penalty!r}")
+    if min_p is not None and (isinstance(min_p, bool) or not isinstance(min_p, (int, float))
+                              or not 0.0 <= min_p <= 1.0):
+        problems.append(f"min_p must be in [0, 1] (0 = none) or None, got {min_p!r}")
+    if no_repeat_ngram_size is not None and (isinstance(no_repeat_ngram_size, bool)
+                                             or not isinstance(no_repeat_ngram_size, int) or no_repeat_ngram_size < 1):
+        problems.append(f"no_repeat_ngram_size must be an integer >= 1 or None, got {no_repeat_ngram_size!r}")
+    if suppress is not None:
+        bad = _bad_ids(suppress)
+        if bad is not None:
+            problems.append(f"suppress must be a sequence of token ids >= 0 (the ids never to produce) or None; "
+                            f"got {bad}")
     if problems:
         raise ValueError("; ".join(problems))
+
+
+def _bad_ids(ids: object) -> str | None:
+    """Why `ids` is not a sequence of non-negative int token ids, or None when it is."""
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+        return f"{ids!r} (not a list or tuple of ints)"
+    wrong = [i for i in ids if isinstance(i, bool) or not isinstance(i, int) or i < 0]
+    return f"{wrong!r} in {list(ids)!r}" if wrong else None
 
 
 @checked
@@ -115,6 +146,63 @@ def top_p_filter(logits: Float[Tensor, "batch vocab"], p: float) -> Float[Tensor
 
 
 @checked
+def min_p_filter(logits: Float[Tensor, "batch vocab"], min_p: float) -> Float[Tensor, "batch vocab"]:
+    """Min-p: keep the ids whose probability is at least `min_p` times the most likely id's (which always stays).
+
+    As `transformers`' MinPLogitsWarper; meant for the temperature-scaled logits. A row with no finite logit
+    is returned unchanged."""
+    if not 0.0 <= min_p <= 1.0:
+        raise ValueError(f"min_p must be in [0, 1], got {min_p}")
+    probs = torch.softmax(logits, dim=-1)
+    # min_p <= 1, so the top probability always passes its own threshold: no separate "keep one" step
+    return logits.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), float("-inf"))
+
+
+@checked
+def no_repeat_ngram(logits: Float[Tensor, "batch vocab"], history: Int[Tensor, "batch seq"], n: int,
+                    real: Bool[Tensor, "batch seq"] | None = None) -> Float[Tensor, "batch vocab"]:
+    """No repeated n-grams (Paulus et al. 2017): forbid every id that would complete an `n`-gram already in the row.
+
+    `history` is each row's tokens so far, prompt included (as `transformers`' NoRepeatNGramLogitsProcessor);
+    `real` marks its real tokens where rows are padded (on the left, as `generate` lays them out). An n-gram is
+    a window of `n` consecutive real positions: windows touching padding never count, and a row whose last
+    `n - 1` positions are not all real bans nothing. Vectorised: the last `n - 1` tokens are matched against
+    every window of the history at once (`unfold`), and each matching window bans its own last token."""
+    if isinstance(n, bool) or n < 1:
+        raise ValueError(f"no_repeat_ngram_size must be an integer >= 1, got {n}")
+    batch, seq = history.shape
+    vocab = logits.shape[-1]
+    if seq < n:  # no complete n-gram yet
+        return logits
+    prefix = history[:, seq - n + 1:]                       # [batch, n-1], empty for n == 1
+    windows = history.unfold(1, n, 1)                       # [batch, seq-n+1, n]
+    matches = (windows[..., :-1] == prefix[:, None]).all(-1)  # [batch, seq-n+1]
+    if real is not None:
+        matches = matches & real.unfold(1, n, 1).all(-1) & real[:, seq - n + 1:].all(-1, keepdim=True)
+    # non-matching windows (and ids outside the logits' vocab, which cannot be produced) go to a spare column
+    last = windows[..., -1]
+    target = torch.where(matches & (last >= 0), last.clamp(max=vocab), vocab)
+    banned = torch.zeros(batch, vocab + 1, dtype=torch.bool, device=logits.device).scatter(1, target, True)
+    return logits.masked_fill(banned[:, :vocab], float("-inf"))
+
+
+@checked
+def suppress_tokens(logits: Float[Tensor, "batch vocab"], ids: Sequence[int]) -> Float[Tensor, "batch vocab"]:
+    """Never produce the token `ids` (`transformers`' SuppressTokensLogitsProcessor): their logits become -inf."""
+    bad = _bad_ids(ids)
+    vocab = logits.shape[-1]
+    if bad is None and any(i >= vocab for i in ids):
+        bad = f"{[i for i in ids if i >= vocab]!r} in {list(ids)!r}"
+    if bad is not None:
+        raise ValueError(f"suppress ids must be token ids in [0, {vocab}) for these logits; got {bad}")
+    if not ids:
+        return logits
+    banned = torch.zeros(vocab, dtype=torch.bool, device=logits.device)
+    banned[torch.tensor(list(ids), dtype=torch.long, device=logits.device)] = True
+    return logits.masked_fill(banned, float("-inf"))
+
+
+@checked
 def greedy(logits: Float[Tensor, "batch vocab"]) -> Int[Tensor, " batch"]:
     """The most likely id of each row (the first one on ties)."""
     return logits.argmax(dim=-1)
@@ -156,14 +244,25 @@ def row_generators(seed: int | torch.Generator | Sequence[int | torch.Generator]
 
 def next_token(logits: Float[Tensor, "batch vocab"], options: SamplingOptions, *, n_tokens: int,
                generators: Sequence[torch.Generator] | None = None, seen: Bool[Tensor, "batch vocab"] | None = None,
-               allowed: Bool[Tensor, " vocab"] | None = None) -> Int[Tensor, " batch"]:
-    """The whole pipeline: mask padded (or not allowed) ids, penalise repeats, then greedy or
-    temperature/top-k/top-p sampling."""
+               allowed: Bool[Tensor, " vocab"] | None = None, history: Int[Tensor, "batch seq"] | None = None,
+               history_mask: Bool[Tensor, "batch seq"] | None = None) -> Int[Tensor, " batch"]:
+    """The whole pipeline: mask padded (or not allowed) ids, penalise repeats, ban repeated n-grams and suppressed
+    ids, then greedy or temperature/top-k/top-p/min-p sampling.
+
+    `seen` (ids already in each row) feeds the repetition penalty; `history` (each row's tokens so far, prompt
+    included) and `history_mask` (its real tokens, False on left padding) feed `no_repeat_ngram_size`."""
     logits = mask_vocab(logits.float(), n_tokens, allowed)
     if options.repetition_penalty is not None and options.repetition_penalty != 1.0:
         if seen is None:
             raise ValueError("repetition_penalty needs `seen`, the ids already in each row")
         logits = repetition_penalty(logits, seen, options.repetition_penalty)
+    if options.no_repeat_ngram_size is not None:
+        if history is None:
+            raise ValueError("no_repeat_ngram_size needs `history`, each row's tokens so far [batch, seq] "
+                             "(and `history_mask` where rows are left padded)")
+        logits = no_repeat_ngram(logits, history, options.no_repeat_ngram_size, history_mask)
+    if options.suppress:
+        logits = suppress_tokens(logits, options.suppress)
     if options.greedy:
         return greedy(logits)
     logits = scale_temperature(logits, options.temperature)
@@ -171,6 +270,8 @@ def next_token(logits: Float[Tensor, "batch vocab"], options: SamplingOptions, *
         logits = top_k_filter(logits, options.top_k)
     if options.top_p is not None:
         logits = top_p_filter(logits, options.top_p)
+    if options.min_p is not None and options.min_p > 0:
+        logits = min_p_filter(logits, options.min_p)
     if generators is None:
         raise ValueError("sampling (temperature > 0) needs generators, one per row; see row_generators()")
     return sample(logits, generators)
