@@ -20,14 +20,15 @@ one `decode_step` per new token -> `gpt2fn.sampling.next_token` -> ids -> increm
 import codecs
 import dataclasses
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from .cache import init_cache, rollback
 from .decode import compiled_decode_step, decode_params, decode_step
-from .model import trained_vocab_index
+from .model import positions_from_mask, trained_vocab_index
 from .params import GPTParams, tree_to
 from .sampling import SamplingOptions, next_token, row_generators
 from .shapes import checks_enabled, shape_checks
@@ -72,13 +73,27 @@ class _Request:
     max_new_tokens: int
     options: SamplingOptions
     eos_id: int | None
+    edit: Any = None  # a gpt2fn.study tap applying the edits, or None
+    compile: bool = False
+    logprobs: bool = False
 
 
 def _request(params: GPTParams, max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
-             repetition_penalty: float | None, eos: bool | int | None) -> _Request:
+             repetition_penalty: float | None, eos: bool | int | None, *, min_p: float | None = None,
+             no_repeat_ngram_size: int | None = None, suppress: Sequence[int] | None = None,
+             edit: Mapping[str, Callable[[Tensor], Tensor]] | None = None, compile: bool = False,
+             logprobs: bool = False) -> _Request:
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    options = SamplingOptions(temperature, top_k, top_p, repetition_penalty)
+    options = SamplingOptions(temperature, top_k, top_p, repetition_penalty, min_p, no_repeat_ngram_size,
+                              None if suppress is None else tuple(suppress))
+    tap = None
+    if edit:
+        if compile:
+            raise ValueError("compile=True traces the plain decode step; edits run eagerly: drop compile= or edit=")
+        from .study.run import edit_tap  # study builds on the model, not the other way round
+
+        tap = edit_tap(params.config, edit)
     n_tokens = params.config.n_tokens
     if eos is True:
         eos_id = EOT if EOT < n_tokens else None  # a model with a smaller vocabulary has no <|endoftext|>
@@ -89,7 +104,7 @@ def _request(params: GPTParams, max_new_tokens: int, temperature: float, top_k: 
     else:
         raise ValueError(f"eos must be True (<|endoftext|>), False/None (never stop early) or a token id in "
                          f"[0, {n_tokens}); got {eos!r}")
-    return _Request(max_new_tokens, options, eos_id)
+    return _Request(max_new_tokens, options, eos_id, tap, bool(compile), bool(logprobs))
 
 
 def _check_prompt_ids(ids: Tensor, mask: Tensor | None, n_tokens: int) -> None:
@@ -121,11 +136,14 @@ def _crop_to_window(ids: Tensor, mask: Tensor | None, ctx: int) -> tuple[Tensor,
 
 
 def _token_steps(params: GPTParams, ids: Tensor, mask: Tensor | None, request: _Request,
-                 generators: list[torch.Generator] | None, compile: bool = False) -> Iterator[Tensor]:
-    """Yield the next token of every row (`[batch]`), step by step; finished rows (EOS) repeat the EOS id.
+                 generators: list[torch.Generator] | None) -> Iterator[tuple[Tensor, Tensor | None]]:
+    """Yield `(next token [batch], its log-probability [batch] or None)` of every row, step by step; finished
+    rows (EOS) repeat the EOS id. The log-probability is the model's (log_softmax of its logits, before any
+    sampling filter), computed only when the request asks for it.
 
     Each step is `decode_step` donating the cache it was given (one owner, no copy per token); with `compile`
-    the one-token steps run through `compiled_decode_step()` (one graph for the whole generation)."""
+    the one-token steps run through `compiled_decode_step()` (one graph for the whole generation). Edits
+    (`request.edit`) are applied at the prefill and every step, at the absolute positions of the tokens."""
     cfg, opts = params.config, request.options
     (batch, prompt_len), ctx = ids.shape, cfg.context_length
     keep = ctx - max(1, ctx // 8)  # tokens kept when the window slides
@@ -148,19 +166,33 @@ def _token_steps(params: GPTParams, ids: Tensor, mask: Tensor | None, request: _
     allowed = None
     if cfg.trained_vocab is not None:  # a model trained on a corpus's own vocabulary predicts only those ids
         allowed = trained_vocab_index(cfg, ids.device)[1] >= 0
-    step_fn = compiled_decode_step() if compile else decode_step
+    step_fn = compiled_decode_step() if request.compile else decode_step
+    edit = request.edit
 
-    logits, cache = decode_step(params, cache, ids, pad_mask=mask, donate=True, last_only=True)
+    def tap_for(tokens: Tensor, pad: Tensor | None) -> Any:  # the edits at these tokens' absolute positions
+        if edit is None:
+            return None
+        at = torch.arange(tokens.shape[1], device=ids.device).expand(batch, -1) if pad is None else (
+            positions_from_mask(pad))
+        return edit.at(at)
+
+    logits, cache = decode_step(params, cache, ids, pad_mask=mask, donate=True, last_only=True,
+                                tap=tap_for(ids, mask))
     filled = prompt_len
     checking = checks_enabled()  # the caller's setting for the prefill and the first step; then off (speed)
     for step in range(request.max_new_tokens):
         with shape_checks(checking):
+            so_far = prompt_len + step
             tok = next_token(logits[:, -1], opts, n_tokens=cfg.n_tokens, generators=generators, seen=seen,
-                             allowed=allowed)
+                             allowed=allowed, history=history[:, :so_far],
+                             history_mask=None if real is None else real[:, :so_far])
+        logprob = None
+        if request.logprobs:
+            logprob = torch.log_softmax(logits[:, -1].float(), -1).gather(-1, tok[:, None])[:, 0]
         if request.eos_id is not None:
             tok = tok.masked_fill(done, request.eos_id)
             done = done | (tok == request.eos_id)
-        yield tok
+        yield tok, logprob
         end = prompt_len + step + 1
         if step == request.max_new_tokens - 1 or (request.eos_id is not None and bool(done.all())):
             return
@@ -169,12 +201,17 @@ def _token_steps(params: GPTParams, ids: Tensor, mask: Tensor | None, request: _
             seen.scatter_(1, tok[:, None], True)
         if filled == capacity:  # the window slides: prefill the last `keep` tokens again into the same buffers
             window_mask = None if real is None else real[:, end - keep:end]
-            logits, cache = decode_step(params, rollback(cache, 0), history[:, end - keep:end], pad_mask=window_mask,
-                                        donate=True, last_only=True)
+            window = history[:, end - keep:end]
+            logits, cache = decode_step(params, rollback(cache, 0), window, pad_mask=window_mask, donate=True,
+                                        last_only=True, tap=tap_for(window, window_mask))
             filled = keep
             continue
         with shape_checks(checking):
-            logits, cache = step_fn(params, cache, tok[:, None], donate=True, last_only=True)
+            if edit is None:
+                logits, cache = step_fn(params, cache, tok[:, None], donate=True, last_only=True)
+            else:
+                logits, cache = decode_step(params, cache, tok[:, None], donate=True, last_only=True,
+                                            tap=edit.at(cache.positions[:, None]))
         filled += 1
         checking = False
 
@@ -188,28 +225,79 @@ def _prepare(params: GPTParams, device: torch.device | str | None) -> GPTParams:
     return params
 
 
+def _check_beams(request: _Request, num_beams: int, length_penalty: float, early_stopping: bool | str,
+                 num_return_sequences: int) -> dict[str, Any] | None:
+    """The beam-search options, checked; None for plain decoding (num_beams == 1)."""
+    if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
+        raise ValueError(f"num_beams must be an integer >= 1 (1: no beam search), got {num_beams!r}")
+    if (isinstance(num_return_sequences, bool) or not isinstance(num_return_sequences, int)
+            or not 1 <= num_return_sequences <= num_beams):
+        raise ValueError(f"num_return_sequences must be an integer in [1, num_beams={num_beams}], got "
+                         f"{num_return_sequences!r}")
+    if num_beams == 1:
+        return None
+    opts = request.options
+    if not opts.greedy or opts.top_k is not None or opts.top_p is not None or opts.min_p is not None:
+        raise ValueError("beam search is deterministic: temperature, top_k, top_p and min_p do not apply with "
+                         f"num_beams={num_beams}; leave them unset (or use num_beams=1 to sample)")
+    if request.edit is not None or request.compile or request.logprobs:
+        raise ValueError("num_beams > 1 does not combine with edit=, compile=True or return_logprobs=True")
+    if opts.repetition_penalty is not None or opts.no_repeat_ngram_size is not None or opts.suppress is not None:
+        raise ValueError("repetition_penalty, no_repeat_ngram_size and suppress are not applied by beam search "
+                         "here; leave them unset with num_beams > 1")
+    return dict(num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping,
+                num_return_sequences=num_return_sequences)
+
+
+def _continue(params: GPTParams, ids: Tensor, mask: Tensor | None, request: _Request, beams: dict[str, Any] | None,
+              seed: Seed) -> tuple[Tensor, Tensor | None]:
+    """The new ids `[rows, new]` after the (cropped) prompt, and their log-probabilities when requested."""
+    window, mask = _crop_to_window(ids, mask, params.config.context_length)
+    cfg = params.config
+    if beams is not None:
+        from .beam import beam_search
+
+        allowed = None if cfg.trained_vocab is None else trained_vocab_index(cfg, ids.device)[1] >= 0
+        out = beam_search(params, window, pad_mask=mask, max_new_tokens=request.max_new_tokens,
+                          eos_id=request.eos_id, n_tokens=cfg.n_tokens, allowed=allowed, **beams)
+        return out[:, window.shape[1]:], None
+    gens = None if request.options.greedy else row_generators(seed, ids.shape[0], params.device)
+    steps = list(_token_steps(params, window, mask, request, gens))
+    new = torch.stack([t for t, _ in steps], dim=1)
+    return new, (torch.stack([lp for _, lp in steps], dim=1) if request.logprobs else None)
+
+
 @torch.no_grad()
 def generate_tokens(params: GPTParams, ids: Tensor, *, max_new_tokens: int = 20, temperature: float = 0.0,
                     top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
-                    seed: Seed = None, eos: bool | int | None = None, pad_mask: Tensor | None = None,
-                    device: torch.device | str | None = None, compile: bool = False) -> Tensor:
+                    min_p: float | None = None, no_repeat_ngram_size: int | None = None,
+                    suppress: Sequence[int] | None = None, seed: Seed = None, eos: bool | int | None = None,
+                    pad_mask: Tensor | None = None, device: torch.device | str | None = None, compile: bool = False,
+                    edit: Mapping[str, Callable[[Tensor], Tensor]] | None = None, return_logprobs: bool = False,
+                    num_beams: int = 1, length_penalty: float = 1.0, early_stopping: bool | str = False,
+                    num_return_sequences: int = 1) -> Tensor | tuple[Tensor, Tensor]:
     """Continue each row of `ids` `[batch, seq]`: returns `[batch, seq + new]` (the prompt, then the new ids).
 
     `new` is `max_new_tokens`, or fewer when every row has produced `eos` (an id; True means `<|endoftext|>`);
     after its EOS a row is filled with the EOS id. `pad_mask` (False on left padding) lets rows differ in length.
-    Options as in :func:`generate`.
+    `return_logprobs=True` returns `(ids, logprobs [batch, new])` as well. With `num_beams > 1` the rows are
+    `[batch * num_return_sequences, seq + new]`, each prompt's best hypotheses first. Options as in :func:`generate`.
     """
-    params = decode_params(_prepare(params, device), batch=ids.shape[0] if isinstance(ids, Tensor) else 1)
-    request = _request(params, max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos)
+    params = _prepare(params, device)
+    request = _request(params, max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos, min_p=min_p,
+                       no_repeat_ngram_size=no_repeat_ngram_size, suppress=suppress, edit=edit, compile=compile,
+                       logprobs=return_logprobs)
+    beams = _check_beams(request, num_beams, length_penalty, early_stopping, num_return_sequences)
     ids = ids.to(params.device)
     pad_mask = None if pad_mask is None else pad_mask.to(params.device)
     _check_prompt_ids(ids, pad_mask, params.config.n_tokens)
     if request.max_new_tokens == 0:
-        return ids
-    window, mask = _crop_to_window(ids, pad_mask, params.config.context_length)
-    gens = None if request.options.greedy else row_generators(seed, ids.shape[0], params.device)
-    new = list(_token_steps(params, window, mask, request, gens, compile))
-    return torch.cat([ids, torch.stack(new, dim=1)], dim=1)
+        return (ids, torch.zeros(ids.shape[0], 0)) if return_logprobs else ids
+    rows = ids.shape[0] * (1 if beams is None else beams["num_beams"])
+    new, logprobs = _continue(decode_params(params, batch=rows), ids, pad_mask, request, beams, seed)
+    prompt = ids if beams is None else ids.repeat_interleave(beams["num_return_sequences"], dim=0)
+    out = torch.cat([prompt, new], dim=1)
+    return (out, logprobs) if return_logprobs else out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -276,53 +364,61 @@ def _encode_prompts(prompts: Sequence[str], n_tokens: int) -> list[list[int]]:
     return rows
 
 
-def _text_steps(params: GPTParams, prompts: Sequence[str], *, max_new_tokens: int, temperature: float,
-                top_k: int | None, top_p: float | None, repetition_penalty: float | None, seed: Seed,
-                stop: str | Sequence[str] | None, eos: bool | int | None, device: torch.device | str | None,
-                compile: bool = False) -> Iterator[tuple[int, str]]:
-    """Yield `(row, text piece)` as pieces become final, for every row of a batch of prompts."""
-    params = _prepare(params, device)
-    request = _request(params, max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos)
+def _text_rows(params: GPTParams, prompts: Sequence[str], request: _Request, *, seed: Seed,
+               stop: str | Sequence[str] | None, beams: dict[str, Any] | None = None
+               ) -> Iterator[tuple[int, str, float | None]]:
+    """Yield `(row, text piece, log-probability of the piece's token or None)` as pieces become final, for every
+    row (`len(prompts) * num_return_sequences` rows with beams)."""
     stops = _check_stop(stop)
     if isinstance(prompts, str) or not prompts:
         raise ValueError("prompts must be a non-empty list of strings")
-    params = decode_params(params, batch=len(prompts))
     ids, mask = left_pad(_encode_prompts(prompts, params.config.n_tokens), device=params.device)
     _check_prompt_ids(ids, mask, params.config.n_tokens)
-    rows = [TextStream(stops) for _ in prompts]
+    n_rows = len(prompts) * (1 if beams is None else beams["num_return_sequences"])
+    rows = [TextStream(stops) for _ in range(n_rows)]
     if request.max_new_tokens > 0:
-        window, mask = _crop_to_window(ids, mask, params.config.context_length)
-        gens = None if request.options.greedy else row_generators(seed, ids.shape[0], params.device)
-        steps = _token_steps(params, window, mask, request, gens, compile)
+        layout = decode_params(params, batch=len(prompts) * (1 if beams is None else beams["num_beams"]))
+        if beams is not None:
+            steps: Iterator[tuple[Tensor, Tensor | None]] = iter(
+                [(t, None) for t in _continue(layout, ids, mask, request, beams, seed)[0].T])
+        else:
+            window, wmask = _crop_to_window(ids, mask, params.config.context_length)
+            gens = None if request.options.greedy else row_generators(seed, ids.shape[0], params.device)
+            steps = _token_steps(layout, window, wmask, request, gens)
         try:
-            for tok in steps:
+            for tok, logprob in steps:
+                lps = None if logprob is None else logprob.tolist()
                 for i, t in enumerate(tok.tolist()):
                     if rows[i].done:
                         continue
-                    if t == request.eos_id:
-                        piece = rows[i].finish()
-                    else:
-                        piece = rows[i].push(t)
-                    if piece:
-                        yield i, piece
+                    piece = rows[i].finish() if t == request.eos_id else rows[i].push(t)
+                    yield i, piece, None if lps is None else lps[i]
                 if all(r.done for r in rows):
                     break
         finally:
-            steps.close()
+            close = getattr(steps, "close", None)
+            if close is not None:
+                close()
     for i, r in enumerate(rows):
         piece = r.finish()
         if piece:
-            yield i, piece
+            yield i, piece, None
 
 
 def generate(params: GPTParams, prompt: str | Sequence[str], *, max_new_tokens: int = 20, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
-             seed: Seed = None, stop: str | Sequence[str] | None = None, eos: bool | int | None = True,
-             device: torch.device | str | None = None, compile: bool = False) -> str | list[str]:
+             min_p: float | None = None, no_repeat_ngram_size: int | None = None,
+             suppress: Sequence[int] | None = None, seed: Seed = None, stop: str | Sequence[str] | None = None,
+             eos: bool | int | None = True, device: torch.device | str | None = None, compile: bool = False,
+             edit: Mapping[str, Callable[[Tensor], Tensor]] | None = None, return_logprobs: bool = False,
+             num_beams: int = 1, length_penalty: float = 1.0, early_stopping: bool | str = False,
+             num_return_sequences: int = 1) -> Any:
     """The model's continuation of `prompt` (without the prompt); a list of prompts gives a list of continuations.
 
-    - `temperature=0` (default) is greedy; above 0 it samples, optionally from the `top_k` most likely ids
-      and/or the nucleus of mass `top_p`. `repetition_penalty > 1` discourages ids already in the row.
+    - `temperature=0` (default) is greedy; above 0 it samples, optionally from the `top_k` most likely ids,
+      the nucleus of mass `top_p` and/or the ids with at least `min_p` times the top probability.
+      `repetition_penalty > 1` discourages ids already in the row; `no_repeat_ngram_size=n` never repeats an
+      n-gram of the row; `suppress` lists ids never produced (each as the `transformers` processor of that name).
     - `seed`: an int (row `i` draws with `seed + i`), a `torch.Generator` (one prompt), or one per row; None
       draws a fresh seed. The same seed gives the same text, whatever else is in the batch.
     - Each row stops at `<|endoftext|>` (`eos=True`; or an id; False: never), at the first `stop` string (not
@@ -330,29 +426,50 @@ def generate(params: GPTParams, prompt: str | Sequence[str], *, max_new_tokens: 
     - `device`: where to run (params are moved if elsewhere); None runs where the params are.
     - `compile`: run the one-token steps through `torch.compile` (`gpt2fn.decode.compiled_decode_step`): the
       same tokens; the first call compiles (seconds), later ones reuse the graph.
+    - `edit={site: fn}`: the edits of `gpt2fn.study` (`steer`, `patch`, `ablate_head`, any `fn(value) -> value`)
+      applied at the prefill and at every step; `positions=` of an edit are absolute positions in the sequence.
+    - `return_logprobs=True`: returns `(text, logprobs)`, the model's log-probability (log_softmax of its logits,
+      before sampling filters) of each token the row produced (a list per prompt for a list of prompts).
+    - `num_beams > 1`: beam search as `transformers`' `generate(num_beams=, do_sample=False)`, with
+      `length_penalty`, `early_stopping` and `num_return_sequences` (then each prompt gives a list of texts).
     - `params` may be `decode_params(params)` kept from an earlier call: its layout is then reused as it is.
     """
     single = isinstance(prompt, str)
     prompts = [prompt] if single else list(prompt)
-    texts = [""] * len(prompts)
+    params = _prepare(params, device)
+    request = _request(params, max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos, min_p=min_p,
+                       no_repeat_ngram_size=no_repeat_ngram_size, suppress=suppress, edit=edit, compile=compile,
+                       logprobs=return_logprobs)
+    beams = _check_beams(request, num_beams, length_penalty, early_stopping, num_return_sequences)
+    per = 1 if beams is None else beams["num_return_sequences"]
+    texts = [""] * (len(prompts) * per)
+    logprobs: list[list[float]] = [[] for _ in texts]
     with torch.no_grad():
-        for i, piece in _text_steps(params, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                                    top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed,
-                                    stop=stop, eos=eos, device=device, compile=compile):
+        for i, piece, lp in _text_rows(params, prompts, request, seed=seed, stop=stop, beams=beams):
             texts[i] += piece
-    return texts[0] if single else texts
+            if lp is not None:
+                logprobs[i].append(lp)
+    out: Any = texts if per == 1 else [texts[i * per:(i + 1) * per] for i in range(len(prompts))]
+    lps: Any = logprobs
+    if single:
+        out, lps = out[0], logprobs[0]
+    return (out, lps) if return_logprobs else out
 
 
 def stream(params: GPTParams, prompt: str, *, max_new_tokens: int = 20, temperature: float = 0.0,
            top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
-           seed: Seed = None, stop: str | Sequence[str] | None = None, eos: bool | int | None = True,
-           device: torch.device | str | None = None, compile: bool = False) -> Iterator[str]:
+           min_p: float | None = None, no_repeat_ngram_size: int | None = None,
+           suppress: Sequence[int] | None = None, seed: Seed = None, stop: str | Sequence[str] | None = None,
+           eos: bool | int | None = True, device: torch.device | str | None = None, compile: bool = False,
+           edit: Mapping[str, Callable[[Tensor], Tensor]] | None = None) -> Iterator[str]:
     """Like :func:`generate` for one prompt, yielding text pieces as soon as they are final. The pieces
     concatenate to `generate`'s text; a multi-byte UTF-8 character is never split between two pieces."""
     if not isinstance(prompt, str):
         raise ValueError(f"stream takes one prompt string, got {type(prompt).__name__}; use generate for a batch")
+    params = _prepare(params, device)
+    request = _request(params, max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos, min_p=min_p,
+                       no_repeat_ngram_size=no_repeat_ngram_size, suppress=suppress, edit=edit, compile=compile)
     with torch.no_grad():
-        for _, piece in _text_steps(params, [prompt], max_new_tokens=max_new_tokens, temperature=temperature,
-                                    top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed,
-                                    stop=stop, eos=eos, device=device, compile=compile):
-            yield piece
+        for _, piece, _ in _text_rows(params, [prompt], request, seed=seed, stop=stop):
+            if piece:
+                yield piece

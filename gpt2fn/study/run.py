@@ -14,7 +14,8 @@ from ..model import forward
 from ..params import GPTParams
 from .sites import Activations, resolve_sites
 
-__all__ = ["Edit", "forward_with", "run_with_capture", "patch", "ablate_head", "steer"]
+__all__ = ["Edit", "forward_with", "run_with_capture", "patch", "ablate_head", "steer", "edit_tap",
+           "resolve_edits"]
 
 Edit = Callable[[Tensor], Tensor]
 """A pure function from a site's value to its replacement (same shape)."""
@@ -26,11 +27,17 @@ Heads = int | Sequence[int] | Tensor | None
 class _StudyTap:
     """The tap of one `forward_with` call: applies edits, then stores the requested sites (after the edit)."""
 
-    def __init__(self, capture: Iterable[str], edit: Mapping[str, Edit], explicit_attention: bool) -> None:
+    def __init__(self, capture: Iterable[str], edit: Mapping[str, Edit], explicit_attention: bool,
+                 positions: Tensor | None = None) -> None:
         self.capture = frozenset(capture)
         self.edit = dict(edit)
         self.explicit_attention = explicit_attention
+        self.positions = positions  # [batch, seq] absolute positions of this call's queries (decoding), or None
         self.store: dict[str, Tensor] = {}
+
+    def at(self, positions: Tensor) -> "_StudyTap":
+        """The same edits for a call whose queries sit at absolute `positions` `[batch, seq]` (a decode step)."""
+        return _StudyTap(self.capture, self.edit, self.explicit_attention, positions)
 
     def wants(self, site: str) -> bool:
         if self.explicit_attention and site.endswith((".attn.scores", ".attn.pattern")):
@@ -40,7 +47,7 @@ class _StudyTap:
     def __call__(self, site: str, x: Tensor) -> Tensor:
         fn = self.edit.get(site)
         if fn is not None:
-            y = fn(x)
+            y = fn.at(x, self.positions) if self.positions is not None and hasattr(fn, "at") else fn(x)
             if not isinstance(y, Tensor) or y.shape != x.shape:
                 got = list(y.shape) if isinstance(y, Tensor) else type(y).__name__
                 raise ValueError(f"edit of site {site!r} returned {got}; it must return a tensor of the site's "
@@ -67,21 +74,31 @@ def forward_with(params: GPTParams, ids: Tensor, *, capture: str | Iterable[str]
     Unknown site names raise a ValueError listing the valid ones. Attention `scores`/`pattern` exist only on the
     explicit path, which is taken exactly when one of them is captured or edited.
     """
-    cfg = params.config
-    sites = resolve_sites(cfg, capture, what="capture")
+    sites = resolve_sites(params.config, capture, what="capture")
+    tap = _StudyTap(sites, resolve_edits(params.config, edit), explicit_attention)
+    out = forward(params, ids, tap=tap, **forward_kwargs)
+    return out, Activations(tap.store)
+
+
+def resolve_edits(config: Any, edit: Mapping[str, Edit] | None) -> dict[str, Edit]:
+    """`{site or pattern: fn}` as `{site: fn}`; unknown sites or two entries for one site raise ValueError."""
     edits: dict[str, Edit] = {}
     for request, fn in (edit or {}).items():
         if not callable(fn):
             raise TypeError(f"edit[{request!r}] must be a function value -> value; got {type(fn).__name__}. "
                             f"To set a value use gpt2fn.study.patch(value).")
-        for site in resolve_sites(cfg, [request], what="edit"):
+        for site in resolve_sites(config, [request], what="edit"):
             if site in edits:
                 raise ValueError(f"site {site!r} is matched by two edit entries (one is {request!r}); "
                                  "compose the functions into one entry")
             edits[site] = fn
-    tap = _StudyTap(sites, edits, explicit_attention)
-    out = forward(params, ids, tap=tap, **forward_kwargs)
-    return out, Activations(tap.store)
+    return edits
+
+
+def edit_tap(config: Any, edit: Mapping[str, Edit]) -> _StudyTap:
+    """The tap that applies `edit` (see `forward_with`) and captures nothing: what `generate(..., edit=)` threads
+    through each decode step, bound to the step's absolute positions with `.at(positions)`."""
+    return _StudyTap((), resolve_edits(config, edit), False)
 
 
 def run_with_capture(params: GPTParams, ids: Tensor, sites: str | Iterable[str], **forward_kwargs: Any
@@ -107,6 +124,47 @@ def _index_mask(spec: int | Sequence[int] | Tensor, size: int, device: torch.dev
     return torch.zeros(size, dtype=torch.bool, device=device).index_fill(0, flat, True)
 
 
+def _absolute_mask(x: Tensor, positions: Positions, at: Tensor) -> Tensor:
+    """Where the queries at absolute positions `at` `[batch, seq]` are among `positions`, shaped to broadcast
+    against `x` (`[batch, seq, 1]`, or `[batch, 1, seq, 1]` with a heads axis)."""
+    index = [positions] if isinstance(positions, int) else (
+        positions.flatten().tolist() if isinstance(positions, Tensor) and positions.dtype != torch.bool
+        else positions.nonzero().flatten().tolist() if isinstance(positions, Tensor) else list(positions))
+    if any(int(i) < 0 for i in index):
+        raise ValueError(f"positions {index} must be >= 0 while generating: they are absolute positions in the "
+                         "sequence (count from the start, not from the end)")
+    wanted = torch.tensor([int(i) for i in index], dtype=torch.long, device=x.device)
+    hit = torch.isin(at.to(x.device), wanted)
+    return hit[:, None, :, None] if x.ndim == 4 else hit[..., None]
+
+
+class _PositionalEdit:
+    """An edit made by `patch`/`steer`/`ablate_head`: `fn(x)` reads the positions axis of `x` as positions 0, 1,
+    ... (a full forward); `fn.at(x, at)` reads them as the absolute positions `at` (a decode step)."""
+
+    def __init__(self, apply: Callable[[Tensor, Tensor | None], Tensor]) -> None:
+        self._apply = apply
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self._apply(x, None)
+
+    def at(self, x: Tensor, at: Tensor) -> Tensor:
+        return self._apply(x, at)
+
+
+def _source_at(src: Tensor, x: Tensor, at: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """A patch source with a positions axis, read at the absolute positions `at` (and where it has them)."""
+    if at is None or src.ndim != x.ndim or src.shape[-2] == 1:
+        return src, None
+    n = src.shape[-2]
+    idx = at.to(x.device).clamp(max=n - 1)
+    idx = idx[:, None, :, None] if x.ndim == 4 else idx[..., None]
+    src = src.expand(x.shape[0], *src.shape[1:]) if src.shape[0] == 1 else src
+    gathered = torch.take_along_dim(src, idx.expand(*x.shape[:-1], src.shape[-1]), dim=-2)
+    inside = at.to(x.device) < n
+    return gathered, inside[:, None, :, None] if x.ndim == 4 else inside[..., None]
+
+
 def _where_mask(x: Tensor, positions: Positions, heads: Heads) -> Tensor | None:
     mask = None
     if positions is not None:
@@ -125,11 +183,18 @@ def patch(source: Tensor | float, *, positions: Positions = None, heads: Heads =
     """Replace the site's value by `source` (broadcastable: another run's activation, a mean, 0.0), everywhere or
     only at `positions` (query axis) and/or `heads`. `patch(acts[site])` with the run's own capture is the
     identity; with another prompt's capture it is activation patching."""
-    def edit(x: Tensor) -> Tensor:
-        src = torch.as_tensor(source, dtype=x.dtype, device=x.device)
-        mask = _where_mask(x, positions, heads)
+    def edit(x: Tensor, at: Tensor | None) -> Tensor:
+        src, inside = _source_at(torch.as_tensor(source, dtype=x.dtype, device=x.device), x, at)
+        if at is None or positions is None:
+            mask = _where_mask(x, None if at is not None else positions, heads)
+        else:
+            mask = _absolute_mask(x, positions, at)
+            if heads is not None:
+                mask = mask & _where_mask(x, None, heads)
+        if inside is not None:
+            mask = inside if mask is None else mask & inside
         return src.expand_as(x) if mask is None else torch.where(mask, src, x)
-    return edit
+    return _PositionalEdit(edit)
 
 
 def ablate_head(head: int | Sequence[int], *, value: Tensor | float = 0.0, positions: Positions = None) -> Edit:
@@ -142,8 +207,11 @@ def ablate_head(head: int | Sequence[int], *, value: Tensor | float = 0.0, posit
 
 def steer(vector: Tensor, *, scale: float = 1.0, positions: Positions = None) -> Edit:
     """Add `scale * vector` (e.g. a `[d_model]` steering direction) to the site's value, at `positions` or all."""
-    def edit(x: Tensor) -> Tensor:
+    def edit(x: Tensor, at: Tensor | None) -> Tensor:
         add = scale * vector.to(dtype=x.dtype, device=x.device)
-        mask = _where_mask(x, positions, None)
+        if positions is None:
+            mask = None
+        else:
+            mask = _where_mask(x, positions, None) if at is None else _absolute_mask(x, positions, at)
         return x + (add if mask is None else mask.to(x.dtype) * add)
-    return edit
+    return _PositionalEdit(edit)
