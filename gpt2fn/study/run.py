@@ -118,6 +118,9 @@ def _index_mask(spec: int | Sequence[int] | Tensor, size: int, device: torch.dev
         return spec.to(device)
     index = [spec] if isinstance(spec, int) else (spec.flatten().tolist() if isinstance(spec, Tensor) else spec)
     bad = [i for i in index if not -size <= int(i) < size]
+    if what == "positions":  # positions past the end are not reached yet (generation): they select nothing
+        bad = [i for i in bad if int(i) < 0]
+        index = [i for i in index if int(i) < size]
     if bad:
         raise ValueError(f"{what} {bad} out of range for an axis of size {size}")
     flat = torch.tensor([int(i) % size for i in index], dtype=torch.long, device=device)
@@ -153,9 +156,12 @@ class _PositionalEdit:
 
 
 def _source_at(src: Tensor, x: Tensor, at: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """A patch source with a positions axis, read at the absolute positions `at` (and where it has them)."""
-    if at is None or src.ndim != x.ndim or src.shape[-2] == 1:
+    """A patch source with a positions axis, read at the absolute positions `at` (default 0, 1, ...) and only
+    where it has them: `(source, where it applies or None)`."""
+    if src.ndim != x.ndim or src.shape[-2] == 1 or (at is None and src.shape[-2] == x.shape[-2]):
         return src, None
+    if at is None:  # a full forward: its queries sit at positions 0, 1, ...
+        at = torch.arange(x.shape[-2], device=x.device).expand(x.shape[0], -1)
     n = src.shape[-2]
     idx = at.to(x.device).clamp(max=n - 1)
     idx = idx[:, None, :, None] if x.ndim == 4 else idx[..., None]
