@@ -77,7 +77,8 @@ def test_edits_while_generating_equal_recomputing_the_sequence_with_the_edit(sha
 
 def test_a_strong_steer_changes_what_is_generated(sharp):
     ids = _ids(0, 2, 4)
-    steered = generate_tokens(sharp, ids, max_new_tokens=8, edit={"blocks.1.resid_post": steer(torch.linspace(-40, 40, 24))})
+    edit = {"blocks.1.resid_post": steer(torch.linspace(-40, 40, 24))}
+    steered = generate_tokens(sharp, ids, max_new_tokens=8, edit=edit)
     assert not torch.equal(steered, generate_tokens(sharp, ids, max_new_tokens=8))
 
 
