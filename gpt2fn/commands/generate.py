@@ -28,6 +28,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sample from the smallest set of ids with probability >= P, in (0, 1]")
     parser.add_argument("--repetition-penalty", type=float, default=None, metavar="R",
                         help="> 1 discourages ids already in the text")
+    parser.add_argument("--min-p", type=float, default=None, metavar="P",
+                        help="sample only ids with probability >= P x the top one's, P in [0, 1]")
+    parser.add_argument("--no-repeat-ngram-size", type=int, default=None, metavar="N",
+                        help="never repeat an N-gram of the text")
+    parser.add_argument("--num-beams", type=int, default=1, metavar="K",
+                        help="beam search with K beams (as transformers' num_beams; greedy, default 1: none)")
+    parser.add_argument("--length-penalty", type=float, default=1.0, metavar="L",
+                        help="beam search: scores are divided by length ** L (default 1)")
     parser.add_argument("--seed", type=int, default=None, metavar="S", help="fixed seed: the same text every time")
     parser.add_argument("--stop", action="append", default=None, metavar="TEXT",
                         help="stop before this text (repeatable)")
@@ -53,7 +61,13 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError("the prompt is empty; give some text to continue")
     if args.max_new_tokens < 0:
         raise CLIError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    SamplingOptions(args.temperature, args.top_k, args.top_p, args.repetition_penalty)  # bad values: fail early
+    # bad values fail early, before loading
+    SamplingOptions(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.min_p,
+                    args.no_repeat_ngram_size)
+    if args.num_beams < 1:
+        raise CLIError(f"--num-beams must be >= 1, got {args.num_beams}")
+    if args.num_beams > 1 and args.stream:
+        raise CLIError("--stream shows one growing text; beam search (--num-beams > 1) has several: drop one")
     if args.stop is not None and not all(args.stop):
         raise CLIError("--stop needs a non-empty text")
     try:
@@ -67,7 +81,9 @@ def run(args: argparse.Namespace) -> int:
     params = load(args.checkpoint or args.model or "gpt2", device=device, dtype=dtype)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
-                   eos=not args.no_eos, compile=args.compile)
+                   eos=not args.no_eos, compile=args.compile, min_p=args.min_p,
+                   no_repeat_ngram_size=args.no_repeat_ngram_size)
+    beams = dict(num_beams=args.num_beams, length_penalty=args.length_penalty) if args.num_beams > 1 else {}
     if args.stream:
         sys.stdout.write(prompt)
         sys.stdout.flush()
@@ -76,5 +92,5 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.flush()
         sys.stdout.write("\n")
     else:
-        print(prompt + generate(params, prompt, **options))
+        print(prompt + generate(params, prompt, **options, **beams))
     return 0
