@@ -48,7 +48,8 @@ from .precision import LossScale, compute_dtype, loss_scale_init, loss_scale_upd
 from .state import STATE_FILE, TrainState, load_state, save_state
 from .step import train_step
 
-__all__ = ["TrainConfig", "TrainResult", "train", "evaluate", "MODEL_FILE", "METRICS_FILE", "PLOT_FILE"]
+__all__ = ["TrainConfig", "TrainResult", "train", "evaluate", "perplexity", "describe_schedule", "MODEL_FILE",
+           "METRICS_FILE", "PLOT_FILE"]
 
 MODEL_FILE = "model.safetensors"
 METRICS_FILE = "metrics.jsonl"
@@ -72,7 +73,7 @@ class TrainConfig:
     draws one global batch of windows, so the data order depends on the global batch, not on how it is split."""
     dtype: str = "fp32"
     """Compute dtype: "fp32", "bf16" or "fp16" (fp32 master weights and AdamW moments either way; fp16 with
-    dynamic loss scaling)."""
+    dynamic loss scaling). Validation runs on the fp32 master weights."""
     context: int | None = None
     """Tokens per window; None: the model's context_length."""
     lr: float = 6e-4
@@ -437,7 +438,8 @@ class _Run:
         bar.update(1)
         if self.main and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
             rec = {"step": self.step, "loss": sum(self.window) / len(self.window), "lr": lr,
-                   "grad_norm": self.grad_norm, "tokens_per_s": tok_s, "elapsed_s": self.now - self.t_start}
+                   "grad_norm": None if self.skipped else self.grad_norm,  # None: an fp16 step skipped
+                   "tokens_per_s": tok_s, "elapsed_s": self.now - self.t_start}
             if self.scale is not None:
                 rec |= {"loss_scale": self.scale.scale, "skipped": self.skipped}
             with self.metrics_path.open("a") as fh:

@@ -66,7 +66,9 @@ def accumulated_grads(params: GPTParams, ids: Tensor, targets: Tensor, *, micro_
                       scale: float = 1.0) -> tuple[GPTParams, Tensor]:
     """`loss_and_grads` of the batch split into `micro_batches` equal parts in order: the mean of their
     gradients and of their losses (nanoGPT's `loss / gradient_accumulation_steps`). Only one micro-batch's
-    activations are alive at a time; the gradient sum lives in the first micro-batch's gradient buffers."""
+    activations are alive at a time; the gradient sum lives in the first micro-batch's gradient buffers.
+    Dropout draws from `generator` micro-batch after micro-batch, so with dropout on the masks differ from those
+    of one batch of the whole size (the expected gradient does not)."""
     if micro_batches < 1 or ids.shape[0] % micro_batches:
         raise ValueError(f"micro_batches must be >= 1 and divide the batch of {ids.shape[0]}, got {micro_batches}")
     if micro_batches == 1:
