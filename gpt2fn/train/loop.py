@@ -248,6 +248,7 @@ def _plot(path: Path, records: list[dict[str, Any]]) -> None:
         ax_lr = ax.twinx()
         lines += ax_lr.plot(*zip(*lrs, strict=True), "--", color="tab:gray", alpha=0.7, label="learning rate")
         ax_lr.set_ylabel("learning rate")
+        ax_lr.set_ylim(bottom=0)
         ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
     if lines:
         ax.legend(lines, [line.get_label() for line in lines])
