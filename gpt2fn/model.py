@@ -79,7 +79,9 @@ def _features(params: GPTParams, ids: Tensor, *, positions: Tensor | None = None
               generator: torch.Generator | None = None, tap: Tap | None = None, last_only: bool = False) -> Tensor:
     """Everything before the unembedding: embeddings -> blocks -> final layer norm, `[batch, seq, d_model]`."""
     cfg = params.config
-    tok = _tap(tap, "embed.tok", params.tok_emb[ids])
+    # F.embedding, not tok_emb[ids]: the backward of advanced indexing (index_put_ with accumulate) adds repeated
+    # ids with parallel atomic float adds on CPU, so with 2+ threads the gradient's rounding varied run to run
+    tok = _tap(tap, "embed.tok", F.embedding(ids, params.tok_emb))
     pos = _tap(tap, "embed.pos", params.pos_emb[:ids.shape[1]] if positions is None else params.pos_emb[positions])
     x = _tap(tap, "embed", dropout(tok + pos, cfg.drop_rate, generator))
     for i, bp in enumerate(params.blocks):

@@ -137,6 +137,7 @@ def measure_train_speed(config: gpt2fn.GPTConfig | None = None, *, batch_size: i
 
 MEMORY_CASES = {"fused": "gpt2fn step (fused head + cross-entropy)",
                 "plain": "gpt2fn step with F.cross_entropy over full logits",
+                "bf16": "gpt2fn step, bf16 compute over fp32 master weights (--dtype bf16)",
                 "module": "nn.Module + loss.backward() + torch.optim.AdamW"}
 
 
@@ -159,12 +160,13 @@ def _peak_rss_child(case: str, preset: str, batch_size: int, context: int | None
             opt.step()
     else:
         if case == "plain":
-            step_mod.loss_and_grads = lambda p, x, y, generator=None: torch.func.grad_and_value(gpt2fn.loss)(
+            step_mod.loss_and_grads = lambda p, x, y, generator=None, **_: torch.func.grad_and_value(gpt2fn.loss)(
                 p, x, y, generator=generator)
         params = gpt2fn.init_params(cfg, seed=0)
         state = adamw_init(params)
         for _ in range(2):
-            params, state, _ = step_mod.train_step(params, state, ids, targets, lr=1e-4, donate=True)
+            params, state, _ = step_mod.train_step(params, state, ids, targets, lr=1e-4, donate=True,
+                                                   dtype=torch.bfloat16 if case == "bf16" else None)
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 

@@ -4,6 +4,7 @@
     gpt2fn train --data docs/ --out runs/ft --init gpt2 --context 256 --lr 1e-4
     gpt2fn train --data corpus.txt --out runs/a --steps 1000 --resume
     gpt2fn train --data corpus.txt --out runs/v --preset mini --vocab corpus    # softmax over the corpus's ids
+    gpt2fn train --data corpus.txt --out runs/b --batch-size 4 --grad-accum 8 --dtype bf16   # 32 windows a step
     torchrun --nproc_per_node=2 -m gpt2fn.train --data corpus.txt --out runs/dp --preset mini
 """
 
@@ -28,7 +29,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="override a config field of --preset, e.g. --set n_layers=4 --set emb_dim=192")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out exactly")
     p.add_argument("--steps", type=int, default=1000, help="total optimisation steps (default 1000)")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per step per process (default 8)")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="windows per micro-batch per process (default 8)")
+    p.add_argument("--grad-accum", type=int, default=1, metavar="K",
+                   help="micro-batches per optimiser step (gradient accumulation; default 1): the global batch is "
+                        "batch-size x K x processes, the data order depends only on it")
+    p.add_argument("--dtype", default="fp32", metavar="{fp32,bf16,fp16}",
+                   help="compute dtype; master weights and AdamW moments stay fp32, fp16 uses dynamic loss "
+                        "scaling (default fp32)")
     p.add_argument("--context", type=int, help="tokens per window (default: the model's context length)")
     p.add_argument("--lr", type=float, default=6e-4, help="peak learning rate (default 6e-4)")
     p.add_argument("--min-lr", type=float, help="final cosine learning rate (default lr/10)")
@@ -110,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
         overrides["drop_rate"] = args.dropout
     cfg = TrainConfig(
         data=args.data, out=args.out, steps=args.steps, batch_size=args.batch_size, context=args.context,
+        grad_accum=args.grad_accum, dtype=args.dtype,
         lr=args.lr, min_lr=args.min_lr, warmup=args.warmup, weight_decay=args.weight_decay,
         clip=args.clip or None, eval_every=args.eval_every, save_every=args.save_every, log_every=args.log_every,
         val_fraction=args.val_fraction, seed=args.seed, device=device, max_time=args.max_time,

@@ -9,7 +9,7 @@ with checkpoints that lose nothing, and data parallel with torchrun. See `gpt2fn
 
 from .data import corpus_files, eval_starts, load_tokens, sample_batch, sample_starts, split_tokens, windows
 from .distributed import DistInfo, all_reduce_mean
-from .loop import TrainConfig, TrainResult, evaluate, train
+from .loop import TrainConfig, TrainResult, describe_schedule, evaluate, perplexity, train
 from .optim import (
     AdamWHParams,
     AdamWState,
@@ -20,15 +20,17 @@ from .optim import (
     global_norm,
     warmup_cosine,
 )
+from .precision import LossScale, cast_tree, compute_dtype, loss_scale_init, loss_scale_update, unscale
 from .state import TrainState, load_state, save_state
-from .step import StepMetrics, loss_and_grads, train_step
+from .step import StepMetrics, accumulated_grads, loss_and_grads, train_step
 
 __all__ = [
     "AdamWHParams", "AdamWState", "adamw_init", "adamw_update", "clip_by_global_norm", "decay_mask", "global_norm",
     "warmup_cosine",
     "corpus_files", "load_tokens", "split_tokens", "sample_batch", "sample_starts", "windows", "eval_starts",
-    "StepMetrics", "loss_and_grads", "train_step",
-    "TrainConfig", "TrainResult", "train", "evaluate",
+    "StepMetrics", "loss_and_grads", "accumulated_grads", "train_step",
+    "TrainConfig", "TrainResult", "train", "evaluate", "perplexity", "describe_schedule",
+    "LossScale", "loss_scale_init", "loss_scale_update", "unscale", "cast_tree", "compute_dtype",
     "TrainState", "save_state", "load_state",
     "DistInfo", "all_reduce_mean",
 ]

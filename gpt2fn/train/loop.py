@@ -8,12 +8,15 @@ What lands in `out`:
                         written atomically at every save point, at the end and on SIGINT/SIGTERM
     model.safetensors   the weights alone, through `gpt2fn.save` (load with `gpt2fn.load`, then generate)
     metrics.jsonl       one JSON object per line: train {step, loss, lr, grad_norm, tokens_per_s, elapsed_s}
-                        every `log_every` steps and validation {step, val_loss} every `eval_every` steps
-    loss.png            the loss curve (train and validation)
+                        every `log_every` steps and validation {step, val_loss, val_ppl} every `eval_every` steps
+                        (val_ppl = exp(val_loss), the perplexity); fp16 runs add loss_scale and skipped
+    loss.png            the loss curve (train and validation) and the learning rate on a second axis
 
 Exact resume: the schedule is a function of the step, windows come from the saved data generator and dropout
-from the saved dropout generator, so N steps straight equal N/2 + resume + N/2, bit for bit on CPU (a test pins
-it). With torchrun every rank draws the same global batch of window starts and keeps its slice; only rank 0
+from the saved dropout generator, so N steps straight equal N/2 + resume + N/2, bit for bit on CPU, with
+any thread count, in separate processes (tests pin it). A step runs its `grad_accum` micro-batches whole, so a
+stop or a checkpoint never falls inside an accumulation cycle.
+With torchrun every rank draws the same global batch of window starts and keeps its slice; only rank 0
 writes; a stop request on any rank stops all of them at the same step.
 """
 
@@ -41,10 +44,12 @@ from ..tokenizer import EOT
 from . import distributed as D
 from .data import eval_starts, load_tokens, sample_starts, split_tokens, windows
 from .optim import AdamWHParams, adamw_init, warmup_cosine
+from .precision import LossScale, compute_dtype, loss_scale_init, loss_scale_update
 from .state import STATE_FILE, TrainState, load_state, save_state
 from .step import train_step
 
-__all__ = ["TrainConfig", "TrainResult", "train", "evaluate", "MODEL_FILE", "METRICS_FILE", "PLOT_FILE"]
+__all__ = ["TrainConfig", "TrainResult", "train", "evaluate", "perplexity", "describe_schedule", "MODEL_FILE",
+           "METRICS_FILE", "PLOT_FILE"]
 
 MODEL_FILE = "model.safetensors"
 METRICS_FILE = "metrics.jsonl"
@@ -62,7 +67,13 @@ class TrainConfig:
     steps: int = 1000
     """Total optimisation steps (a resumed run continues up to this count)."""
     batch_size: int = 8
-    """Windows per step per process (the global batch is batch_size * world_size)."""
+    """Windows per micro-batch per process (the global batch is batch_size * grad_accum * world_size)."""
+    grad_accum: int = 1
+    """Micro-batches per optimiser step (gradient accumulation, nanoGPT's gradient_accumulation_steps): each step
+    draws one global batch of windows, so the data order depends on the global batch, not on how it is split."""
+    dtype: str = "fp32"
+    """Compute dtype: "fp32", "bf16" or "fp16" (fp32 master weights and AdamW moments either way; fp16 with
+    dynamic loss scaling). Validation runs on the fp32 master weights."""
     context: int | None = None
     """Tokens per window; None: the model's context_length."""
     lr: float = 6e-4
@@ -106,6 +117,10 @@ class TrainConfig:
         for name, value in positive.items():
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
+        if not (isinstance(self.grad_accum, int) and self.grad_accum >= 1):
+            raise ValueError(f"grad_accum must be an integer >= 1 (micro-batches per optimiser step), got "
+                             f"{self.grad_accum!r}; use --grad-accum 1 for no accumulation")
+        compute_dtype(self.dtype)
         if not self.lr > 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.context is not None and self.context < 1:
@@ -125,6 +140,11 @@ class TrainConfig:
         return warmup_cosine(step, peak_lr=self.lr, total_steps=self.steps, warmup_steps=self.warmup_steps,
                              min_lr=self.final_lr)
 
+    def schedule(self) -> dict[str, Any]:
+        """The learning-rate schedule this config follows, as printed at the start of a run."""
+        return {"warmup_steps": self.warmup_steps, "peak_lr": self.lr,
+                "decay_steps": max(self.steps - self.warmup_steps, 0), "final_lr": self.final_lr, "steps": self.steps}
+
     @property
     def hparams(self) -> AdamWHParams:
         return AdamWHParams(beta1=self.beta1, beta2=self.beta2, weight_decay=self.weight_decay)
@@ -139,6 +159,23 @@ class TrainResult:
     stopped_by: str | None
     """None when all steps ran; else "SIGINT", "SIGTERM", "max_time" or "stop_after"."""
     out: Path
+
+    @property
+    def val_perplexity(self) -> float | None:
+        """exp(validation loss): the perplexity of the validation text."""
+        return None if self.val_loss is None else perplexity(self.val_loss)
+
+
+def perplexity(loss: float) -> float:
+    """exp(mean cross-entropy in nats): inf where that overflows a float."""
+    return math.exp(loss) if loss < 709.0 else math.inf
+
+
+def describe_schedule(s: dict[str, Any]) -> str:
+    """One line: "warmup 10 steps to 0.0006, cosine over 90 steps to 6e-05 at step 100"."""
+    peak = f"{s['peak_lr']:.3g}"
+    warm = f"warmup {s['warmup_steps']} steps to {peak}" if s["warmup_steps"] else f"peak {peak}"
+    return f"{warm}, cosine over {s['decay_steps']} steps to {s['final_lr']:.3g} at step {s['steps']}"
 
 
 def evaluate(params: GPTParams, tokens: np.ndarray, *, context: int, batch_size: int, max_windows: int,
@@ -197,15 +234,24 @@ def _plot(path: Path, records: list[dict[str, Any]]) -> None:
 
     tr = [(r["step"], r["loss"]) for r in records if "loss" in r]
     va = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    lrs = [(r["step"], r["lr"]) for r in records if "lr" in r]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    lines = []
     if tr:
-        ax.plot(*zip(*tr, strict=True), label="train")
+        lines += ax.plot(*zip(*tr, strict=True), label="train")
     if va:
-        ax.plot(*zip(*va, strict=True), "o-", label="validation")
+        lines += ax.plot(*zip(*va, strict=True), "o-", label="validation")
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if lrs:  # the schedule on a second axis: a resume onto a different schedule shows as a kink
+        ax_lr = ax.twinx()
+        lines += ax_lr.plot(*zip(*lrs, strict=True), "--", color="tab:gray", alpha=0.7, label="learning rate")
+        ax_lr.set_ylabel("learning rate")
+        ax_lr.set_ylim(bottom=0)
+        ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+    if lines:
+        ax.legend(lines, [line.get_label() for line in lines])
     fig.tight_layout()
     atomic_write(path, lambda fh: fig.savefig(fh, format="png"))
     plt.close(fig)
@@ -220,43 +266,73 @@ def _data_gen_seed(seed: int) -> int:
     return seed * 1_000_003 + 17
 
 
-def train(params: GPTParams | None, cfg: TrainConfig, *, resume: bool = False,
-          dist_info: D.DistInfo | None = None) -> TrainResult:
-    """Train `params` (or the state in `cfg.out` when `resume`) for `cfg.steps` steps; see the module docstring.
+@dataclass
+class _Corpus:
+    train: np.ndarray
+    val: np.ndarray
+    context: int
+    data_id: dict[str, Any]
 
-    Returns when the steps are done, `max_time` has passed or a SIGINT/SIGTERM arrived; in every case the last
-    state has been saved first."""
-    device = torch.device(cfg.device)
-    info = dist_info if dist_info is not None else D.setup(device)
+
+def _restore_or_init(params: GPTParams | None, cfg: TrainConfig, info: D.DistInfo, device: torch.device,
+                     data_id: dict[str, Any], *, resume: bool) -> TrainState:
+    """The saved state in `cfg.out` (resume), checked against this run's data and batch; else a fresh state
+    over a private copy of `params`."""
     out = Path(cfg.out)
     state_path = out / STATE_FILE
-    main = info.is_main
-
-    tokens = load_tokens(cfg.data, cache_dir=cfg.cache_dir)
-    data_id = {"tokens": len(tokens), "hash": Path(tokens.filename).stem}
-
     if resume and state_path.is_file():
         state = load_state(state_path, device=device)
         saved = state.meta
         if saved.get("data", {}).get("hash") not in (None, data_id["hash"]):
             raise ValueError(f"--data {cfg.data!r} is not the corpus the run in {str(out)!r} was trained on "
                              f"(token hash {data_id['hash']} vs {saved['data']['hash']}); pass the same data")
-        if saved.get("global_batch") not in (None, cfg.batch_size * info.world_size) and main:
-            print(f"note: global batch changed from {saved['global_batch']} to "
-                  f"{cfg.batch_size * info.world_size}; the run continues, but not identically", file=sys.stderr)
-    else:
-        if resume and main:
-            print(f"note: no training state in {str(out)!r} yet; starting from the given weights", file=sys.stderr)
-        if state_path.is_file():
-            raise ValueError(f"{str(out)!r} already holds a training state ({STATE_FILE}); pass --resume to "
-                             "continue it, or choose another --out")
-        if params is None:
-            raise ValueError("train() needs params unless resuming a saved state")
-        # a private copy: the loop updates its buffers in place (donation), the caller's tree stays as it was
-        params = D.broadcast_tree(torch.utils._pytree.tree_map(lambda t: t.detach().to(device, copy=True), params),
-                                  info)
-        state = TrainState(params=params, opt=adamw_init(params), step=0)
-        state.rng = {}
+        if info.is_main:
+            _note_resume_changes(saved, cfg, info, state.step)
+        return state
+    if resume and info.is_main:
+        print(f"note: no training state in {str(out)!r} yet; starting from the given weights", file=sys.stderr)
+    if state_path.is_file():
+        raise ValueError(f"{str(out)!r} already holds a training state ({STATE_FILE}); pass --resume to "
+                         "continue it, or choose another --out")
+    if params is None:
+        raise ValueError("train() needs params unless resuming a saved state")
+    # a private copy: the loop updates its buffers in place (donation), the caller's tree stays as it was
+    params = D.broadcast_tree(torch.utils._pytree.tree_map(lambda t: t.detach().to(device, copy=True), params), info)
+    state = TrainState(params=params, opt=adamw_init(params), step=0)
+    state.rng = {}
+    return state
+
+
+def _global_batch(cfg: TrainConfig, info: D.DistInfo) -> int:
+    return cfg.batch_size * cfg.grad_accum * info.world_size
+
+
+def _note_resume_changes(saved: dict[str, Any], cfg: TrainConfig, info: D.DistInfo, step: int) -> None:
+    """Say on stderr what a resume changes: the global batch, its split, the compute dtype, the LR schedule."""
+    if saved.get("global_batch") not in (None, _global_batch(cfg, info)):
+        print(f"note: global batch changed from {saved['global_batch']} to {_global_batch(cfg, info)}; "
+              "the run continues, but not identically", file=sys.stderr)
+    old = saved.get("train_config") or {}
+    for name in ("grad_accum", "dtype"):
+        if name in old and old[name] != getattr(cfg, name):
+            print(f"note: {name} changed from {old[name]!r} to {getattr(cfg, name)!r} on --resume; the run "
+                  "continues on the same windows, with different rounding", file=sys.stderr)
+    keys = ("steps", "lr", "min_lr", "warmup")
+    if not all(k in old for k in keys):
+        return
+    before = dataclasses.replace(cfg, **{k: old[k] for k in keys})
+    if before.schedule() != cfg.schedule():
+        what = (f"--steps changed from {old['steps']} to {cfg.steps}" if old["steps"] != cfg.steps
+                else "the learning-rate options changed")
+        print(f"warning: {what} on --resume, so the learning-rate schedule changed: it was "
+              f"{describe_schedule(before.schedule())}, it is now {describe_schedule(cfg.schedule())} "
+              f"(lr at step {step}: {before.lr_at(step):.3g} -> {cfg.lr_at(step):.3g})", file=sys.stderr)
+
+
+def _corpus_and_vocabulary(state: TrainState, cfg: TrainConfig, tokens: np.ndarray,
+                           data_id: dict[str, Any]) -> _Corpus:
+    """Check the corpus against the model (context, vocabulary), record `--vocab corpus`'s ids in the config
+    (`state.params` is replaced), and split off the validation tail."""
     config = state.params.config
     context = cfg.context or config.context_length
     if context > config.context_length:
@@ -276,110 +352,196 @@ def train(params: GPTParams | None, cfg: TrainConfig, *, resume: bool = False,
         state.params = state.params.replace(config=config)
     train_tok, val_tok = split_tokens(tokens, val_fraction=cfg.val_fraction, context=context,
                                       source=f"training data {cfg.data!r}")
+    return _Corpus(train_tok, val_tok, context, data_id)
 
-    data_gen = torch.Generator().manual_seed(_data_gen_seed(cfg.seed))
-    drop_gen = torch.Generator(device=device).manual_seed(cfg.seed * 7919 + 1 + info.rank)
-    if "data" in state.rng:
-        data_gen.set_state(state.rng["data"])
-    if f"dropout.{info.rank}" in state.rng:
-        drop_gen.set_state(state.rng[f"dropout.{info.rank}"])
-    hp = cfg.hparams
-    reduce = D._grad_reduce(info) if info.active else None
-    metrics_path, plot_path = out / METRICS_FILE, out / PLOT_FILE
-    save_every = cfg.eval_every if cfg.save_every is None else cfg.save_every
 
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        kept = [r for r in _metrics_lines(metrics_path) if r.get("step", 0) <= state.step]
-        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))  # forget steps a crash lost
-        print(f"training {count_params(state.params):,} parameters on {len(train_tok):,} tokens "
-              f"(+{len(val_tok):,} validation)"
+class _Run:
+    """One training run's moving parts: the state, the generators, the counters, the files; one method per
+    thing a step does (step and log, evaluate, save, stop checks)."""
+
+    def __init__(self, cfg: TrainConfig, info: D.DistInfo, device: torch.device, state: TrainState,
+                 corpus: _Corpus) -> None:
+        self.cfg, self.info, self.device, self.state, self.corpus = cfg, info, device, state, corpus
+        self.out = Path(cfg.out)
+        self.main = info.is_main
+        self.metrics_path, self.plot_path = self.out / METRICS_FILE, self.out / PLOT_FILE
+        self.save_every = cfg.eval_every if cfg.save_every is None else cfg.save_every
+        self.dtype = compute_dtype(cfg.dtype)
+        self.reduce = D._grad_reduce(info) if info.active else None
+        self.data_gen = torch.Generator().manual_seed(_data_gen_seed(cfg.seed))
+        self.drop_gen = torch.Generator(device=device).manual_seed(cfg.seed * 7919 + 1 + info.rank)
+        if "data" in state.rng:
+            self.data_gen.set_state(state.rng["data"])
+        if f"dropout.{info.rank}" in state.rng:
+            self.drop_gen.set_state(state.rng[f"dropout.{info.rank}"])
+        saved_scale = state.meta.get("loss_scale") if cfg.dtype == "fp16" else None
+        self.scale: LossScale | None = (None if cfg.dtype != "fp16" else
+                                        loss_scale_init() if saved_scale is None else
+                                        loss_scale_init()._replace(scale=saved_scale[0], good_steps=saved_scale[1]))
+        self.step = state.step
+        self.last_loss: float | None = None
+        self.val_loss: float | None = None
+        self.window: list[float] = []
+        self.t_start = time.perf_counter()
+        self.t_last, self.tokens_since = self.t_start, 0
+        self.now, self.grad_norm, self.skipped = self.t_start, math.nan, False
+
+    def announce(self) -> None:
+        """Rank 0: forget metrics a crash lost, and print what will run, including the LR schedule."""
+        if not self.main:
+            return
+        cfg, config, c = self.cfg, self.state.params.config, self.corpus
+        self.out.mkdir(parents=True, exist_ok=True)
+        kept = [r for r in _metrics_lines(self.metrics_path) if r.get("step", 0) <= self.step]
+        self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))  # forget steps a crash lost
+        accum = f" ({cfg.grad_accum} micro-batches of {cfg.batch_size})" if cfg.grad_accum > 1 else ""
+        print(f"training {count_params(self.state.params):,} parameters on {len(c.train):,} tokens "
+              f"(+{len(c.val):,} validation)"
               + (f", softmax over the corpus's {len(config.trained_vocab):,} distinct tokens"
                  if config.trained_vocab is not None else "")
-              + f", context {context}, global batch "
-              f"{cfg.batch_size * info.world_size}, {info.world_size} process(es), steps {state.step}->{cfg.steps}",
+              + f", context {c.context}, global batch {_global_batch(cfg, self.info)}{accum}, "
+              f"{self.info.world_size} process(es), steps {self.step}->{cfg.steps}"
+              + (f", compute {cfg.dtype} (fp32 master weights)" if cfg.dtype != "fp32" else ""),
               file=sys.stderr)
+        print(f"learning rate: {describe_schedule(cfg.schedule())}", file=sys.stderr)
 
-    def save(step: int) -> None:
-        # every rank's dropout stream is part of the state: gather them to rank 0
-        rng = {"data": data_gen.get_state()}
-        drop_states = [drop_gen.get_state()]
+    def train_one_step(self) -> float:
+        """Draw the global batch, keep this rank's share, run its micro-batches and the update; returns the lr."""
+        cfg, info, state = self.cfg, self.info, self.state
+        lr = cfg.lr_at(self.step)
+        per_rank = cfg.batch_size * cfg.grad_accum
+        starts = sample_starts(len(self.corpus.train), batch_size=per_rank * info.world_size,
+                               context=self.corpus.context, generator=self.data_gen)
+        mine = starts[info.rank * per_rank:(info.rank + 1) * per_rank]
+        ids, targets = (t.to(self.device) for t in windows(self.corpus.train, mine, self.corpus.context))
+        state.params, state.opt, m = train_step(
+            state.params, state.opt, ids, targets, lr=lr, hp=cfg.hparams, clip_norm=cfg.clip,
+            generator=self.drop_gen, grad_reduce=self.reduce, donate=True, micro_batches=cfg.grad_accum,
+            dtype=self.dtype, loss_scale=None if self.scale is None else self.scale.scale)
+        self.step += 1
+        self.skipped = not bool(m.finite)
+        if self.scale is not None:
+            self.scale = loss_scale_update(self.scale, m.finite)
+        self.last_loss, self.grad_norm = float(m.loss), float(m.grad_norm)
+        self.tokens_since += len(starts) * self.corpus.context
+        return lr
+
+    def log(self, lr: float, bar: tqdm) -> None:
+        """The progress bar every step; a metrics line every `log_every` steps and at the last."""
+        cfg, loss = self.cfg, self.last_loss
+        assert loss is not None
+        if not math.isfinite(loss) and self.main:
+            print(f"warning: loss is {loss} at step {self.step}; try a lower --lr", file=sys.stderr)
+        self.window.append(loss)
+        self.now = time.perf_counter()
+        tok_s = self.tokens_since / max(self.now - self.t_last, 1e-9)
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
+        bar.update(1)
+        if self.main and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
+            rec = {"step": self.step, "loss": sum(self.window) / len(self.window), "lr": lr,
+                   "grad_norm": None if self.skipped else self.grad_norm,  # None: an fp16 step skipped
+                   "tokens_per_s": tok_s, "elapsed_s": self.now - self.t_start}
+            if self.scale is not None:
+                rec |= {"loss_scale": self.scale.scale, "skipped": self.skipped}
+            with self.metrics_path.open("a") as fh:
+                fh.write(json.dumps(rec) + "\n")
+            self.window, self.t_last, self.tokens_since = [], self.now, 0
+
+    def evaluate_if_due(self, bar: tqdm) -> None:
+        """Validation loss and perplexity every `eval_every` steps and at the last (rank 0)."""
+        cfg, c = self.cfg, self.corpus
+        if not ((cfg.eval_every and self.step % cfg.eval_every == 0) or self.step == cfg.steps):
+            return
+        if self.main and len(c.val) > c.context:
+            self.val_loss = evaluate(self.state.params, c.val, context=c.context, batch_size=cfg.batch_size,
+                                     max_windows=cfg.eval_windows, device=self.device)
+            ppl = perplexity(self.val_loss)
+            with self.metrics_path.open("a") as fh:
+                fh.write(json.dumps({"step": self.step, "val_loss": self.val_loss, "val_ppl": ppl}) + "\n")
+            bar.write(f"step {self.step}: train loss {self.last_loss:.4f}, validation loss {self.val_loss:.4f} "
+                      f"(perplexity {ppl:.2f})", file=sys.stderr)
+
+    def stop_reason(self, flag: _StopFlag) -> str | None:
+        """Why to stop now (a signal, max_time, stop_after), agreed across ranks; None: go on."""
+        cfg = self.cfg
+        timed_out = cfg.max_time is not None and self.now - self.t_start >= cfg.max_time
+        reason = flag.reason or ("max_time" if timed_out else None)
+        if reason is None and cfg.stop_after is not None and self.step >= cfg.stop_after:
+            reason = "stop_after"
+        comm = self.device if self.info.backend == "nccl" else "cpu"
+        if D.any_rank(reason is not None, self.info, comm):
+            return reason or "another rank"
+        return None
+
+    def save_if_due(self) -> None:
+        if self.save_every and self.step % self.save_every == 0 and self.step < self.cfg.steps:
+            self.save()
+
+    def save(self) -> None:
+        """The state (every rank's dropout stream gathered to rank 0), the weights and the plot, atomically."""
+        info, device = self.info, self.device
+        rng = {"data": self.data_gen.get_state()}
+        drop_states = [self.drop_gen.get_state()]
         if info.active:
             comm = device if info.backend == "nccl" else torch.device("cpu")
-            mine = drop_gen.get_state().to(comm)
+            mine = self.drop_gen.get_state().to(comm)
             gathered = [torch.empty_like(mine) for _ in range(info.world_size)]
             torch.distributed.all_gather(gathered, mine)
             drop_states = [s.cpu() for s in gathered]
         for r, s in enumerate(drop_states):
             rng[f"dropout.{r}"] = s
-        if main:
-            meta = {"train_config": dataclasses.asdict(cfg), "data": data_id,
-                    "global_batch": cfg.batch_size * info.world_size, "world_size": info.world_size}
-            save_state(TrainState(state.params, state.opt, step, rng, meta), state_path)
-            _export_model(state.params, out)
-            _plot(plot_path, _metrics_lines(metrics_path))
+        if self.main:
+            meta = {"train_config": dataclasses.asdict(self.cfg), "data": self.corpus.data_id,
+                    "global_batch": _global_batch(self.cfg, info), "world_size": info.world_size}
+            if self.scale is not None:
+                meta["loss_scale"] = [self.scale.scale, self.scale.good_steps]
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_state(TrainState(self.state.params, self.state.opt, self.step, rng, meta), self.out / STATE_FILE)
+            _export_model(self.state.params, self.out)
+            _plot(self.plot_path, _metrics_lines(self.metrics_path))
 
-    flag = _StopFlag()
-    step = state.step
-    last_loss: float | None = None
-    val_loss: float | None = None
-    stopped_by: str | None = None
-    window: list[float] = []
-    t_start = time.perf_counter()
-    t_last, tokens_since = t_start, 0
-    bar = tqdm(total=cfg.steps, initial=step, disable=not (cfg.progress and main) or None, unit="step",
+    def report(self, stopped_by: str | None) -> None:
+        if not self.main:
+            return
+        if stopped_by is not None and self.step < self.cfg.steps:
+            print(f"stopped by {stopped_by} at step {self.step}/{self.cfg.steps}; state saved to "
+                  f"{self.out / STATE_FILE}; continue with --resume", file=sys.stderr)
+            return
+        val = (None if self.val_loss is None else
+               f"{round(self.val_loss, 4)} (perplexity {perplexity(self.val_loss):.2f})")
+        last = self.last_loss if self.last_loss is None else round(self.last_loss, 4)
+        print(f"done: step {self.step}, train loss {last}, validation loss {val}; weights in "
+              f"{self.out / MODEL_FILE}", file=sys.stderr)
+
+
+def train(params: GPTParams | None, cfg: TrainConfig, *, resume: bool = False,
+          dist_info: D.DistInfo | None = None) -> TrainResult:
+    """Train `params` (or the state in `cfg.out` when `resume`) for `cfg.steps` steps; see the module docstring.
+
+    Returns when the steps are done, `max_time` has passed or a SIGINT/SIGTERM arrived; in every case the last
+    state has been saved first."""
+    device = torch.device(cfg.device)
+    info = dist_info if dist_info is not None else D.setup(device)
+    tokens = load_tokens(cfg.data, cache_dir=cfg.cache_dir)
+    data_id = {"tokens": len(tokens), "hash": Path(tokens.filename).stem}
+    state = _restore_or_init(params, cfg, info, device, data_id, resume=resume)
+    corpus = _corpus_and_vocabulary(state, cfg, tokens, data_id)
+    run = _Run(cfg, info, device, state, corpus)
+    run.announce()
+
+    flag, stopped_by = _StopFlag(), None
+    bar = tqdm(total=cfg.steps, initial=run.step, disable=not (cfg.progress and run.main) or None, unit="step",
                dynamic_ncols=True, file=sys.stderr)
     with _signals(flag), bar:
-        while step < cfg.steps:
-            lr = cfg.lr_at(step)
-            starts = sample_starts(len(train_tok), batch_size=cfg.batch_size * info.world_size, context=context,
-                                   generator=data_gen)
-            mine = starts[info.rank * cfg.batch_size:(info.rank + 1) * cfg.batch_size]
-            ids, targets = (t.to(device) for t in windows(train_tok, mine, context))
-            state.params, state.opt, m = train_step(state.params, state.opt, ids, targets, lr=lr, hp=hp,
-                                                    clip_norm=cfg.clip, generator=drop_gen, grad_reduce=reduce,
-                                                    donate=True)
-            step += 1
-            last_loss = float(m.loss)
-            if not math.isfinite(last_loss) and main:
-                print(f"warning: loss is {last_loss} at step {step}; try a lower --lr", file=sys.stderr)
-            window.append(last_loss)
-            tokens_since += len(starts) * context
-            now = time.perf_counter()
-            tok_s = tokens_since / max(now - t_last, 1e-9)
-            bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
-            bar.update(1)
-            if main and (step % cfg.log_every == 0 or step == cfg.steps):
-                rec = {"step": step, "loss": sum(window) / len(window), "lr": lr, "grad_norm": float(m.grad_norm),
-                       "tokens_per_s": tok_s, "elapsed_s": now - t_start}
-                with metrics_path.open("a") as fh:
-                    fh.write(json.dumps(rec) + "\n")
-                window, t_last, tokens_since = [], now, 0
-            if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
-                if main and len(val_tok) > context:
-                    val_loss = evaluate(state.params, val_tok, context=context, batch_size=cfg.batch_size,
-                                        max_windows=cfg.eval_windows, device=device)
-                    with metrics_path.open("a") as fh:
-                        fh.write(json.dumps({"step": step, "val_loss": val_loss}) + "\n")
-                    bar.write(f"step {step}: train loss {last_loss:.4f}, validation loss {val_loss:.4f}",
-                              file=sys.stderr)
-            timed_out = cfg.max_time is not None and now - t_start >= cfg.max_time
-            reason = flag.reason or ("max_time" if timed_out else None)
-            if reason is None and cfg.stop_after is not None and step >= cfg.stop_after:
-                reason = "stop_after"
-            if D.any_rank(reason is not None, info, device if info.backend == "nccl" else "cpu"):
-                stopped_by = reason or "another rank"
+        while run.step < cfg.steps:
+            lr = run.train_one_step()
+            run.log(lr, bar)
+            run.evaluate_if_due(bar)
+            stopped_by = run.stop_reason(flag)
+            if stopped_by is not None:
                 break
-            if save_every and step % save_every == 0 and step < cfg.steps:
-                save(step)
-    save(step)
+            run.save_if_due()
+    run.save()
     D.barrier(info)
-    if main:
-        if stopped_by is not None and step < cfg.steps:
-            print(f"stopped by {stopped_by} at step {step}/{cfg.steps}; state saved to {state_path}; "
-                  "continue with --resume", file=sys.stderr)
-        else:
-            print(f"done: step {step}, train loss {last_loss if last_loss is None else round(last_loss, 4)}, "
-                  f"validation loss {val_loss if val_loss is None else round(val_loss, 4)}; weights in "
-                  f"{out / MODEL_FILE}", file=sys.stderr)
-    return TrainResult(state.params, step, last_loss, val_loss, stopped_by, out)
+    run.report(stopped_by)
+    return TrainResult(state.params, run.step, run.last_loss, run.val_loss, stopped_by, Path(cfg.out))
