@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..config import GPTConfig
+from ..files import atomic_write_path, atomic_write_text
 from ..params import GPTParams, expected_shapes, params_to_dict, validate
 from .common import (
     CheckpointError,
@@ -191,7 +192,13 @@ def save_hf(params: GPTParams, directory: str | os.PathLike) -> Path:
     validate(params, source="params to save")
     cfg = params.config
     out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out} is a file; save_hf writes a directory (config.json + model.safetensors): "
+                              "give a directory path")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CheckpointError(f"could not create the directory {out}: {exc.strerror or exc}") from exc
     ours = params_to_dict(params)
     rules = gpt2_rules("transformer.", linear=False)
     tensors: dict[str, torch.Tensor] = {}
@@ -205,19 +212,18 @@ def save_hf(params: GPTParams, directory: str | os.PathLike) -> Path:
     if params.head is not None:
         tensors["lm_head.weight"] = params.head.T  # nn.Linear: [vocab, d]
     tensors = {k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}
-    tmp = out / f".model.safetensors.{os.getpid()}.tmp"
-    try:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, out / "model.safetensors")
-    finally:
-        tmp.unlink(missing_ok=True)
-    (out / "config.json").write_text(json.dumps(hf_config(cfg), indent=2) + "\n", encoding="utf-8")
-    generation = out / "generation_config.json"
-    if cfg.trained_vocab is not None:
-        trained = set(cfg.trained_vocab)
-        suppress = [i for i in range(cfg.vocab_size) if i not in trained]
-        ends = {"bos_token_id": 50256, "eos_token_id": 50256} if cfg.vocab_size > 50256 else {}
-        generation.write_text(json.dumps({**ends, "suppress_tokens": suppress}) + "\n", encoding="utf-8")
-    else:
-        generation.unlink(missing_ok=True)  # a stale one from an earlier export would mask ids
+    try:  # each file atomically (gpt2fn.files); config.json last, so a directory with one has its weights
+        atomic_write_path(out / "model.safetensors",
+                          lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+        atomic_write_text(out / "config.json", json.dumps(hf_config(cfg), indent=2) + "\n")
+        generation = out / "generation_config.json"
+        if cfg.trained_vocab is not None:
+            trained = set(cfg.trained_vocab)
+            suppress = [i for i in range(cfg.vocab_size) if i not in trained]
+            ends = {"bos_token_id": 50256, "eos_token_id": 50256} if cfg.vocab_size > 50256 else {}
+            atomic_write_text(generation, json.dumps({**ends, "suppress_tokens": suppress}) + "\n")
+        else:
+            generation.unlink(missing_ok=True)  # a stale one from an earlier export would mask ids
+    except OSError as exc:
+        raise CheckpointError(f"could not write {out}: {exc.strerror or exc}") from exc
     return out

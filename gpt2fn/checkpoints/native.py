@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from ..config import GPTConfig
+from ..files import atomic_write_path
 from ..params import GPTParams, named_leaves, validate
 from .common import CheckpointError, Raw, assemble
 
@@ -57,21 +58,17 @@ def _disjoint(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
 
 def save(params: GPTParams, path: str | os.PathLike) -> Path:
     """Write `params` to a safetensors file with the config in its metadata, atomically (a temporary file in the
-    same directory, then `os.replace`): an interrupted save never leaves a half-written file at `path`."""
+    same directory, fsync, then `os.replace`, through `gpt2fn.files`): an interrupted save never leaves a
+    half-written file at `path`."""
     validate(params, source="params to save")
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"{path} is a directory; give a file name such as {path / 'model.safetensors'}")
-    path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"format": "pt", "gpt2fn.format": FORMAT_VERSION,
                 _CONFIG_KEY: json.dumps(params.config.to_dict(), sort_keys=True)}
     tensors = _disjoint(dict(named_leaves(params)))
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
+        atomic_write_path(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     except OSError as exc:
         raise CheckpointError(f"could not write {path}: {exc.strerror or exc}") from exc
-    finally:
-        tmp.unlink(missing_ok=True)
     return path

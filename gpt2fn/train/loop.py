@@ -189,15 +189,14 @@ def _metrics_lines(path: Path) -> list[dict[str, Any]]:
 
 
 def _plot(path: Path, records: list[dict[str, Any]]) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no process-wide backend choice, no global figure list
 
     from .state import atomic_write
 
     tr = [(r["step"], r["loss"]) for r in records if "loss" in r]
     va = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    fig = Figure(figsize=(7, 4), dpi=100)
+    ax = fig.subplots()
     if tr:
         ax.plot(*zip(*tr, strict=True), label="train")
     if va:
@@ -208,7 +207,6 @@ def _plot(path: Path, records: list[dict[str, Any]]) -> None:
     ax.legend()
     fig.tight_layout()
     atomic_write(path, lambda fh: fig.savefig(fh, format="png"))
-    plt.close(fig)
 
 
 def _export_model(params: GPTParams, out: Path) -> Path:
