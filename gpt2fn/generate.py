@@ -21,7 +21,7 @@ import codecs
 import dataclasses
 import warnings
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -209,8 +209,15 @@ def _prepare(params: GPTParams, device: torch.device | str | None) -> GPTParams:
     if not isinstance(params, GPTParams):
         raise TypeError(f"params must be a GPTParams tree (from gpt2fn.load or init_params), got "
                         f"{type(params).__name__}")
-    if device is not None and torch.device(device) != params.device:
-        params = tree_to(params, device=device)
+    if device is not None:
+        from .checkpoints import CheckpointError, parse_device
+
+        try:
+            device = parse_device(device)
+        except CheckpointError as exc:  # the same check as load's, reported as a bad argument here
+            raise ValueError(str(exc)) from None
+        if device != params.device:
+            params = tree_to(params, device=device)
     return params
 
 
@@ -284,6 +291,8 @@ class TextStream:
 def _check_stop(stop: str | Sequence[str] | None) -> tuple[str, ...]:
     if stop is None:
         return ()
+    if not isinstance(stop, (str, Sequence)) or isinstance(stop, (bytes, bytearray)):
+        raise TypeError(f"stop must be a string or a list of strings; got {type(stop).__name__} {stop!r}")
     stops = (stop,) if isinstance(stop, str) else tuple(stop)
     if not all(isinstance(s, str) and s for s in stops):
         raise ValueError(f"stop must be a non-empty string or a list of them; got {stop!r}")
@@ -293,8 +302,10 @@ def _check_stop(stop: str | Sequence[str] | None) -> tuple[str, ...]:
 def _encode_prompts(prompts: Sequence[str], n_tokens: int) -> list[list[int]]:
     rows = []
     for i, p in enumerate(prompts):
+        if isinstance(p, (bytes, bytearray)):
+            raise TypeError(f"prompt {i} is bytes; pass text: prompt.decode('utf-8')")
         if not isinstance(p, str):
-            raise ValueError(f"prompt {i} must be a string, got {type(p).__name__}")
+            raise TypeError(f"prompt {i} must be a string, got {type(p).__name__} {p!r:.40}")
         if not p:
             raise ValueError(f"prompt {i} is empty; give at least one character (to generate unconditionally, "
                              "start from '<|endoftext|>')")
@@ -307,6 +318,10 @@ def _text_steps(params: GPTParams, prompts: Sequence[str], *, max_new_tokens: in
                 stop: str | Sequence[str] | None, eos: bool | int | None, device: torch.device | str | None
                 ) -> Iterator[tuple[int, str]]:
     """Yield `(row, text piece)` as pieces become final, for every row of a batch of prompts."""
+    if not (seed is None or isinstance(seed, torch.Generator) or (isinstance(seed, int) and not isinstance(seed, bool))
+            or (isinstance(seed, Sequence) and not isinstance(seed, (str, bytes)))):
+        raise TypeError(f"seed must be an int, a torch.Generator, one per row, or None; got {type(seed).__name__} "
+                        f"{seed!r:.40}")  # checked even when greedy, where it is not used
     params = decode_params(_prepare(params, device))
     request = _request(params, max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos)
     stops = _check_stop(stop)
@@ -355,6 +370,10 @@ def generate(params: GPTParams, prompt: str | Sequence[str], *, max_new_tokens: 
     - `device`: where to run (params are moved if elsewhere); None runs where the params are.
     """
     single = isinstance(prompt, str)
+    if not single and (isinstance(prompt, (bytes, bytearray)) or not isinstance(prompt, Iterable)):
+        raise TypeError(f"prompt must be a string or a list of strings; got {type(prompt).__name__} "
+                        f"{prompt!r:.40}" + (" (decode bytes first: prompt.decode('utf-8'))"
+                                              if isinstance(prompt, (bytes, bytearray)) else ""))
     prompts = [prompt] if single else list(prompt)
     texts = [""] * len(prompts)
     with torch.no_grad():
@@ -372,7 +391,7 @@ def stream(params: GPTParams, prompt: str, *, max_new_tokens: int = 20, temperat
     """Like :func:`generate` for one prompt, yielding text pieces as soon as they are final. The pieces
     concatenate to `generate`'s text; a multi-byte UTF-8 character is never split between two pieces."""
     if not isinstance(prompt, str):
-        raise ValueError(f"stream takes one prompt string, got {type(prompt).__name__}; use generate for a batch")
+        raise TypeError(f"stream takes one prompt string, got {type(prompt).__name__}; use generate for a batch")
     with torch.no_grad():
         for _, piece in _text_steps(params, [prompt], max_new_tokens=max_new_tokens, temperature=temperature,
                                     top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed,

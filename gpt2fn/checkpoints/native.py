@@ -13,7 +13,7 @@ from torch import Tensor
 from ..config import GPTConfig
 from ..files import atomic_write_path
 from ..params import GPTParams, named_leaves, validate
-from .common import CheckpointError, Raw, assemble
+from .common import CheckpointError, Raw, assemble, check_layers, count_layers
 
 __all__ = ["LAYOUT", "FORMAT_VERSION", "matches", "convert", "save"]
 
@@ -31,11 +31,13 @@ def convert(raw: Raw, *, n_heads: int | None = None, device: torch.device | str 
     text = raw.meta["safetensors"][_CONFIG_KEY]
     try:
         config = GPTConfig.from_dict(json.loads(text))
-    except (ValueError, TypeError) as exc:  # JSONDecodeError is a ValueError
+    except (ValueError, TypeError, OverflowError, RecursionError) as exc:  # JSONDecodeError is a ValueError
         raise CheckpointError(f"{raw.source} has an invalid gpt2fn config in its metadata ({exc}); "
                               "it was written by a different version of gpt2fn or edited by hand") from exc
     if n_heads is not None and n_heads != config.n_heads:
         raise CheckpointError(f"n_heads={n_heads} was passed but {raw.source} says n_heads={config.n_heads}")
+    # the stored layer count must match the blocks present before `assemble` walks that many names
+    check_layers(count_layers(raw, "blocks."), config.n_layers, "n_layers", "the gpt2fn config", raw.source)
     tensors, ignored = assemble(raw, config, None, layout=LAYOUT, device=device, dtype=dtype)
     return config, tensors, ignored, []
 
