@@ -13,13 +13,14 @@ from torch import Tensor
 from ..config import GPTConfig
 from ..files import atomic_write_path
 from ..params import GPTParams, named_leaves, validate
-from .common import CheckpointError, Raw, assemble, check_layers, count_layers
+from .common import CheckpointError, Raw, assemble, check_layers, config_int, count_layers
 
 __all__ = ["LAYOUT", "FORMAT_VERSION", "matches", "convert", "save"]
 
 LAYOUT = "gpt2fn safetensors"
 FORMAT_VERSION = "1"
 _CONFIG_KEY = "gpt2fn.config"
+_MAX_SIZE = 2**31 - 1
 
 
 def matches(raw: Raw) -> bool:
@@ -34,6 +35,11 @@ def convert(raw: Raw, *, n_heads: int | None = None, device: torch.device | str 
     except (ValueError, TypeError, OverflowError, RecursionError) as exc:  # JSONDecodeError is a ValueError
         raise CheckpointError(f"{raw.source} has an invalid gpt2fn config in its metadata ({exc}); "
                               "it was written by a different version of gpt2fn or edited by hand") from exc
+    for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "mlp_dim", "token_vocab_size"):
+        value = getattr(config, name)
+        if value is not None and config_int(value, name, "the gpt2fn config", raw.source) > _MAX_SIZE:
+            raise CheckpointError(f"the gpt2fn config of {raw.source} says {name}={value}, beyond any real model "
+                                  f"(at most {_MAX_SIZE}); the file is corrupt")
     if n_heads is not None and n_heads != config.n_heads:
         raise CheckpointError(f"n_heads={n_heads} was passed but {raw.source} says n_heads={config.n_heads}")
     # the stored layer count must match the blocks present before `assemble` walks that many names
