@@ -94,11 +94,19 @@ def _check_targets(params: GPTParams, ids: Tensor, targets: Tensor, ignore_index
     if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
         raise ValueError(f"targets must be an integer tensor of token ids; got dtype {targets.dtype}. "
                          "Use targets.long().")
-    vocab = params.config.vocab_size
-    bad = _out_of_range(targets, 0, vocab, allowed=ignore_index)
+    cfg = params.config
+    bad = _out_of_range(targets, 0, cfg.vocab_size, allowed=ignore_index)
     if bad is not None:
-        raise ValueError(f"targets hold {bad[1]} at {bad[0]}, neither a token id in [0, {vocab}) nor "
+        raise ValueError(f"targets hold {bad[1]} at {bad[0]}, neither a token id in [0, {cfg.vocab_size}) nor "
                          f"ignore_index={ignore_index}; mark positions to skip with ignore_index")
+    if cfg.trained_vocab is not None:  # the softmax covers the trained ids only
+        position = trained_vocab_index(cfg, targets.device)[1]
+        skip = targets == ignore_index
+        rank = torch.where(skip, 0, position[torch.where(skip, 0, targets).clamp(0, cfg.vocab_size - 1)])
+        bad = _out_of_range(rank, 0, len(cfg.trained_vocab))
+        if bad is not None:
+            raise ValueError(f"targets hold {int(targets[tuple(bad[0])])} at {bad[0]}, an id outside the "
+                             f"{len(cfg.trained_vocab)} ids this model was trained on (config.trained_vocab)")
 
 
 @checked
@@ -173,7 +181,7 @@ def loss(params: GPTParams, ids: Int[Tensor, "batch seq"], targets: Int[Tensor, 
     are skipped). Computed in fp32 whatever the parameter dtype.
 
     With `config.trained_vocab` (a model trained on a corpus's own vocabulary) the softmax runs over those ids
-    only; a target outside them is an index error.
+    only; a target outside them is a ValueError (where values can be read, see `_check_ids`).
 
     `fused_head=True` computes the unembedding and the cross-entropy together, chunk by chunk, with the
     gradient formed in the same pass (`gpt2fn.losses.head_cross_entropy`): the same values without ever holding

@@ -67,6 +67,14 @@ def test_bad_api_input_raises_one_documented_error(params, ckpt, name, call, err
         call(params, ckpt)
 
 
+def test_a_target_outside_a_trained_vocabulary_is_a_value_error():
+    p = init_params(CFG.replace(trained_vocab=(0, 1, 2, 5)), seed=0)
+    assert torch.isfinite(loss(p, _ids(1, 2), _ids(5, -100)))
+    for fused in (False, True):
+        with pytest.raises(ValueError, match=r"targets hold 4 .*trained on"):
+            loss(p, _ids(1, 2), _ids(5, 4), fused_head=fused)
+
+
 def test_ids_are_checked_with_shape_checks_off(params):
     with shape_checks(False):
         with pytest.raises(TypeError, match=r"ids must be a torch\.Tensor.*list"):
