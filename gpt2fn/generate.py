@@ -20,7 +20,7 @@ one `decode_step` per new token -> `gpt2fn.sampling.next_token` -> ids -> increm
 import codecs
 import dataclasses
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -220,8 +220,15 @@ def _prepare(params: GPTParams, device: torch.device | str | None) -> GPTParams:
     if not isinstance(params, GPTParams):
         raise TypeError(f"params must be a GPTParams tree (from gpt2fn.load or init_params), got "
                         f"{type(params).__name__}")
-    if device is not None and torch.device(device) != params.device:
-        params = tree_to(params, device=device)
+    if device is not None:
+        from .checkpoints import CheckpointError, parse_device
+
+        try:
+            device = parse_device(device)
+        except CheckpointError as exc:  # the same check as load's, reported as a bad argument here
+            raise ValueError(str(exc)) from None
+        if device != params.device:
+            params = tree_to(params, device=device)
     return params
 
 
@@ -346,6 +353,8 @@ class TextStream:
 def _check_stop(stop: str | Sequence[str] | None) -> tuple[str, ...]:
     if stop is None:
         return ()
+    if not isinstance(stop, (str, Sequence)) or isinstance(stop, (bytes, bytearray)):
+        raise TypeError(f"stop must be a string or a list of strings; got {type(stop).__name__} {stop!r}")
     stops = (stop,) if isinstance(stop, str) else tuple(stop)
     if not all(isinstance(s, str) and s for s in stops):
         raise ValueError(f"stop must be a non-empty string or a list of them; got {stop!r}")
@@ -355,8 +364,10 @@ def _check_stop(stop: str | Sequence[str] | None) -> tuple[str, ...]:
 def _encode_prompts(prompts: Sequence[str], n_tokens: int) -> list[list[int]]:
     rows = []
     for i, p in enumerate(prompts):
+        if isinstance(p, (bytes, bytearray)):
+            raise TypeError(f"prompt {i} is bytes; pass text: prompt.decode('utf-8')")
         if not isinstance(p, str):
-            raise ValueError(f"prompt {i} must be a string, got {type(p).__name__}")
+            raise TypeError(f"prompt {i} must be a string, got {type(p).__name__} {p!r:.40}")
         if not p:
             raise ValueError(f"prompt {i} is empty; give at least one character (to generate unconditionally, "
                              "start from '<|endoftext|>')")
@@ -369,6 +380,10 @@ def _text_rows(params: GPTParams, prompts: Sequence[str], request: _Request, *, 
                ) -> Iterator[tuple[int, str, float | None]]:
     """Yield `(row, text piece, log-probability of the piece's token or None)` as pieces become final, for every
     row (`len(prompts) * num_return_sequences` rows with beams)."""
+    if not (seed is None or isinstance(seed, torch.Generator) or (isinstance(seed, int) and not isinstance(seed, bool))
+            or (isinstance(seed, Sequence) and not isinstance(seed, (str, bytes)))):
+        raise TypeError(f"seed must be an int, a torch.Generator, one per row, or None; got {type(seed).__name__} "
+                        f"{seed!r:.40}")  # checked even when greedy, where it is not used
     stops = _check_stop(stop)
     if isinstance(prompts, str) or not prompts:
         raise ValueError("prompts must be a non-empty list of strings")
@@ -435,6 +450,10 @@ def generate(params: GPTParams, prompt: str | Sequence[str], *, max_new_tokens: 
     - `params` may be `decode_params(params)` kept from an earlier call: its layout is then reused as it is.
     """
     single = isinstance(prompt, str)
+    if not single and (isinstance(prompt, (bytes, bytearray)) or not isinstance(prompt, Iterable)):
+        raise TypeError(f"prompt must be a string or a list of strings; got {type(prompt).__name__} "
+                        f"{prompt!r:.40}" + (" (decode bytes first: prompt.decode('utf-8'))"
+                                              if isinstance(prompt, (bytes, bytearray)) else ""))
     prompts = [prompt] if single else list(prompt)
     params = _prepare(params, device)
     request = _request(params, max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos, min_p=min_p,
@@ -465,7 +484,7 @@ def stream(params: GPTParams, prompt: str, *, max_new_tokens: int = 20, temperat
     """Like :func:`generate` for one prompt, yielding text pieces as soon as they are final. The pieces
     concatenate to `generate`'s text; a multi-byte UTF-8 character is never split between two pieces."""
     if not isinstance(prompt, str):
-        raise ValueError(f"stream takes one prompt string, got {type(prompt).__name__}; use generate for a batch")
+        raise TypeError(f"stream takes one prompt string, got {type(prompt).__name__}; use generate for a batch")
     params = _prepare(params, device)
     request = _request(params, max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos, min_p=min_p,
                        no_repeat_ngram_size=no_repeat_ngram_size, suppress=suppress, edit=edit, compile=compile)

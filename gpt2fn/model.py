@@ -33,11 +33,22 @@ def positions_from_mask(mask: Bool[Tensor, "batch seq"]) -> Int[Tensor, "batch s
 
 
 def _check_ids(params: GPTParams, ids: Tensor, start: int) -> None:
+    """Validate `ids` at the public entry points (`forward`, `loss`), whatever the shape-check switch says:
+    a tensor, `[batch, seq]`, integer, within the context, and every id in `[0, vocab_size)`.
+
+    The range check reads the values, so it runs where values exist: eagerly (on CPU or GPU) and under
+    `torch.func.grad`/`jacrev` (ids are not transformed). It is skipped where no value can be read: while
+    `torch.compile` traces (`torch.compiler.is_compiling()`), under `vmap` over the ids (a batched tensor
+    cannot be turned into a Python bool), during CUDA-graph capture and on the meta device; there the embedding
+    lookup is torch's own check."""
     cfg = params.config
+    if not isinstance(ids, Tensor):
+        raise TypeError(f"ids must be a torch.Tensor of token ids [batch, seq]; got {type(ids).__name__}. "
+                        "Use torch.tensor(ids) (or gpt2fn.encode(text) for text).")
     if ids.ndim != 2:
         raise ValueError(f"ids must be [batch, seq] token ids; got shape {list(ids.shape)}. "
                          "For a single sequence pass ids[None].")
-    if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
         raise ValueError(f"ids must be an integer tensor of token ids; got dtype {ids.dtype}. Use ids.long().")
     if ids.shape[1] == 0:
         raise ValueError("ids has seq = 0 positions; pass at least one token")
@@ -45,6 +56,55 @@ def _check_ids(params: GPTParams, ids: Tensor, start: int) -> None:
         raise ValueError(f"sequence of {start + ids.shape[1]} positions (seq={ids.shape[1]}"
                          f"{f' after {start} cached' if start else ''}) exceeds context_length "
                          f"{cfg.context_length}; crop to the last {cfg.context_length} tokens")
+    bad = _out_of_range(ids, 0, cfg.vocab_size)
+    if bad is not None:
+        raise ValueError(f"ids hold token id {bad[1]} at {bad[0]}, outside this model's vocabulary "
+                         f"[0, {cfg.vocab_size}); encode text with the model's tokenizer "
+                         f"(gpt2fn.encode) or clamp/remap the ids")
+
+
+def _out_of_range(t: Tensor, lo: int, hi: int, allowed: int | None = None) -> tuple[list[int], int] | None:
+    """`(index, value)` of the first entry of `t` outside `[lo, hi)` (and not equal to `allowed`), or None;
+    None also where values cannot be read (see `_check_ids`)."""
+    if t.numel() == 0 or t.device.type == "meta" or torch.compiler.is_compiling():
+        return None
+    if t.is_cuda and torch.cuda.is_current_stream_capturing():
+        return None
+    outside = (t < lo) | (t >= hi)
+    if allowed is not None:
+        outside &= t != allowed
+    try:
+        if not bool(outside.any()):
+            return None
+    except RuntimeError:  # a vmap-batched tensor: data-dependent control flow cannot run while transformed
+        return None
+    where = [int(i) for i in outside.nonzero()[0]]
+    return where, int(t[tuple(where)])
+
+
+def _check_targets(params: GPTParams, ids: Tensor, targets: Tensor, ignore_index: int) -> None:
+    """`loss`'s targets: a tensor of the ids' shape, integer, each in `[0, vocab_size)` or `ignore_index` (the
+    range check is skipped where values cannot be read, as in `_check_ids`)."""
+    if not isinstance(targets, Tensor):
+        raise TypeError(f"targets must be a torch.Tensor of token ids [batch, seq]; got {type(targets).__name__}")
+    if isinstance(ids, Tensor) and targets.shape != ids.shape:
+        raise ValueError(f"targets must have the shape of ids {list(ids.shape)}; got {list(targets.shape)}")
+    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+        raise ValueError(f"targets must be an integer tensor of token ids; got dtype {targets.dtype}. "
+                         "Use targets.long().")
+    cfg = params.config
+    bad = _out_of_range(targets, 0, cfg.vocab_size, allowed=ignore_index)
+    if bad is not None:
+        raise ValueError(f"targets hold {bad[1]} at {bad[0]}, neither a token id in [0, {cfg.vocab_size}) nor "
+                         f"ignore_index={ignore_index}; mark positions to skip with ignore_index")
+    if cfg.trained_vocab is not None:  # the softmax covers the trained ids only
+        position = trained_vocab_index(cfg, targets.device)[1]
+        skip = targets == ignore_index
+        rank = torch.where(skip, 0, position[torch.where(skip, 0, targets).clamp(0, cfg.vocab_size - 1)])
+        bad = _out_of_range(rank, 0, len(cfg.trained_vocab))
+        if bad is not None:
+            raise ValueError(f"targets hold {int(targets[tuple(bad[0])])} at {bad[0]}, an id outside the "
+                             f"{len(cfg.trained_vocab)} ids this model was trained on (config.trained_vocab)")
 
 
 @checked
@@ -99,15 +159,14 @@ def loss(params: GPTParams, ids: Int[Tensor, "batch seq"], targets: Int[Tensor, 
     are skipped). Computed in fp32 whatever the parameter dtype.
 
     With `config.trained_vocab` (a model trained on a corpus's own vocabulary) the softmax runs over those ids
-    only; a target outside them is an index error.
+    only; a target outside them is a ValueError (where values can be read, see `_check_ids`).
 
     `fused_head=True` computes the unembedding and the cross-entropy together, chunk by chunk, with the
     gradient formed in the same pass (`gpt2fn.losses.head_cross_entropy`): the same values without ever holding
     the `[batch x seq, vocab]` logits -- faster and much smaller for training (`gpt2fn.train` uses it). It is
     differentiable once (`grad`, `vjp`, `jacrev`, `vmap` of them, `backward`); second derivatives raise. The
     default composes with every `torch.func` transform, `hessian` included."""
-    if targets.shape != ids.shape:
-        raise ValueError(f"targets must have the shape of ids {list(ids.shape)}; got {list(targets.shape)}")
+    _check_targets(params, ids, targets, ignore_index)
     targets = targets.flatten()
     rows = None
     if params.config.trained_vocab is not None:  # the softmax runs over the trained rows only

@@ -163,7 +163,18 @@ class GPTParams(_Record):
 def init_params(config: GPTConfig, seed: int | torch.Generator = 0, *,
                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> GPTParams:
     """GPT-2's initialisation: weights ~ N(0, 0.02), residual output projections scaled by 1/sqrt(2 n_layers),
-    zero biases, unit layer-norm scales. Deterministic for a given seed, whatever the device."""
+    zero biases, unit layer-norm scales. Deterministic for a given seed, whatever the device.
+
+    `dtype` must be a floating torch dtype (`torch.float32`, `torch.bfloat16`, ...) or None (float32); anything
+    else raises a ValueError (TypeError when it is not a dtype at all) before any weight is made."""
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype such as torch.float32 or torch.bfloat16, got "
+                        f"{type(dtype).__name__} {dtype!r}")
+    if dtype is not None and not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating dtype for weights (torch.float32, torch.bfloat16, "
+                         f"torch.float16), got {dtype}")
+    if not isinstance(config, GPTConfig):
+        raise TypeError(f"config must be a GPTConfig (e.g. gpt2fn.preset('gpt2')), got {type(config).__name__}")
     gen = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(seed)
     d, m, v, c = config.emb_dim, config.d_mlp, config.vocab_size, config.context_length
     std, resid_std = 0.02, 0.02 / math.sqrt(2 * config.n_layers)

@@ -22,15 +22,16 @@ or, for a block of code, with ``with gpt2fn.shape_checks(False): ...``. Under ``
 import contextlib
 import contextvars
 import functools
+import io
 import os
 import typing
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
+import jaxtyping
 import torch
 from beartype import beartype
 from jaxtyping import Bool, Float, Int, jaxtyped
-from jaxtyping._storage import get_shape_memo, shape_str
 from torch import Tensor
 
 __all__ = [
@@ -128,9 +129,17 @@ def check_record(record: Any, name: str = "params") -> None:
             expected = " or ".join(getattr(t, "dim_str", str(t)) for t in tensor_types)
             raise ShapeError(
                 f"{path} has shape {list(shape) if isinstance(shape, tuple) else shape} {dtype}; expected "
-                f"[{expected}] consistent with the inputs. {shape_str(get_shape_memo())}\n"
+                f"[{expected}] consistent with the inputs. {_bindings()}\n"
                 "Check that the parameters were built for the same config as the inputs."
             )
+
+
+def _bindings() -> str:
+    """The current jaxtyping dimension bindings, through its public `print_bindings` (no private import)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        jaxtyping.print_bindings()
+    return out.getvalue().strip()
 
 
 try:  # Python >= 3.10: `X | None` builds a types.UnionType

@@ -7,6 +7,7 @@ claimed and a key of the wrong shape are all reported together, by the names the
 """
 
 import contextlib
+import math
 import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -20,7 +21,8 @@ from ..config import GPTConfig
 from ..params import expected_shapes, key_report
 
 __all__ = ["CheckpointError", "CheckpointNotFoundError", "Raw", "Rule", "rule", "assemble", "need", "count_layers",
-           "heads_for", "mlp_dim_for", "config_errors"]
+           "heads_for", "mlp_dim_for", "config_errors", "config_int", "config_float", "config_flag", "matrix_dim",
+           "check_layers", "check_stated"]
 
 
 class CheckpointError(ValueError):
@@ -61,12 +63,29 @@ def rule(*theirs: str, transpose: bool = False) -> Rule:
     return Rule(tuple(theirs), transpose)
 
 
-def need(raw: Raw, key: str, layout: str) -> Tensor:
-    """A tensor the config is inferred from; its absence means the file is not (all of) this layout."""
+def need(raw: Raw, key: str, layout: str, ndim: int = 2) -> Tensor:
+    """A tensor the config is inferred from; its absence means the file is not (all of) this layout. Its rank is
+    checked here, before any shape is unpacked from it."""
     if key not in raw.tensors:
         raise CheckpointError(f"{raw.source} looks like a {layout} checkpoint but has no '{key}'; "
                               f"its keys start with {_sample(raw.tensors)}")
-    return raw.tensors[key]
+    t = raw.tensors[key]
+    if t.ndim != ndim or 0 in t.shape:
+        raise CheckpointError(f"{raw.source}: '{key}' has shape {list(t.shape)}, expected a non-empty "
+                              f"{ndim}-d tensor; the file is corrupt or of another architecture")
+    return t
+
+
+def matrix_dim(raw: Raw, key: str, axis: int) -> int | None:
+    """`shape[axis]` of an optional matrix the config is inferred from (None when absent); a CheckpointError
+    when it is there but not a matrix."""
+    t = raw.tensors.get(key)
+    if t is None:
+        return None
+    if t.ndim != 2:
+        raise CheckpointError(f"{raw.source}: '{key}' has shape {list(t.shape)}, expected a matrix (2-d); "
+                              "the file is corrupt or of another architecture")
+    return int(t.shape[axis])
 
 
 @contextlib.contextmanager
@@ -76,29 +95,104 @@ def config_errors(source: str) -> Iterator[None]:
         yield
     except CheckpointError:
         raise
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, OverflowError, RecursionError) as exc:
         raise CheckpointError(f"{source}: the inferred config is invalid: {exc}") from exc
 
 
+def config_int(value: Any, name: str, where: str, source: str) -> int:
+    """A count read from a file's config: a positive integer (an integral float like 12.0 is accepted, as
+    `json` writes some), never a bool, a string, NaN or infinity."""
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise CheckpointError(f"{where} of {source} says {name}={value!r}; expected a positive integer. "
+                              "Fix the file's config (or re-export it from the model that wrote it)")
+    return value
+
+
+def config_float(value: Any, name: str, where: str, source: str, default: float) -> float:
+    """A real number read from a file's config (None: `default`): finite, not a bool or a string."""
+    if value is None:
+        return default
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise CheckpointError(f"{where} of {source} says {name}={value!r}; expected a finite number. "
+                              "Fix the file's config (or re-export it from the model that wrote it)")
+    return float(value)
+
+
+def config_flag(value: Any, name: str, where: str, source: str) -> bool | None:
+    """A true/false switch read from a file's config (None when absent); only JSON booleans are accepted."""
+    if value is None or isinstance(value, bool):
+        return value
+    raise CheckpointError(f"{where} of {source} says {name}={value!r}; expected true or false")
+
+
+_MAX_REPORTED = 8
+
+
 def count_layers(raw: Raw, prefix: str) -> int:
-    """Number of blocks: one more than the largest `{prefix}{i}.` index (gaps show up as missing keys)."""
+    """Number of blocks, from the `{prefix}{i}.` keys present: they must be exactly 0 .. n-1, so an absurd index
+    (a key `h.1000000000000000000.x`) or a gap is reported by name before anything is allocated or looped over."""
     pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
-    found = [int(m.group(1)) for k in raw.tensors if (m := pattern.match(k))]
+    indexed = [(m.group(1), k) for k in raw.tensors if (m := pattern.match(k))]
+    absurd = next((k for i, k in indexed if len(i) > 9), None)  # int() of 5000 digits would itself fail
+    if absurd is not None:
+        raise CheckpointError(f"{raw.source} has a key with an absurd block index, {absurd[:80]!r}; no GPT-2 has "
+                              "that many blocks: the file is corrupt, remove the key")
+    found = {int(i) for i, _ in indexed}
     if not found:
         raise CheckpointError(f"{raw.source} has no transformer blocks (no keys starting with '{prefix}0.'); "
                               f"its keys start with {_sample(raw.tensors)}")
-    return max(found) + 1
+    n = max(found) + 1
+    if n != len(found):
+        gaps: list[str] = []
+        prev = -1
+        for i in sorted(found):
+            if i > prev + 1:
+                gaps.append(f"{prev + 1}" if i == prev + 2 else f"{prev + 1}..{i - 1}")
+            prev = i
+        shown = ", ".join(gaps[:_MAX_REPORTED]) + (", ..." if len(gaps) > _MAX_REPORTED else "")
+        raise CheckpointError(f"{raw.source} has blocks {prefix}N. up to N={max(found)} but no keys for blocks "
+                              f"{shown}; the file is incomplete or has a stray key such as "
+                              f"'{next(k for k in raw.tensors if k.startswith(f'{prefix}{max(found)}.'))}'")
+    return n
+
+
+def check_layers(n_layers: int, stated: Any, name: str, where: str, source: str) -> None:
+    """A layer count stated in the file's config must match the blocks present (a missing last block is an
+    error, not a shorter model)."""
+    if stated is None:
+        return
+    stated = config_int(stated, name, where, source)
+    if stated != n_layers:
+        missing = f"; blocks {n_layers}..{stated - 1} are missing" if stated > n_layers else ""
+        raise CheckpointError(f"{where} of {source} says {name}={stated} but the file holds {n_layers} blocks"
+                              f"{missing}; the file is incomplete or its config belongs to another model")
+
+
+def check_stated(inferred: Mapping[str, int], stated: Mapping[str, Any], where: str, source: str) -> None:
+    """Sizes a file's config states (`stated`) must be positive integers equal to what its tensors say."""
+    clash = []
+    for k, v in inferred.items():
+        if stated.get(k) is not None and (n := config_int(stated[k], k, where, source)) != v:
+            lost = f", blocks {v}..{n - 1} missing" if k.startswith("n_layer") and n > v else ""
+            clash.append(f"{k}={stated[k]} (tensors say {v}){lost}")
+    if clash:
+        raise CheckpointError(f"{where} of {source} disagrees with the weights: {', '.join(clash)}; "
+                              "the config belongs to another model")
 
 
 def heads_for(emb_dim: int, stated: Any, source: str, where: str, n_heads: int | None) -> int:
     """The head count: an explicit `n_heads`, else what the file states, else GPT-2's 64-wide heads."""
+    if stated is not None:
+        stated = config_int(stated, "n_heads", where, source)
     if n_heads is not None:
-        if stated is not None and int(stated) != n_heads:
+        if stated is not None and stated != n_heads:
             raise CheckpointError(f"n_heads={n_heads} was passed but {where} of {source} says {stated}; "
                                   "drop the argument or fix the file")
         return n_heads
     if stated is not None:
-        return int(stated)
+        return stated
     if emb_dim % 64 == 0:
         return emb_dim // 64
     raise CheckpointError(f"{source} does not say how many attention heads it has, and its width emb_dim="

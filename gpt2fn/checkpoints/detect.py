@@ -70,6 +70,11 @@ def _read_sharded(index: Path) -> Raw:
     weight_map = read_json(index).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{index} has no 'weight_map' object; expected a sharded-checkpoint index")
+    bad = [f"{k!r}: {v!r}" for k, v in weight_map.items() if not isinstance(v, str) or not v or Path(v).name != v]
+    if bad:
+        raise CheckpointError(f"{index} maps keys to things that are not shard file names in its directory "
+                              f"({', '.join(bad[:4])}{', ...' if len(bad) > 4 else ''}); expected "
+                              '{"weight_map": {"key": "model-00001-of-00002.safetensors", ...}}')
     shards = sorted(set(weight_map.values()))
     absent = [s for s in shards if not (index.parent / s).is_file()]
     if absent:

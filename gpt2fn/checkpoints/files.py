@@ -56,7 +56,7 @@ def read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError, OverflowError, MemoryError) as exc:
         raise CheckpointError(f"{path} is not a valid safetensors file ({exc}); it is truncated or corrupt: "
                               "download or write it again") from exc
     return tensors, metadata
@@ -71,7 +71,9 @@ def read_torch(path: Path, kind: str) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         text = str(exc)
-        refused = [line.strip() for line in text.splitlines() if "GLOBAL" in line or "Unsupported" in line]
+        # a forbidden object shows as a GLOBAL opcode naming it; anything else the unpickler stops at ("Unsupported
+        # operand", "Can only build ...", a bad memo) is a damaged byte stream, not an attack
+        refused = [line.strip() for line in text.splitlines() if "GLOBAL" in line]
         if refused:
             raise CheckpointError(
                 f"refusing to load {path}: it is a pickle that would construct objects other than tensors "
@@ -81,7 +83,8 @@ def read_torch(path: Path, kind: str) -> Any:
             ) from exc
         raise CheckpointError(f"{path} is a corrupt or truncated torch.save file ({_first_line(text)}); "
                               "download or write it again") from exc
-    except (RuntimeError, OSError, EOFError, ValueError, KeyError, struct.error) as exc:
+    except Exception as exc:  # noqa: BLE001 -- bytes from disk: whatever a damaged stream makes torch raise
+        # (EOFError, IndexError, KeyError, RuntimeError, struct.error, ...) means the file is corrupt
         raise CheckpointError(f"{path} could not be read as a torch.save file ({type(exc).__name__}: "
                               f"{_first_line(str(exc)) or 'unexpected end of data'}); it is truncated or corrupt: "
                               "download or write it again") from exc
@@ -92,6 +95,8 @@ def read_json(path: Path) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path} is not valid JSON ({exc}); expected a JSON object") from exc
+    except RecursionError as exc:
+        raise CheckpointError(f"{path} is JSON nested too deeply to be a config; expected a flat JSON object") from exc
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} holds a JSON {type(data).__name__}; expected a JSON object")
     return data

@@ -24,15 +24,20 @@ import torch
 from safetensors.torch import save_file
 
 from ..config import GPTConfig
+from ..files import atomic_write_path, atomic_write_text
 from ..params import GPTParams, expected_shapes, params_to_dict, validate
 from .common import (
     CheckpointError,
     Raw,
     Rule,
     assemble,
+    check_stated,
     config_errors,
+    config_flag,
+    config_float,
     count_layers,
     heads_for,
+    matrix_dim,
     mlp_dim_for,
     need,
     rule,
@@ -114,33 +119,32 @@ def infer_config(raw: Raw, *, n_heads: int | None = None) -> tuple[GPTConfig, li
     vocab, d = need(raw, p + "wte.weight", LAYOUT).shape
     ctx = need(raw, p + "wpe.weight", LAYOUT).shape[0]
     n_layers = count_layers(raw, p + "h.")
-    fc = raw.tensors.get(p + "h.0.mlp.c_fc.weight")
-    inferred = {"vocab_size": vocab, "n_positions": ctx, "n_embd": d, "n_layer": n_layers}
-    clash = [f"{k}={cfg[k]} (tensors say {v})" for k, v in inferred.items() if k in cfg and cfg[k] != v]
-    if clash:
-        raise CheckpointError(f"{where} next to {raw.source} disagrees with the weights: {', '.join(clash)}; "
-                              "the config belongs to another model")
+    fc = matrix_dim(raw, p + "h.0.mlp.c_fc.weight", 1)
+    check_stated({"vocab_size": vocab, "n_positions": ctx, "n_embd": d, "n_layer": n_layers}, cfg, where, raw.source)
     if cfg.get("model_type", "gpt2") != "gpt2":
         raise CheckpointError(f"{raw.source} is a {cfg['model_type']!r} model ({where}); gpt2fn loads GPT-2 only")
     act = cfg.get("activation_function", "gelu_new")
-    unsupported = [f"activation_function={act!r}"] if act not in _GELU else []
+    unsupported = [f"activation_function={act!r}"] if not isinstance(act, str) or act not in _GELU else []
+    # truthiness as transformers reads these switches (`if config.scale_attn_weights:`): 0 and "" are off
     if cfg.get("scale_attn_by_inverse_layer_idx"):
-        unsupported.append("scale_attn_by_inverse_layer_idx=true")
-    if cfg.get("scale_attn_weights") is False:
-        unsupported.append("scale_attn_weights=false")
+        unsupported.append(f"scale_attn_by_inverse_layer_idx={cfg['scale_attn_by_inverse_layer_idx']!r}")
+    if "scale_attn_weights" in cfg and not cfg["scale_attn_weights"]:
+        unsupported.append(f"scale_attn_weights={cfg['scale_attn_weights']!r}")
     if unsupported:
         raise CheckpointError(f"{where} of {raw.source} asks for {', '.join(unsupported)}, which gpt2fn does not "
                               "implement; refusing to load it as a different model")
+    drop = config_float(cfg.get("resid_pdrop"), "resid_pdrop", where, raw.source, 0.1)
+    eps = config_float(cfg.get("layer_norm_epsilon"), "layer_norm_epsilon", where, raw.source, 1e-5)
+    tie = config_flag(cfg.get("tie_word_embeddings"), "tie_word_embeddings", where, raw.source)
     notes = [f"n_heads={cfg['n_head']} from {where}"] if cfg.get("n_head") is not None and n_heads is None else []
     with config_errors(raw.source):
         config = GPTConfig(
             vocab_size=vocab, context_length=ctx, emb_dim=d, n_layers=n_layers,
             n_heads=heads_for(d, cfg.get("n_head"), raw.source, where, n_heads),
-            drop_rate=float(cfg.get("resid_pdrop", 0.1)),
+            drop_rate=drop,
             qkv_bias=p + "h.0.attn.c_attn.bias" in raw.tensors, bias=p + "h.0.attn.c_proj.bias" in raw.tensors,
-            tie_head=tied(raw, p + "wte.weight", cfg.get("tie_word_embeddings")),
-            ln_eps=float(cfg.get("layer_norm_epsilon", 1e-5)), gelu=_GELU[act],
-            mlp_dim=mlp_dim_for(d, fc.shape[1]) if fc is not None else None,
+            tie_head=tied(raw, p + "wte.weight", tie), ln_eps=eps, gelu=_GELU[act],
+            mlp_dim=mlp_dim_for(d, fc) if fc is not None else None,
         )
     return config, notes
 
@@ -191,7 +195,13 @@ def save_hf(params: GPTParams, directory: str | os.PathLike) -> Path:
     validate(params, source="params to save")
     cfg = params.config
     out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out} is a file; save_hf writes a directory (config.json + model.safetensors): "
+                              "give a directory path")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CheckpointError(f"could not create the directory {out}: {exc.strerror or exc}") from exc
     ours = params_to_dict(params)
     rules = gpt2_rules("transformer.", linear=False)
     tensors: dict[str, torch.Tensor] = {}
@@ -205,19 +215,18 @@ def save_hf(params: GPTParams, directory: str | os.PathLike) -> Path:
     if params.head is not None:
         tensors["lm_head.weight"] = params.head.T  # nn.Linear: [vocab, d]
     tensors = {k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}
-    tmp = out / f".model.safetensors.{os.getpid()}.tmp"
-    try:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, out / "model.safetensors")
-    finally:
-        tmp.unlink(missing_ok=True)
-    (out / "config.json").write_text(json.dumps(hf_config(cfg), indent=2) + "\n", encoding="utf-8")
-    generation = out / "generation_config.json"
-    if cfg.trained_vocab is not None:
-        trained = set(cfg.trained_vocab)
-        suppress = [i for i in range(cfg.vocab_size) if i not in trained]
-        ends = {"bos_token_id": 50256, "eos_token_id": 50256} if cfg.vocab_size > 50256 else {}
-        generation.write_text(json.dumps({**ends, "suppress_tokens": suppress}) + "\n", encoding="utf-8")
-    else:
-        generation.unlink(missing_ok=True)  # a stale one from an earlier export would mask ids
+    try:  # each file atomically (gpt2fn.files); config.json last, so a directory with one has its weights
+        atomic_write_path(out / "model.safetensors",
+                          lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+        atomic_write_text(out / "config.json", json.dumps(hf_config(cfg), indent=2) + "\n")
+        generation = out / "generation_config.json"
+        if cfg.trained_vocab is not None:
+            trained = set(cfg.trained_vocab)
+            suppress = [i for i in range(cfg.vocab_size) if i not in trained]
+            ends = {"bos_token_id": 50256, "eos_token_id": 50256} if cfg.vocab_size > 50256 else {}
+            atomic_write_text(generation, json.dumps({**ends, "suppress_tokens": suppress}) + "\n")
+        else:
+            generation.unlink(missing_ok=True)  # a stale one from an earlier export would mask ids
+    except OSError as exc:
+        raise CheckpointError(f"could not write {out}: {exc.strerror or exc}") from exc
     return out

@@ -13,7 +13,18 @@ import re
 import torch
 
 from ..config import GPTConfig
-from .common import CheckpointError, Raw, assemble, config_errors, count_layers, heads_for, mlp_dim_for, need
+from .common import (
+    Raw,
+    assemble,
+    check_stated,
+    config_errors,
+    config_float,
+    count_layers,
+    heads_for,
+    matrix_dim,
+    mlp_dim_for,
+    need,
+)
 from .hf import gpt2_family, gpt2_rules, tied
 
 __all__ = ["LAYOUT", "matches", "infer_config", "convert", "GPT2_VOCAB"]
@@ -38,11 +49,10 @@ def infer_config(raw: Raw, *, n_heads: int | None = None) -> tuple[GPTConfig, li
     vocab, d = need(raw, _P + "wte.weight", LAYOUT).shape
     ctx = need(raw, _P + "wpe.weight", LAYOUT).shape[0]
     n_layers = count_layers(raw, _P + "h.")
-    inferred = {"vocab_size": vocab, "block_size": ctx, "n_embd": d, "n_layer": n_layers}
-    clash = [f"{k}={args[k]} (tensors say {v})" for k, v in inferred.items() if args.get(k) not in (None, v)]
-    if clash:
-        raise CheckpointError(f"model_args of {raw.source} disagree with its weights: {', '.join(clash)}")
-    fc = raw.tensors.get(_P + "h.0.mlp.c_fc.weight")
+    check_stated({"vocab_size": vocab, "block_size": ctx, "n_embd": d, "n_layer": n_layers}, args, "model_args",
+                 raw.source)
+    fc = matrix_dim(raw, _P + "h.0.mlp.c_fc.weight", 0)
+    drop = config_float(args.get("dropout"), "dropout", "model_args", raw.source, 0.0)
     notes = []
     if args.get("n_head") is not None and n_heads is None:
         notes.append(f"n_heads={args['n_head']} from model_args")
@@ -53,10 +63,10 @@ def infer_config(raw: Raw, *, n_heads: int | None = None) -> tuple[GPTConfig, li
         config = GPTConfig(
             vocab_size=vocab, context_length=ctx, emb_dim=d, n_layers=n_layers,
             n_heads=heads_for(d, args.get("n_head"), raw.source, "model_args", n_heads),
-            drop_rate=float(args.get("dropout", 0.0)),
+            drop_rate=drop,
             qkv_bias=_P + "h.0.attn.c_attn.bias" in raw.tensors, bias=_P + "h.0.attn.c_proj.bias" in raw.tensors,
             tie_head=tied(raw, _P + "wte.weight", None), ln_eps=1e-5, gelu="erf",
-            mlp_dim=mlp_dim_for(d, fc.shape[0]) if fc is not None else None, token_vocab_size=padded,
+            mlp_dim=mlp_dim_for(d, fc) if fc is not None else None, token_vocab_size=padded,
         )
     return config, notes
 

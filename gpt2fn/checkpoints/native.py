@@ -11,14 +11,16 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from ..config import GPTConfig
+from ..files import atomic_write_path
 from ..params import GPTParams, named_leaves, validate
-from .common import CheckpointError, Raw, assemble
+from .common import CheckpointError, Raw, assemble, check_layers, config_int, count_layers
 
 __all__ = ["LAYOUT", "FORMAT_VERSION", "matches", "convert", "save"]
 
 LAYOUT = "gpt2fn safetensors"
 FORMAT_VERSION = "1"
 _CONFIG_KEY = "gpt2fn.config"
+_MAX_SIZE = 2**31 - 1
 
 
 def matches(raw: Raw) -> bool:
@@ -30,11 +32,18 @@ def convert(raw: Raw, *, n_heads: int | None = None, device: torch.device | str 
     text = raw.meta["safetensors"][_CONFIG_KEY]
     try:
         config = GPTConfig.from_dict(json.loads(text))
-    except (ValueError, TypeError) as exc:  # JSONDecodeError is a ValueError
+    except (ValueError, TypeError, OverflowError, RecursionError) as exc:  # JSONDecodeError is a ValueError
         raise CheckpointError(f"{raw.source} has an invalid gpt2fn config in its metadata ({exc}); "
                               "it was written by a different version of gpt2fn or edited by hand") from exc
+    for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "mlp_dim", "token_vocab_size"):
+        value = getattr(config, name)
+        if value is not None and config_int(value, name, "the gpt2fn config", raw.source) > _MAX_SIZE:
+            raise CheckpointError(f"the gpt2fn config of {raw.source} says {name}={value}, beyond any real model "
+                                  f"(at most {_MAX_SIZE}); the file is corrupt")
     if n_heads is not None and n_heads != config.n_heads:
         raise CheckpointError(f"n_heads={n_heads} was passed but {raw.source} says n_heads={config.n_heads}")
+    # the stored layer count must match the blocks present before `assemble` walks that many names
+    check_layers(count_layers(raw, "blocks."), config.n_layers, "n_layers", "the gpt2fn config", raw.source)
     tensors, ignored = assemble(raw, config, None, layout=LAYOUT, device=device, dtype=dtype)
     return config, tensors, ignored, []
 
@@ -57,21 +66,17 @@ def _disjoint(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
 
 def save(params: GPTParams, path: str | os.PathLike) -> Path:
     """Write `params` to a safetensors file with the config in its metadata, atomically (a temporary file in the
-    same directory, then `os.replace`): an interrupted save never leaves a half-written file at `path`."""
+    same directory, fsync, then `os.replace`, through `gpt2fn.files`): an interrupted save never leaves a
+    half-written file at `path`."""
     validate(params, source="params to save")
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"{path} is a directory; give a file name such as {path / 'model.safetensors'}")
-    path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"format": "pt", "gpt2fn.format": FORMAT_VERSION,
                 _CONFIG_KEY: json.dumps(params.config.to_dict(), sort_keys=True)}
     tensors = _disjoint(dict(named_leaves(params)))
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
+        atomic_write_path(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     except OSError as exc:
         raise CheckpointError(f"could not write {path}: {exc.strerror or exc}") from exc
-    finally:
-        tmp.unlink(missing_ok=True)
     return path

@@ -21,9 +21,12 @@ from .common import (
     Raw,
     Rule,
     assemble,
+    check_stated,
     config_errors,
+    config_float,
     count_layers,
     heads_for,
+    matrix_dim,
     mlp_dim_for,
     need,
     rule,
@@ -66,15 +69,18 @@ def infer_config(raw: Raw, *, n_heads: int | None = None) -> tuple[GPTConfig, li
     ctx = need(raw, "pos_emb.weight", LAYOUT).shape[0]
     t = raw.tensors
     saved = raw.meta.get("config") or {}
-    hidden = t["trf_blocks.0.ff.layers.0.weight"].shape[0] if "trf_blocks.0.ff.layers.0.weight" in t else 4 * d
+    where = "the saved config"
+    hidden = matrix_dim(raw, "trf_blocks.0.ff.layers.0.weight", 0) or 4 * d
+    n_layers = count_layers(raw, "trf_blocks.")
+    check_stated({"vocab_size": vocab, "emb_dim": d, "n_layers": n_layers}, saved, where, raw.source)
     notes = []
     if saved.get("n_heads") is not None:
         notes.append("n_heads from the checkpoint's config")
+    drop = config_float(saved.get("drop_rate"), "drop_rate", where, raw.source, 0.1)
     with config_errors(raw.source):
-        drop = float(saved.get("drop_rate", 0.1))
         config = GPTConfig(
-            vocab_size=vocab, context_length=ctx, emb_dim=d, n_layers=count_layers(raw, "trf_blocks."),
-            n_heads=heads_for(d, saved.get("n_heads"), raw.source, "the saved config", n_heads),
+            vocab_size=vocab, context_length=ctx, emb_dim=d, n_layers=n_layers,
+            n_heads=heads_for(d, saved.get("n_heads"), raw.source, where, n_heads),
             drop_rate=drop, qkv_bias="trf_blocks.0.att.W_query.bias" in t,
             bias="trf_blocks.0.att.out_proj.bias" in t, tie_head="out_head.weight" not in t,
             ln_eps=1e-5, gelu="tanh", mlp_dim=mlp_dim_for(d, hidden),

@@ -70,10 +70,12 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError("--stream shows one growing text; beam search (--num-beams > 1) has several: drop one")
     if args.stop is not None and not all(args.stop):
         raise CLIError("--stop needs a non-empty text")
+    from ..checkpoints import CheckpointError, parse_device
+
     try:
-        device = torch.device(args.device) if args.device else default_device()
-    except RuntimeError as exc:
-        raise CLIError(f"--device {args.device!r} is not a device torch knows ({exc})") from None
+        device = parse_device(args.device) if args.device else default_device()
+    except CheckpointError as exc:
+        raise CLIError(f"--device: {exc}") from None
     dtype = getattr(torch, args.dtype) if args.dtype else None
 
     from ..checkpoints import load

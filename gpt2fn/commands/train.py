@@ -11,6 +11,7 @@
 import argparse
 import dataclasses
 import os
+import sys
 import typing
 
 from ..cli import CLIError
@@ -93,6 +94,12 @@ def _device(name: str) -> str:
     import torch
 
     if name != "auto":
+        from ..checkpoints import CheckpointError, parse_device
+
+        try:
+            parse_device(name)
+        except CheckpointError as exc:
+            raise CLIError(f"--device: {exc}") from None
         return name
     if torch.cuda.is_available():
         return f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if "LOCAL_RANK" in os.environ else "cuda"
@@ -106,8 +113,17 @@ def run(args: argparse.Namespace) -> int:
     from ..train import TrainConfig, train
     from ..train.distributed import setup, teardown
 
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise CLIError(f"--out {args.out!r} is a file; give a directory for the run (state, model, metrics)")
+    if args.threads is not None and args.threads < 1:
+        raise CLIError(f"--threads must be >= 1, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if os.path.isdir(args.out):  # temporary files a hard kill left behind (a few hundred MB each)
+        from ..files import remove_stale_temps
+
+        for path in remove_stale_temps(args.out):
+            print(f"removed {path.name}, a temporary file an interrupted run left in {args.out}", file=sys.stderr)
     device = _device(args.device)
     if device.startswith("cuda") and "LOCAL_RANK" in os.environ:
         torch.cuda.set_device(torch.device(device))

@@ -12,12 +12,13 @@ and an unchanged corpus is read back without touching the tokenizer. Windows are
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from ..files import atomic_write_bytes
 
 __all__ = ["corpus_files", "load_tokens", "split_tokens", "sample_batch", "sample_starts", "windows",
            "eval_starts", "default_cache_dir"]
@@ -70,14 +71,8 @@ def load_tokens(path: str | os.PathLike[str], *, cache_dir: str | os.PathLike[st
         if not ids:
             raise ValueError(f"training data {str(path)!r} is empty: it has no tokens")
         cache.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache, prefix=target.name, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(np.asarray(ids, dtype=np.uint16).tobytes())
-            os.replace(tmp, target)  # atomic: a concurrent reader sees the old state or the whole file
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        # atomic: a concurrent reader sees the old state or the whole file
+        atomic_write_bytes(target, np.asarray(ids, dtype=np.uint16).tobytes())
     if target.stat().st_size == 0:
         raise ValueError(f"training data {str(path)!r} is empty: it has no tokens")
     return np.memmap(target, dtype=np.uint16, mode="r")

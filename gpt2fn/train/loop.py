@@ -226,16 +226,15 @@ def _metrics_lines(path: Path) -> list[dict[str, Any]]:
 
 
 def _plot(path: Path, records: list[dict[str, Any]]) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no process-wide backend choice, no global figure list
 
     from .state import atomic_write
 
     tr = [(r["step"], r["loss"]) for r in records if "loss" in r]
     va = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     lrs = [(r["step"], r["lr"]) for r in records if "lr" in r]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    fig = Figure(figsize=(7, 4), dpi=100)
+    ax = fig.subplots()
     lines = []
     if tr:
         lines += ax.plot(*zip(*tr, strict=True), label="train")
@@ -254,7 +253,6 @@ def _plot(path: Path, records: list[dict[str, Any]]) -> None:
         ax.legend(lines, [line.get_label() for line in lines])
     fig.tight_layout()
     atomic_write(path, lambda fh: fig.savefig(fh, format="png"))
-    plt.close(fig)
 
 
 def _export_model(params: GPTParams, out: Path) -> Path:

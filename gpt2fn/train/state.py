@@ -7,25 +7,26 @@
     rng.<name>           generator states (uint8): `data` (window sampling = the data position), `dropout`
     metadata             JSON strings: format, step, model config, train config, data identity, world size
 
-Atomicity: the bytes go to a temporary file in the same directory, are flushed and fsync'd, and only then
-`os.replace`d over the old file (an atomic rename on POSIX and Windows), so a crash or a full disk mid-write
-leaves the previous checkpoint whole; the temporary file is removed on failure (and ignored if a kill left it).
-No pickle anywhere: tensors and JSON only.
+Atomicity: written through `gpt2fn.files.atomic_write` (temporary file in the same directory, fsync,
+`os.replace`), so a crash or a full disk mid-write leaves the previous checkpoint whole; a temporary file left by
+a hard kill is removed by the next write (`gpt2fn.files.remove_stale_temps`). No pickle anywhere: tensors and JSON
+only. A state file that is truncated, corrupt or not a training state raises `CheckpointError` naming it.
 """
 
 import json
 import os
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 import safetensors.torch
 import torch
+from safetensors import SafetensorError
 from torch import Tensor
 
+from ..checkpoints.common import CheckpointError
 from ..config import GPTConfig
+from ..files import atomic_write
 from ..params import GPTParams, params_from_dict, params_to_dict
 from .optim import AdamWState
 
@@ -34,8 +35,6 @@ __all__ = ["TrainState", "save_state", "load_state", "atomic_write", "STATE_FILE
 STATE_FILE = "state.safetensors"
 FORMAT = "gpt2fn-train-state-v1"
 _CHUNK = 1 << 20
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
 
 
 @dataclass
@@ -55,24 +54,6 @@ def _write_all(fh: IO[bytes], data: bytes) -> None:
     view = memoryview(data)
     for i in range(0, len(view), _CHUNK):
         fh.write(view[i:i + _CHUNK])
-
-
-def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> Path:
-    """Call `write(fileobj)` on a temporary file next to `path`, fsync it, then rename it over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the mode open() would have
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def save_state(state: TrainState, path: str | os.PathLike[str]) -> Path:
@@ -95,25 +76,44 @@ def save_state(state: TrainState, path: str | os.PathLike[str]) -> Path:
 
 
 def load_state(path: str | os.PathLike[str], *, device: torch.device | str | None = None) -> TrainState:
-    """Read a training state written by :func:`save_state` (onto `device`)."""
+    """Read a training state written by :func:`save_state` (onto `device`).
+
+    A missing file raises FileNotFoundError; one that is truncated, corrupt or not a training state raises
+    `CheckpointError` naming it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no training state at {str(path)!r}; train without --resume first")
-    with safetensors.safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-        if metadata.get("format") != FORMAT:
-            raise ValueError(f"{str(path)!r} is not a gpt2fn training state (format {metadata.get('format')!r}, "
-                             f"expected {FORMAT!r}); for plain weights use --checkpoint instead of --resume")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    config = GPTConfig.from_dict(json.loads(metadata["config"]))
+    fix = "it is truncated or corrupt (a copy cut short?); restore it or start again without --resume"
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            if metadata.get("format") != FORMAT:
+                raise CheckpointError(f"{str(path)!r} is not a gpt2fn training state (format "
+                                      f"{metadata.get('format')!r}, expected {FORMAT!r}); for plain weights use "
+                                      "--checkpoint instead of --resume")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        if isinstance(exc, CheckpointError):
+            raise
+        raise CheckpointError(f"{str(path)!r} is not a readable training state ({exc}); {fix}") from exc
+    try:
+        config = GPTConfig.from_dict(json.loads(metadata["config"]))
+        step, opt_step = int(metadata["step"]), int(metadata["opt_step"])
+        meta = json.loads(metadata.get("meta", "{}"))
+    except (KeyError, TypeError, ValueError, RecursionError, OverflowError) as exc:
+        raise CheckpointError(f"{str(path)!r} has invalid training-state metadata ({type(exc).__name__}: {exc}); "
+                              f"{fix}") from exc
 
     def tree(prefix: str) -> GPTParams:
         part = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        return params_from_dict(config, part, source=f"{path} ({prefix.rstrip('.')})")
+        try:
+            return params_from_dict(config, part, source=f"{path} ({prefix.rstrip('.')})")
+        except ValueError as exc:
+            raise CheckpointError(f"{exc}\n  {fix}") from exc
 
     params, mu, nu = tree("params."), tree("opt.mu."), tree("opt.nu.")
     if device is not None:
         params, mu, nu = (torch.utils._pytree.tree_map(lambda t: t.to(device), x) for x in (params, mu, nu))
-    opt = AdamWState(torch.tensor(int(metadata["opt_step"]), dtype=torch.int64), mu, nu)
+    opt = AdamWState(torch.tensor(opt_step, dtype=torch.int64), mu, nu)
     rng = {k[len("rng."):]: v for k, v in tensors.items() if k.startswith("rng.")}
-    return TrainState(params, opt, int(metadata["step"]), rng, json.loads(metadata.get("meta", "{}")))
+    return TrainState(params, opt, step, rng, meta)
