@@ -27,6 +27,7 @@ from .params import (
     tree_to,
     validate,
 )
+from .scoring import Score, score
 from .shapes import ShapeError, checks_enabled, shape_checks
 from .study import (
     Activations,
@@ -58,6 +59,7 @@ __all__ = [
     "forward", "loss", "positions_from_mask",
     "KVCache", "init_cache",
     "generate", "generate_tokens", "stream", "default_device",
+    "score", "Score",
     "shape_checks", "checks_enabled", "ShapeError",
     "train",
     "forward_with", "run_with_capture", "Activations", "site_names", "patch", "ablate_head", "steer",
