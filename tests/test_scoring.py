@@ -235,3 +235,14 @@ def test_eval_refuses_a_checkpoint_whose_vocabulary_does_not_cover_the_text(tmp_
     assert err.count("\n") == 1 and "vocab_size 256" in err and "does not cover" in err
     assert main(["eval", "--checkpoint", str(tmp_path / "bytes.safetensors"), "--data", str(tmp_path / "no")]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_the_score_benchmark_compares_equal_losses(pair):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    bench = pytest.importorskip("bench")
+    results = bench.bench_score(pair[0], batch=3, seq=20, repeats=1)
+    assert [r.contender for r in results] == [bench.GPT2FN, bench.HF]
+    assert all(r.median > 0 and r.extra["max_abs_diff"] < 1e-4 for r in results)
