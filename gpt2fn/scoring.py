@@ -38,7 +38,7 @@ __all__ = ["Score", "score"]
 Ids = str | Sequence[int] | Tensor
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # a tensor field: compare .logprobs with torch.equal
 class Score:
     """How likely a model finds one token sequence.
 
