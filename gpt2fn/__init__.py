@@ -28,6 +28,7 @@ from .params import (
     tree_to,
     validate,
 )
+from .scoring import Score, score
 from .shapes import ShapeError, checks_enabled, shape_checks
 from .study import (
     Activations,
@@ -60,6 +61,7 @@ __all__ = [
     "KVCache", "init_cache", "rollback", "select_rows", "DonatedCacheError",
     "decode_step", "compiled_decode_step", "decode_params",
     "generate", "generate_tokens", "stream", "default_device",
+    "score", "Score",
     "shape_checks", "checks_enabled", "ShapeError",
     "train",
     "forward_with", "run_with_capture", "Activations", "site_names", "patch", "ablate_head", "steer",

@@ -7,7 +7,9 @@
 Workloads (`--only`, comma separated): `limits` (memory bandwidth, GEMM throughput), `decode` (greedy, 16-token
 prompt + 128 new; batch 1 and 8; fp32 and bf16; new tokens/s and time to first token), `prefill` (one forward
 over 1024 tokens, last-position and all logits), `checks` (shape checks on vs off), `train` (one optimizer step
-of the small config), `load` (seconds and peak resident memory of a 124M checkpoint, a child process each).
+of the small config), `load` (seconds and peak resident memory of a 124M checkpoint, a child process each),
+`score` (`gpt2fn.score` over a batch of 8 texts of different lengths against a left-padded `transformers`
+forward computing the same per-token losses).
 The roofline (bandwidth / bytes read per decoded token) is derived when `limits` and `decode` both run.
 
 Method: random weights (speed does not depend on the values); every contender of a case holds the same weights
@@ -42,7 +44,7 @@ import bench_peers as peers  # noqa: E402
 import gpt2fn  # noqa: E402
 from gpt2fn import GPTParams  # noqa: E402
 
-WORKLOADS = ("limits", "decode", "prefill", "checks", "train", "load")
+WORKLOADS = ("limits", "decode", "prefill", "checks", "train", "load", "score")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 GPT2FN, HF, SEED = "gpt2fn", "transformers", "seed loop (no cache)"
 COMPILED = "gpt2fn compile=True"
@@ -272,6 +274,45 @@ def bench_prefill(params: GPTParams, *, seq: int = 1024, repeats: int = 3) -> li
         results += [Result("prefill", case, n, "tok/s", [seq / s for s in ts], extra={"seq": seq})
                     for n, ts in t.items()]
     return results
+
+
+def hf_scores(hf: Any, texts: list[list[int]], device: torch.device) -> list[torch.Tensor]:
+    """The peer of `gpt2fn.score` for texts within the context: one left-padded forward with an attention mask and
+    position ids counted from it, then each text's per-token log-probabilities of tokens 1..n-1 (fp32)."""
+    from gpt2fn.generate import left_pad
+
+    ids, mask = left_pad(texts, device=device)
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    logits = hf(ids, attention_mask=mask.long(), position_ids=positions, use_cache=False).logits
+    logp = -torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")
+    return [logp[i, ids.shape[1] - len(t):] for i, t in enumerate(texts)]
+
+
+def bench_score(params: GPTParams, *, batch: int = 8, seq: int = 256, repeats: int = 3) -> list[Result]:
+    """Log-probabilities of every token of `batch` texts of lengths seq/2 .. seq (within the context, one window
+    each): `gpt2fn.score` against the `transformers` forward computing the same losses (compared as a check)."""
+    device = params.device
+    seq = min(seq, params.config.context_length)
+    gen = torch.Generator().manual_seed(0)
+    lengths = [seq // 2 + (seq - seq // 2) * i // max(batch - 1, 1) for i in range(batch)]
+    texts = [torch.randint(0, params.config.n_tokens, (n,), generator=gen).tolist() for n in lengths]
+    hf = peers.hf_from_params(params)
+    ours = gpt2fn.score(params, texts, batch_size=batch)
+    with torch.inference_mode():
+        theirs = hf_scores(hf, texts, device)
+    diff = max(float((s.logprobs - t.cpu()).abs().max()) for s, t in zip(ours, theirs, strict=True))
+    if diff > 1e-3:
+        raise RuntimeError(f"score and the transformers forward disagree by {diff:.2e} nats")
+
+    def h() -> Any:
+        with torch.inference_mode():
+            return hf_scores(hf, texts, device)
+
+    t = interleaved({GPT2FN: lambda: gpt2fn.score(params, texts, batch_size=batch), HF: h},
+                    repeats=repeats, device=device)
+    n = sum(lengths) - batch
+    return [Result("score", f"{batch} texts {lengths[0]}-{lengths[-1]} tok", name, "tok/s", [n / s for s in ts],
+                   extra={"batch": batch, "tokens": n, "max_abs_diff": diff}) for name, ts in t.items()]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -599,6 +640,7 @@ TARGETS = (
     Target("decode", "fp32 b8", GPT2FN, HF, 1.3, "ratio>="),
     Target("prefill", "1024 tok last", GPT2FN, HF, 1.0, "ratio>="),
     Target("train", "", GPT2FN, "nn.Module", 1.0, "ratio>="),
+    Target("score", "", GPT2FN, HF, 1.0, "ratio>="),
     Target("checks", "decode 16+", "checks on", "checks off", 0.10, "overhead<="),
     Target("load", "safetensors", "gpt2fn.load", None, 1.5, "abs<="),
     Target("load memory", "safetensors", "gpt2fn.load", None, 1.3, "abs<="),
@@ -759,7 +801,7 @@ def run(plan: Plan, device: torch.device) -> tuple[list[Result], list[str]]:
     results: list[Result] = []
     notes: list[str] = []
     cfg = gpt2fn.preset(plan.preset)
-    needs_model = {"decode", "prefill", "checks"} & set(plan.only)
+    needs_model = {"decode", "prefill", "checks", "score"} & set(plan.only)
     params = gpt2fn.init_params(cfg, seed=0, device=device) if needs_model else None
     if "limits" in plan.only:
         with _stage("limits"):
@@ -787,6 +829,9 @@ def run(plan: Plan, device: torch.device) -> tuple[list[Result], list[str]]:
         with _stage("checks"):
             results += bench_checks(params, prompt_len=plan.prompt_len, new_tokens=plan.new_tokens,
                                     prefill_seq=plan.prefill_len, repeats=plan.repeats)
+    if "score" in plan.only:
+        with _stage("score"):
+            results += bench_score(params, seq=min(256, plan.prefill_len), repeats=plan.repeats + 2)
     del params
     gc.collect()
     if "train" in plan.only:
