@@ -149,3 +149,17 @@ def test_bad_beam_options_raise_value_errors_naming_the_argument(options, match)
     options = dict(max_new_tokens=4) | options
     with pytest.raises(ValueError, match=match):
         beam_search(params, torch.tensor([[1, 2, 3]]), **options)
+
+
+def test_beam_bench_runs_both_contenders_on_the_same_weights_and_they_agree():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    bench = pytest.importorskip("bench")
+    results = bench.bench_beam(init_params(preset("tiny"), seed=3), num_beams=3, prompt_len=5, new_tokens=6,
+                               repeats=1)
+    assert [r.contender for r in results] == [bench.GPT2FN, bench.HF]
+    for r in results:
+        assert r.workload == "beam" and r.metric == "tok/s" and r.samples and min(r.samples) > 0
+        assert r.extra["ids_agree_with_gpt2fn"] == 1.0
