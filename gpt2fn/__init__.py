@@ -6,6 +6,7 @@
 """
 
 from . import train  # the training namespace: gpt2fn.train.train_step, gpt2fn.train.train, ...
+from .beam import beam_search
 from .cache import DonatedCacheError, KVCache, init_cache, rollback, select_rows
 from .checkpoints import Checkpoint, CheckpointError, load, load_checkpoint, save, save_hf
 from .config import PRESETS, GPTConfig, preset
@@ -60,7 +61,7 @@ __all__ = [
     "forward", "loss", "positions_from_mask",
     "KVCache", "init_cache", "rollback", "select_rows", "DonatedCacheError",
     "decode_step", "compiled_decode_step", "decode_params",
-    "generate", "generate_tokens", "stream", "default_device",
+    "generate", "generate_tokens", "stream", "default_device", "beam_search",
     "score", "Score",
     "shape_checks", "checks_enabled", "ShapeError",
     "train",

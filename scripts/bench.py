@@ -44,7 +44,7 @@ import bench_peers as peers  # noqa: E402
 import gpt2fn  # noqa: E402
 from gpt2fn import GPTParams  # noqa: E402
 
-WORKLOADS = ("limits", "decode", "prefill", "checks", "train", "load", "score")
+WORKLOADS = ("limits", "decode", "beam", "prefill", "checks", "train", "load", "score")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 GPT2FN, HF, SEED = "gpt2fn", "transformers", "seed loop (no cache)"
 COMPILED = "gpt2fn compile=True"
@@ -241,6 +241,42 @@ def bench_decode(params: GPTParams, *, batch: int, prompt_len: int = 16, new_tok
         results.append(Result("decode", case, n, "tok/s", [batch * new_tokens / t for t in full[n]], extra=extra))
         results.append(Result("ttft", case, n, "ms", [1e3 * t for t in first[n]], higher_is_better=False,
                               extra={"batch": batch, "prompt_len": prompt_len}))
+    return results
+
+
+def bench_beam(params: GPTParams, *, num_beams: int = 4, prompt_len: int = 16, new_tokens: int = 64,
+               repeats: int = 3) -> list[Result]:
+    """Beam search (`num_beams` beams, no EOS, length penalty 1) of `new_tokens` after a `prompt_len` prompt, batch
+    1: new tokens/s of the returned hypothesis, gpt2fn's `beam_search` against transformers' `generate(num_beams=)`,
+    interleaved; `ids_agree_with_gpt2fn` is 1.0 when the two return the same sequence."""
+    from gpt2fn.beam import beam_search
+
+    device = params.device
+    case = f"{_dtype_name(params.dtype)} k{num_beams} {prompt_len}+{new_tokens}"
+    ids = torch.randint(0, params.config.n_tokens, (1, prompt_len), generator=torch.Generator().manual_seed(4)
+                        ).to(device)
+    hf = peers.hf_from_params(params)
+    fast = gpt2fn.decode_params(params, batch=num_beams)  # the layout, made once, as for the decode bench
+    outputs: dict[str, torch.Tensor] = {}
+
+    def ours(new: int = new_tokens) -> None:
+        with torch.inference_mode():
+            outputs[GPT2FN] = beam_search(fast, ids, num_beams=num_beams, max_new_tokens=new)
+
+    def theirs(new: int = new_tokens) -> None:
+        with torch.inference_mode():
+            outputs[HF] = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                                      num_beams=num_beams, do_sample=False, use_cache=True)
+
+    times = interleaved({GPT2FN: ours, HF: theirs}, repeats=repeats, device=device,
+                        warmup={GPT2FN: lambda: ours(4), HF: lambda: theirs(4)})
+    ref = outputs[GPT2FN]
+    results = []
+    for n in (GPT2FN, HF):
+        got = outputs[n]
+        extra = {"num_beams": num_beams, "prompt_len": prompt_len, "new_tokens": new_tokens,
+                 "ids_agree_with_gpt2fn": float(got.shape == ref.shape and torch.equal(got, ref))}
+        results.append(Result("beam", case, n, "tok/s", [new_tokens / t for t in times[n]], extra=extra))
     return results
 
 
@@ -638,6 +674,7 @@ TARGETS = (
     Target("decode", "fp32 b1", GPT2FN, HF, 1.8, "ratio>="),
     Target("decode", "bf16 b1", GPT2FN, HF, 1.4, "ratio>="),
     Target("decode", "fp32 b8", GPT2FN, HF, 1.3, "ratio>="),
+    Target("beam", "fp32 k4", GPT2FN, HF, 1.5, "ratio>="),
     Target("prefill", "1024 tok last", GPT2FN, HF, 1.0, "ratio>="),
     Target("train", "", GPT2FN, "nn.Module", 1.0, "ratio>="),
     Target("score", "", GPT2FN, HF, 1.0, "ratio>="),
@@ -801,7 +838,7 @@ def run(plan: Plan, device: torch.device) -> tuple[list[Result], list[str]]:
     results: list[Result] = []
     notes: list[str] = []
     cfg = gpt2fn.preset(plan.preset)
-    needs_model = {"decode", "prefill", "checks", "score"} & set(plan.only)
+    needs_model = {"decode", "beam", "prefill", "checks", "score"} & set(plan.only)
     params = gpt2fn.init_params(cfg, seed=0, device=device) if needs_model else None
     if "limits" in plan.only:
         with _stage("limits"):
@@ -821,6 +858,10 @@ def run(plan: Plan, device: torch.device) -> tuple[list[Result], list[str]]:
                                             repeats=plan.repeats, with_seed=(dt == "fp32" and b == 1),
                                             with_compiled=plan.compiled and b in (1, 8))
             del p
+    if "beam" in plan.only:
+        with _stage("beam fp32 k4"):
+            results += bench_beam(params, prompt_len=plan.prompt_len, new_tokens=min(64, plan.new_tokens),
+                                  repeats=plan.repeats)
     if "prefill" in plan.only:
         with _stage("prefill"):
             # prefills are short and the two contenders close: two more rounds than the decodes
