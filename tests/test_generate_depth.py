@@ -123,3 +123,16 @@ def test_no_repeat_ngram_and_suppress_hold_through_generate(sharp):
 def test_bad_generation_options_name_the_argument_and_the_range(sharp, kwargs, message):
     with pytest.raises(ValueError, match=message):
         generate_tokens(sharp, _ids(0, 1, 3), max_new_tokens=2, **kwargs)
+
+
+def test_generate_with_beams_returns_beam_search_sequences(sharp, wordy):
+    from gpt2fn.beam import beam_search
+
+    ids, mask = left_pad([[3, 4, 5], [6, 7]])
+    out = generate_tokens(sharp, ids, pad_mask=mask, max_new_tokens=6, num_beams=3, num_return_sequences=2)
+    ref = beam_search(sharp, ids, pad_mask=mask, num_beams=3, max_new_tokens=6, num_return_sequences=2)
+    assert torch.equal(out, ref) and out.shape[0] == 4
+    texts = gpt2fn.generate(wordy, ["Hello", "The cat"], max_new_tokens=4, num_beams=2, num_return_sequences=2)
+    assert [len(t) for t in texts] == [2, 2] and all(isinstance(x, str) for t in texts for x in t)
+    one = gpt2fn.generate(wordy, "Hello", max_new_tokens=4, num_beams=2)
+    assert isinstance(one, str) and one == texts[0][0]
