@@ -21,7 +21,7 @@ import codecs
 import dataclasses
 import warnings
 import weakref
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -299,6 +299,14 @@ def _check_stop(stop: str | Sequence[str] | None) -> tuple[str, ...]:
     return stops
 
 
+def _check_seed(seed: Seed) -> None:
+    """The seed's type, checked even when decoding is greedy and the seed is not used."""
+    if not (seed is None or isinstance(seed, torch.Generator) or (isinstance(seed, int) and not isinstance(seed, bool))
+            or (isinstance(seed, Sequence) and not isinstance(seed, (str, bytes)))):
+        raise TypeError(f"seed must be an int, a torch.Generator, one per row, or None; got {type(seed).__name__} "
+                        f"{seed!r:.40}")
+
+
 def _encode_prompts(prompts: Sequence[str], n_tokens: int) -> list[list[int]]:
     rows = []
     for i, p in enumerate(prompts):
@@ -318,10 +326,6 @@ def _text_steps(params: GPTParams, prompts: Sequence[str], *, max_new_tokens: in
                 stop: str | Sequence[str] | None, eos: bool | int | None, device: torch.device | str | None
                 ) -> Iterator[tuple[int, str]]:
     """Yield `(row, text piece)` as pieces become final, for every row of a batch of prompts."""
-    if not (seed is None or isinstance(seed, torch.Generator) or (isinstance(seed, int) and not isinstance(seed, bool))
-            or (isinstance(seed, Sequence) and not isinstance(seed, (str, bytes)))):
-        raise TypeError(f"seed must be an int, a torch.Generator, one per row, or None; got {type(seed).__name__} "
-                        f"{seed!r:.40}")  # checked even when greedy, where it is not used
     params = decode_params(_prepare(params, device))
     request = _request(params, max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos)
     stops = _check_stop(stop)
@@ -370,10 +374,11 @@ def generate(params: GPTParams, prompt: str | Sequence[str], *, max_new_tokens: 
     - `device`: where to run (params are moved if elsewhere); None runs where the params are.
     """
     single = isinstance(prompt, str)
-    if not single and (isinstance(prompt, (bytes, bytearray)) or not isinstance(prompt, Iterable)):
+    if not single and (isinstance(prompt, (bytes, bytearray)) or not hasattr(prompt, "__iter__")):
         raise TypeError(f"prompt must be a string or a list of strings; got {type(prompt).__name__} "
                         f"{prompt!r:.40}" + (" (decode bytes first: prompt.decode('utf-8'))"
                                               if isinstance(prompt, (bytes, bytearray)) else ""))
+    _check_seed(seed)
     prompts = [prompt] if single else list(prompt)
     texts = [""] * len(prompts)
     with torch.no_grad():
@@ -390,8 +395,9 @@ def stream(params: GPTParams, prompt: str, *, max_new_tokens: int = 20, temperat
            device: torch.device | str | None = None) -> Iterator[str]:
     """Like :func:`generate` for one prompt, yielding text pieces as soon as they are final. The pieces
     concatenate to `generate`'s text; a multi-byte UTF-8 character is never split between two pieces."""
+    _check_seed(seed)
     if not isinstance(prompt, str):
-        raise TypeError(f"stream takes one prompt string, got {type(prompt).__name__}; use generate for a batch")
+        raise ValueError(f"stream takes one prompt string, got {type(prompt).__name__}; use generate for a batch")
     with torch.no_grad():
         for _, piece in _text_steps(params, [prompt], max_new_tokens=max_new_tokens, temperature=temperature,
                                     top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty, seed=seed,
