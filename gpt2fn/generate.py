@@ -295,6 +295,10 @@ def generate_tokens(params: GPTParams, ids: Tensor, *, max_new_tokens: int = 20,
                        no_repeat_ngram_size=no_repeat_ngram_size, suppress=suppress, edit=edit, compile=compile,
                        logprobs=return_logprobs)
     beams = _check_beams(request, num_beams, length_penalty, early_stopping, num_return_sequences)
+    _check_seed(seed)
+    if not isinstance(ids, Tensor):
+        raise TypeError(f"ids must be a torch.Tensor of token ids [batch, seq], got {type(ids).__name__}; "
+                        "for text use gpt2fn.generate")
     ids = ids.to(params.device)
     pad_mask = None if pad_mask is None else pad_mask.to(params.device)
     _check_prompt_ids(ids, pad_mask, params.config.n_tokens)
@@ -361,6 +365,14 @@ def _check_stop(stop: str | Sequence[str] | None) -> tuple[str, ...]:
     return stops
 
 
+def _check_seed(seed: Seed) -> None:
+    """The seed's type, checked even when decoding is greedy and the seed is not used."""
+    if not (seed is None or isinstance(seed, torch.Generator) or (isinstance(seed, int) and not isinstance(seed, bool))
+            or (isinstance(seed, Sequence) and not isinstance(seed, (str, bytes)))):
+        raise TypeError(f"seed must be an int, a torch.Generator, one per row, or None; got {type(seed).__name__} "
+                        f"{seed!r:.40}")
+
+
 def _encode_prompts(prompts: Sequence[str], n_tokens: int) -> list[list[int]]:
     rows = []
     for i, p in enumerate(prompts):
@@ -380,10 +392,7 @@ def _text_rows(params: GPTParams, prompts: Sequence[str], request: _Request, *, 
                ) -> Iterator[tuple[int, str, float | None]]:
     """Yield `(row, text piece, log-probability of the piece's token or None)` as pieces become final, for every
     row (`len(prompts) * num_return_sequences` rows with beams)."""
-    if not (seed is None or isinstance(seed, torch.Generator) or (isinstance(seed, int) and not isinstance(seed, bool))
-            or (isinstance(seed, Sequence) and not isinstance(seed, (str, bytes)))):
-        raise TypeError(f"seed must be an int, a torch.Generator, one per row, or None; got {type(seed).__name__} "
-                        f"{seed!r:.40}")  # checked even when greedy, where it is not used
+    _check_seed(seed)
     stops = _check_stop(stop)
     if isinstance(prompts, str) or not prompts:
         raise ValueError("prompts must be a non-empty list of strings")
@@ -450,10 +459,11 @@ def generate(params: GPTParams, prompt: str | Sequence[str], *, max_new_tokens: 
     - `params` may be `decode_params(params)` kept from an earlier call: its layout is then reused as it is.
     """
     single = isinstance(prompt, str)
-    if not single and (isinstance(prompt, (bytes, bytearray)) or not isinstance(prompt, Iterable)):
+    if not single and (isinstance(prompt, (bytes, bytearray)) or not hasattr(prompt, "__iter__")):
         raise TypeError(f"prompt must be a string or a list of strings; got {type(prompt).__name__} "
                         f"{prompt!r:.40}" + (" (decode bytes first: prompt.decode('utf-8'))"
                                               if isinstance(prompt, (bytes, bytearray)) else ""))
+    _check_seed(seed)
     prompts = [prompt] if single else list(prompt)
     params = _prepare(params, device)
     request = _request(params, max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos, min_p=min_p,
@@ -483,8 +493,9 @@ def stream(params: GPTParams, prompt: str, *, max_new_tokens: int = 20, temperat
            edit: Mapping[str, Callable[[Tensor], Tensor]] | None = None) -> Iterator[str]:
     """Like :func:`generate` for one prompt, yielding text pieces as soon as they are final. The pieces
     concatenate to `generate`'s text; a multi-byte UTF-8 character is never split between two pieces."""
+    _check_seed(seed)
     if not isinstance(prompt, str):
-        raise TypeError(f"stream takes one prompt string, got {type(prompt).__name__}; use generate for a batch")
+        raise ValueError(f"stream takes one prompt string, got {type(prompt).__name__}; use generate for a batch")
     params = _prepare(params, device)
     request = _request(params, max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos, min_p=min_p,
                        no_repeat_ngram_size=no_repeat_ngram_size, suppress=suppress, edit=edit, compile=compile)
