@@ -20,7 +20,7 @@ one `decode_step` per new token -> `gpt2fn.sampling.next_token` -> ids -> increm
 import codecs
 import dataclasses
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
