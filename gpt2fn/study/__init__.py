@@ -38,13 +38,22 @@ capture keeps fused SDPA, so capturing changes no logits. An edit is `fn(value) 
 a captured site holds the value after its edit. The positions (query) axis of every site is the second to last.
 
 Views: `logit_lens`, `direct_logit_attribution`, `attention_patterns`, `save_attention_map` (PNG).
-Transforms: `patching_sweep` (one `vmap` over layers x positions), `site_grads` (`grad`/`jacrev` w.r.t. sites),
-`per_example_grads` / `per_example_grad_norms` (`vmap(grad)`). Weight transforms: `gpt2fn.transforms`.
+Transforms: `patching_sweep` (layers x positions as one batch on fused attention; its engine `batched_runs`),
+`site_grads` (`grad`/`jacrev` w.r.t. sites), `per_example_grads` / `per_example_grad_norms` (`vmap(grad)`).
+Weight transforms: `gpt2fn.transforms`.
 """
 
 from .run import Edit, ablate_head, forward_with, patch, run_with_capture, steer
 from .sites import LAYER_SITES, SITE_DIMS, Activations, resolve_sites, site_dims, site_names
-from .sweeps import logit_diff, patching_sweep, per_example_grad_norms, per_example_grads, site_grads
+from .sweeps import (
+    RowEdit,
+    batched_runs,
+    logit_diff,
+    patching_sweep,
+    per_example_grad_norms,
+    per_example_grads,
+    site_grads,
+)
 from .views import (
     LogitAttribution,
     attention_patterns,
@@ -58,7 +67,8 @@ from .views import (
 __all__ = [
     "forward_with", "run_with_capture", "Edit", "patch", "ablate_head", "steer",
     "Activations", "SITE_DIMS", "LAYER_SITES", "site_names", "site_dims", "resolve_sites",
-    "logit_diff", "patching_sweep", "site_grads", "per_example_grads", "per_example_grad_norms",
+    "logit_diff", "patching_sweep", "RowEdit", "batched_runs",
+    "site_grads", "per_example_grads", "per_example_grad_norms",
     "logit_lens", "lens_labels", "LogitAttribution", "direct_logit_attribution", "attention_patterns",
     "token_labels", "save_attention_map",
 ]

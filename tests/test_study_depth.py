@@ -1,0 +1,100 @@
+"""The batched sweep engine (`batched_runs`) and the batched `patching_sweep`, each against a loop of single runs."""
+
+import pytest
+import torch
+
+import gpt2fn
+from gpt2fn.study import RowEdit, batched_runs, forward_with, logit_diff, patching_sweep, run_with_capture
+
+SEQ, BATCH = 6, 2
+
+
+@pytest.fixture
+def params(tiny_config, device):
+    p = gpt2fn.init_params(tiny_config, seed=0, device=device)
+    g = torch.Generator().manual_seed(1)
+    return torch.utils._pytree.tree_map(
+        lambda t: t + 0.3 * torch.randn(t.shape, generator=g).to(t) if t.is_floating_point() else t, p)
+
+
+def _ids(cfg, device, seed):
+    return torch.randint(0, cfg.vocab_size, (BATCH, SEQ), generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+def test_batched_runs_equal_one_forward_per_row(params, device):
+    cfg = params.config
+    ids, other = _ids(cfg, device, 3), _ids(cfg, device, 4)
+    last = cfg.n_layers - 1
+    _, clean = run_with_capture(params, other, "blocks.*")
+    pos = torch.zeros(SEQ, 1, dtype=torch.bool, device=device)
+    pos[2] = True
+    head = torch.zeros(cfg.n_heads, 1, 1, dtype=torch.bool, device=device)
+    head[1] = True
+    rows = [
+        [RowEdit("blocks.0.resid_pre", pos, clean["blocks.0.resid_pre"])],
+        [],  # no edit: the corrupt run itself
+        [RowEdit(f"blocks.{last}.attn.z", head, 0.0)],  # zero-ablate one head
+        [RowEdit(f"blocks.{last}.mlp.post", torch.ones(1, dtype=torch.bool, device=device), clean[
+            f"blocks.{last}.mlp.post"])],
+        [RowEdit("blocks.0.attn.pattern", head, clean["blocks.0.attn.pattern"])],  # the explicit attention path
+        [RowEdit("blocks.0.attn.k", head & pos[None], clean["blocks.0.attn.k"]),  # two sites, two layers
+         RowEdit(f"blocks.{last}.resid_mid", pos, clean[f"blocks.{last}.resid_mid"])],
+    ]
+
+    def metric(lg):
+        return torch.stack([logit_diff(lg, 1, 2).mean(), lg[:, 0, 3].sum()])
+
+    got = batched_runs(params, ids, rows, metric)
+    assert got.shape == (len(rows), 2)
+
+    def by_hand(row):
+        edits: dict = {}
+        for e in row:
+            edits[e.site] = (lambda x, e=e: torch.where(e.mask, torch.as_tensor(e.value, dtype=x.dtype), x))
+        with torch.no_grad():
+            return metric(forward_with(params, ids, edit=edits)[0])
+
+    want = torch.stack([by_hand(r) for r in rows])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got[1], metric(gpt2fn.forward(params, ids)), rtol=1e-4, atol=1e-5)
+    # chunks of any size, in any row order, give the same rows
+    torch.testing.assert_close(batched_runs(params, ids, rows[::-1], metric, chunk_size=2), want.flip(0),
+                               rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("site", ["resid_pre", "attn.v", "mlp.out"])
+def test_batched_patching_sweep_equals_the_loop_in_chunks_and_under_a_memory_limit(params, device, site):
+    cfg = params.config
+    ids, other = _ids(cfg, device, 5), _ids(cfg, device, 6)
+
+    def metric(lg):
+        return logit_diff(lg, 5, 11).mean()
+
+    loop = patching_sweep(params, other, ids, metric, site=site, vectorize=False)
+    assert loop.shape == (cfg.n_layers, SEQ)
+    torch.testing.assert_close(patching_sweep(params, other, ids, metric, site=site), loop, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(patching_sweep(params, other, ids, metric, site=site, chunk_size=5), loop,
+                               rtol=1e-4, atol=1e-5)
+    # a limit that fits three rows at a time
+    one_row = cfg.n_tokens  # any limit under one row's estimate raises; read the estimate from the error
+    with pytest.raises(ValueError, match="memory_limit") as err:
+        patching_sweep(params, other, ids, metric, site=site, memory_limit=one_row)
+    need = int(str(err.value).split("memory_limit >= ")[1].split()[0])
+    torch.testing.assert_close(patching_sweep(params, other, ids, metric, site=site, memory_limit=3 * need), loop,
+                               rtol=1e-4, atol=1e-5)
+    sub = patching_sweep(params, other, ids, metric, site=site, layers=[1], positions=[-1, 0])
+    torch.testing.assert_close(sub, loop[1:2, [SEQ - 1, 0]], rtol=1e-4, atol=1e-5)
+
+
+def test_batched_runs_and_sweeps_reject_bad_input(params, device):
+    cfg = params.config
+    ids = _ids(cfg, device, 7)
+    mask = torch.ones(1, dtype=torch.bool, device=device)
+    with pytest.raises(ValueError, match=r"rows\[0\].*embed.*0\.\.1"):
+        batched_runs(params, ids, [[RowEdit("embed", mask, 0.0)]], lambda lg: lg.sum())
+    with pytest.raises(ValueError, match=r"rows\[1\].*blocks\.9"):
+        batched_runs(params, ids, [[], [RowEdit("blocks.9.resid_pre", mask, 0.0)]], lambda lg: lg.sum())
+    with pytest.raises(ValueError, match="chunk_size"):
+        batched_runs(params, ids, [[]], lambda lg: lg.sum(), chunk_size=0)
+    with pytest.raises(ValueError, match=f"positions.*-{SEQ}..{SEQ - 1}"):
+        patching_sweep(params, ids, ids, lambda lg: lg.sum(), positions=[SEQ])
