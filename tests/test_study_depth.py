@@ -98,3 +98,60 @@ def test_batched_runs_and_sweeps_reject_bad_input(params, device):
         batched_runs(params, ids, [[]], lambda lg: lg.sum(), chunk_size=0)
     with pytest.raises(ValueError, match=f"positions.*-{SEQ}..{SEQ - 1}"):
         patching_sweep(params, ids, ids, lambda lg: lg.sum(), positions=[SEQ])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sites: per-head results, layer-norm scale and normalised value
+
+
+def test_head_results_and_layer_norm_parts_match_their_definitions(params, device):
+    cfg = params.config
+    ids = _ids(cfg, device, 8)
+    plain = gpt2fn.forward(params, ids)
+    names = [f"blocks.{i}.{s}" for i in range(cfg.n_layers) for s in (
+        "resid_pre", "resid_mid", "attn.z", "attn.result", "attn.out", "ln1.scale", "ln1.normalized", "ln2.scale",
+        "ln2.normalized", "ln1", "ln2")]
+    logits, acts = run_with_capture(params, ids, names)
+    torch.testing.assert_close(logits, plain, rtol=1e-5, atol=1e-5)  # computing the parts changes nothing
+    hd = cfg.head_dim
+    for i, bp in enumerate(params.blocks):
+        z, result = acts[f"blocks.{i}.attn.z"], acts[f"blocks.{i}.attn.result"]
+        assert result.shape == (BATCH, SEQ, cfg.n_heads, cfg.emb_dim)
+        for h in range(cfg.n_heads):  # head h's slice of z through its rows of w_out
+            torch.testing.assert_close(result[:, :, h], z[:, h] @ bp.attn.w_out[h * hd:(h + 1) * hd],
+                                       rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(result.sum(2) + bp.attn.b_out, acts[f"blocks.{i}.attn.out"], rtol=1e-5,
+                                   atol=1e-5)
+        for n, x in (("ln1", acts[f"blocks.{i}.resid_pre"]), ("ln2", acts[f"blocks.{i}.resid_mid"])):
+            x64 = x.double()
+            scale = (x64.var(-1, unbiased=False, keepdim=True) + cfg.ln_eps).sqrt()
+            torch.testing.assert_close(acts[f"blocks.{i}.{n}.scale"].double(), scale, rtol=1e-5, atol=1e-6)
+            normed = (x64 - x64.mean(-1, keepdim=True)) / scale
+            torch.testing.assert_close(acts[f"blocks.{i}.{n}.normalized"].double(), normed, rtol=1e-4, atol=1e-5)
+            p = bp.norm1 if n == "ln1" else bp.norm2
+            torch.testing.assert_close(acts[f"blocks.{i}.{n}"], normed.to(x.dtype) * p.scale + p.shift,
+                                       rtol=1e-4, atol=1e-5)
+    # editing a head's result is zero-ablating it at z; freezing ln1's scale leaves the run unchanged
+    zero_result, _ = forward_with(params, ids, edit={"blocks.0.attn.result": lambda r: r.index_fill(
+        2, torch.tensor([1], device=device), 0.0)})
+    zero_z, _ = forward_with(params, ids, edit={"blocks.0.attn.z": lambda z: z.index_fill(
+        1, torch.tensor([1], device=device), 0.0)})
+    torch.testing.assert_close(zero_result, zero_z, rtol=1e-5, atol=1e-5)
+    frozen = acts["blocks.1.ln1.scale"]
+    same, _ = forward_with(params, ids, edit={"blocks.1.ln1.scale": lambda s: frozen})
+    torch.testing.assert_close(same, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_patching_sweep_over_head_results_equals_the_loop(params, device):
+    cfg = params.config
+    ids, other = _ids(cfg, device, 9), _ids(cfg, device, 10)
+
+    def metric(lg):
+        return logit_diff(lg, 3, 4).mean()
+
+    fast = patching_sweep(params, other, ids, metric, site="attn.result")
+    torch.testing.assert_close(fast, patching_sweep(params, other, ids, metric, site="attn.result",
+                                                    vectorize=False), rtol=1e-4, atol=1e-5)
+    # patching every head's result at a position is patching attn.out there
+    torch.testing.assert_close(fast, patching_sweep(params, other, ids, metric, site="attn.out"), rtol=1e-4,
+                               atol=1e-5)

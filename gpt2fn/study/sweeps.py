@@ -60,12 +60,13 @@ def patching_sweep(params: GPTParams, clean_ids: Int[Tensor, "batch seq"], corru
     with torch.no_grad():
         _, clean = forward_with(params, clean_ids, capture=names)
     device = clean_ids.device
-    width = len(SITE_DIMS[f"blocks.{{i}}.{site}"].split()) - 1  # axes after batch; positions are second to last
+    axes = SITE_DIMS[f"blocks.{{i}}.{site}"].split()[1:]  # the axes after batch; where is the positions axis
+    at = axes.index("seq")
 
     def mask_at(p: int) -> Tensor:
         m = torch.zeros(seq, dtype=torch.bool, device=device)
         m[p % seq] = True
-        return m.view(*([1] * (width - 2)), seq, 1)
+        return m.view(*([1] * at), seq, *([1] * (len(axes) - at - 1)))
 
     masks = [mask_at(p) for p in positions]
     if vectorize:
