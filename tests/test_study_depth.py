@@ -155,3 +155,37 @@ def test_patching_sweep_over_head_results_equals_the_loop(params, device):
     # patching every head's result at a position is patching attn.out there
     torch.testing.assert_close(fast, patching_sweep(params, other, ids, metric, site="attn.out"), rtol=1e-4,
                                atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Per-head weight views
+
+
+def test_per_head_weights_are_views_that_reproduce_q_k_v_and_the_output(params, device):
+    from gpt2fn.study import W_E, W_U, W_pos, attn_weights
+    cfg = params.config
+    ids = _ids(cfg, device, 11)
+    names = ["blocks.1.ln1", "blocks.1.attn.q", "blocks.1.attn.k", "blocks.1.attn.v", "blocks.1.attn.result"]
+    _, acts = run_with_capture(params, ids, names)
+    w = attn_weights(params, 1)
+    p = params.blocks[1].attn
+    for t in w:
+        assert t._base is not None or t.data_ptr() == p.b_out.data_ptr()  # views, not copies
+        assert t.untyped_storage().data_ptr() in {p.w_qkv.untyped_storage().data_ptr(),
+                                                  p.w_out.untyped_storage().data_ptr(),
+                                                  p.b_qkv.untyped_storage().data_ptr(),
+                                                  p.b_out.untyped_storage().data_ptr()}
+    assert w.W_Q.shape == (cfg.n_heads, cfg.emb_dim, cfg.head_dim) and w.W_O.shape == (cfg.n_heads, cfg.head_dim,
+                                                                                         cfg.emb_dim)
+    x = acts["blocks.1.ln1"]
+    for name, W, b in (("q", w.W_Q, w.b_Q), ("k", w.W_K, w.b_K), ("v", w.W_V, w.b_V)):
+        for h in range(cfg.n_heads):  # head by head, with explicit products
+            torch.testing.assert_close(x @ W[h] + b[h], acts[f"blocks.1.attn.{name}"][:, h], rtol=1e-5, atol=1e-5)
+    _, z = run_with_capture(params, ids, "blocks.1.attn.z")
+    for h in range(cfg.n_heads):
+        torch.testing.assert_close(z["blocks.1.attn.z"][:, h] @ w.W_O[h], acts["blocks.1.attn.result"][:, :, h],
+                                   rtol=1e-5, atol=1e-5)
+    assert W_E(params) is params.tok_emb and W_pos(params) is params.pos_emb
+    assert W_U(params).shape == (cfg.emb_dim, cfg.vocab_size)
+    with pytest.raises(ValueError, match=r"layer must be an int in 0\.\.1"):
+        attn_weights(params, cfg.n_layers)

@@ -67,6 +67,7 @@ from .views import (
     save_attention_map,
     token_labels,
 )
+from .weights import W_E, W_U, HeadWeights, W_pos, attn_weights
 
 __all__ = [
     "forward_with", "run_with_capture", "Edit", "patch", "ablate_head", "steer",
@@ -75,4 +76,5 @@ __all__ = [
     "site_grads", "per_example_grads", "per_example_grad_norms",
     "logit_lens", "lens_labels", "LogitAttribution", "direct_logit_attribution", "attention_patterns",
     "token_labels", "save_attention_map",
+    "HeadWeights", "attn_weights", "W_E", "W_pos", "W_U",
 ]
