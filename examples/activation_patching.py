@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     with torch.no_grad():
         clean_diff = metric(forward_with(params, clean)[0])
         corrupt_diff = metric(forward_with(params, corrupt)[0])
-        sweep = patching_sweep(params, clean, corrupt, metric, site=args.site)  # one vmap: [layer, position]
+        sweep = patching_sweep(params, clean, corrupt, metric, site=args.site)  # one batch: [layer, position]
     recovered = (sweep - corrupt_diff) / (clean_diff - corrupt_diff)
     print(f"logit difference {args.answers[0]!r} - {args.answers[1]!r}: clean {clean_diff:+.4f}, "
           f"corrupt {corrupt_diff:+.4f}")

@@ -33,8 +33,10 @@ from .scoring import Score, score
 from .shapes import ShapeError, checks_enabled, shape_checks
 from .study import (
     Activations,
+    RowEdit,
     ablate_head,
     attention_patterns,
+    batched_runs,
     direct_logit_attribution,
     forward_with,
     logit_diff,
@@ -66,7 +68,8 @@ __all__ = [
     "shape_checks", "checks_enabled", "ShapeError",
     "train",
     "forward_with", "run_with_capture", "Activations", "site_names", "patch", "ablate_head", "steer",
-    "patching_sweep", "site_grads", "per_example_grads", "per_example_grad_norms", "logit_diff",
+    "patching_sweep", "batched_runs", "RowEdit",
+    "site_grads", "per_example_grads", "per_example_grad_norms", "logit_diff",
     "logit_lens", "direct_logit_attribution", "attention_patterns", "fold_layer_norm", "center_unembed",
     "load", "save", "load_checkpoint", "save_hf", "Checkpoint", "CheckpointError",
 ]

@@ -22,7 +22,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from .config import GPTConfig
-from .kernels import packed_affine
+from .kernels import packed_affine, unpack
 from .params import AttentionParams, BlockParams, LayerNormParams, MLPParams
 from .shapes import check_record, checked
 
@@ -42,6 +42,22 @@ def _tap(tap: Tap | None, site: str, x: Tensor) -> Tensor:
 def _wants(tap: Tap | None, site: str) -> bool:
     """Whether `tap` reads `site`: a tap without a `wants` method reads every site."""
     return tap is not None and getattr(tap, "wants", lambda _: True)(site)
+
+
+def _norm(p: LayerNormParams, x: Tensor, eps: float, tap: Tap | None, site: str) -> Tensor:
+    """`layer_norm` with its parts as sites `{site}.scale` (sqrt(var + eps), `[*batch, 1]`) and `{site}.normalized`
+    ((x - mean) / scale), computed (and editable) only when `tap` wants one of them. When the tap returns them
+    unchanged the output is the fused kernel's, so reading them changes no bits."""
+    if not (_wants(tap, f"{site}.scale") or _wants(tap, f"{site}.normalized")):
+        return layer_norm(p, x, eps=eps)
+    centred = x - x.mean(-1, keepdim=True)
+    scale = (centred.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+    tapped = _tap(tap, f"{site}.scale", scale)
+    normalized = centred / tapped
+    edited = _tap(tap, f"{site}.normalized", normalized)
+    if tapped is scale and edited is normalized:  # only read: the fused kernel's bits, as without the tap
+        return layer_norm(p, x, eps=eps)
+    return edited * p.scale + p.shift
 
 
 @checked
@@ -173,7 +189,16 @@ def attention(p: AttentionParams, x: Float[Tensor, "batch seq d_model"], *, n_he
         z, _ = attend_explicit(q, k, v, key_mask, mask=mask, drop_rate=drop_rate, generator=generator, tap=tap,
                                site=site)
     z = _tap(tap, f"{site}.z", z)
-    out = _tap(tap, f"{site}.out", linear(merge_heads(z), p.w_out, p.b_out))
+    out = None
+    if _wants(tap, f"{site}.result"):  # each head's write into the residual stream: [batch seq heads d_model]
+        w_o = unpack(p.w_out).view(n_heads, z.shape[-1], p.w_out.shape[-1])
+        result = torch.einsum("bhsd,hdm->bshm", z, w_o)
+        edited = _tap(tap, f"{site}.result", result)
+        if edited is not result:  # an edit: the output is the sum of the edited heads (when only read: fused)
+            summed = edited.sum(2) if p.b_out is None else edited.sum(2) + p.b_out
+            out = _tap(tap, f"{site}.out", summed)
+    if out is None:
+        out = _tap(tap, f"{site}.out", linear(merge_heads(z), p.w_out, p.b_out))
     return out if kv is None else (out, kv)
 
 
@@ -207,13 +232,13 @@ def block(p: BlockParams, x: Float[Tensor, "batch seq d_model"], *, config: GPTC
     With cache buffers `kv` (decoding, see `attention`) it returns `(x, (keys, values))`."""
     site, rate = f"blocks.{layer}", config.drop_rate
     x = _tap(tap, f"{site}.resid_pre", x)
-    h = _tap(tap, f"{site}.ln1", layer_norm(p.norm1, x, eps=config.ln_eps))
+    h = _tap(tap, f"{site}.ln1", _norm(p.norm1, x, config.ln_eps, tap, f"{site}.ln1"))
     a = attention(p.attn, h, n_heads=config.n_heads, key_mask=key_mask, drop_rate=rate, generator=generator,
                   tap=tap, site=f"{site}.attn", kv=kv, slots=slots, mask=mask, donate=donate)
     if kv is not None:
         a, kv = a
     x = _tap(tap, f"{site}.resid_mid", x + dropout(a, rate, generator))
-    h = _tap(tap, f"{site}.ln2", layer_norm(p.norm2, x, eps=config.ln_eps))
+    h = _tap(tap, f"{site}.ln2", _norm(p.norm2, x, config.ln_eps, tap, f"{site}.ln2"))
     m = _tap(tap, f"{site}.mlp.out", mlp(p.mlp, h, approximate=config.gelu, tap=tap, site=f"{site}.mlp"))
     x = _tap(tap, f"{site}.resid_post", x + dropout(m, rate, generator))
     return x if kv is None else (x, kv)

@@ -44,7 +44,7 @@ import bench_peers as peers  # noqa: E402
 import gpt2fn  # noqa: E402
 from gpt2fn import GPTParams  # noqa: E402
 
-WORKLOADS = ("limits", "decode", "beam", "prefill", "checks", "train", "load", "score")
+WORKLOADS = ("limits", "decode", "beam", "prefill", "checks", "train", "load", "score", "patching")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 GPT2FN, HF, SEED = "gpt2fn", "transformers", "seed loop (no cache)"
 COMPILED = "gpt2fn compile=True"
@@ -759,6 +759,67 @@ def table(results: list[Result], ratios: list[dict[str, Any]], targets: list[dic
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Study: activation patching (resid_pre x every layer x every position)
+
+TL_PATCHING = """
+import json, sys, time
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+from transformer_lens.model_bridge.sources import build_bridge_from_module
+from transformer_lens.patching import get_act_patch_resid_pre
+a = json.loads(sys.argv[1])
+torch.set_num_threads(a["threads"]); torch.manual_seed(0)
+hf = GPT2LMHeadModel(GPT2Config(n_layer=a["n_layers"], n_embd=a["d_model"], n_head=a["n_heads"])).eval()
+bridge = build_bridge_from_module(hf, "GPT2LMHeadModel", hf_config=hf.config)
+bridge.enable_compatibility_mode(no_processing=True)
+g = torch.Generator().manual_seed(0)
+clean, corrupt = (torch.randint(0, hf.config.vocab_size, (1, a["seq"]), generator=g) for _ in range(2))
+_, cache = bridge.run_with_cache(clean)
+times = []
+for _ in range(a["repeats"]):
+    t = time.perf_counter()
+    with torch.no_grad():
+        get_act_patch_resid_pre(bridge, corrupt, cache, lambda lg: (lg[:, -1, 5] - lg[:, -1, 11]).mean())
+    times.append(time.perf_counter() - t)
+print(json.dumps({"seconds": times}))
+"""
+
+
+def bench_patching(params: GPTParams, *, seq: int = 12, repeats: int = 3) -> tuple[list[Result], list[str]]:
+    """Activation patching of `resid_pre` at every layer x position (random weights, one prompt of `seq` tokens):
+    `patching_sweep` as one batch vs its per-cell loop, and TransformerLens's `get_act_patch_resid_pre` when
+    GPT2FN_TL_PYTHON names a Python with transformer_lens 4.x (run there in a subprocess, same model shape)."""
+    from gpt2fn.study import logit_diff, patching_sweep
+    cfg, device = params.config, params.device
+    g = torch.Generator().manual_seed(0)
+    clean, corrupt = (torch.randint(0, cfg.n_tokens, (1, seq), generator=g).to(device) for _ in range(2))
+
+    def metric(lg: torch.Tensor) -> torch.Tensor:
+        return logit_diff(lg, 5, 11).mean()
+
+    t = interleaved({"gpt2fn batched": lambda: patching_sweep(params, clean, corrupt, metric),
+                     "gpt2fn loop": lambda: patching_sweep(params, clean, corrupt, metric, vectorize=False)},
+                    repeats=repeats, device=device, warmup={"gpt2fn batched": lambda: patching_sweep(
+                        params, clean, corrupt, metric, layers=[0], positions=[0])}, at_most={"gpt2fn loop": 1})
+    case = f"resid_pre {cfg.n_layers} layers x {seq} pos"
+    results = [Result("patching", case, n, "s", ts, higher_is_better=False) for n, ts in t.items()]
+    notes = []
+    tl = os.environ.get("GPT2FN_TL_PYTHON")
+    if not tl:
+        notes.append("patching: TransformerLens skipped (set GPT2FN_TL_PYTHON to a Python with transformer_lens 4.x)")
+    else:
+        arg = json.dumps({"threads": torch.get_num_threads(), "n_layers": cfg.n_layers, "d_model": cfg.emb_dim,
+                          "n_heads": cfg.n_heads, "seq": seq, "repeats": repeats})
+        proc = subprocess.run([tl, "-c", TL_PATCHING, arg], capture_output=True, text=True, cwd=tempfile.gettempdir())
+        if proc.returncode != 0:
+            notes.append(f"patching: TransformerLens failed ({proc.stderr.strip().splitlines()[-1:]})")
+        else:
+            secs = json.loads(proc.stdout.strip().splitlines()[-1])["seconds"]
+            results.append(Result("patching", case, "TransformerLens", "s", secs, higher_is_better=False))
+    return results, notes
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Main
 
 
@@ -838,7 +899,7 @@ def run(plan: Plan, device: torch.device) -> tuple[list[Result], list[str]]:
     results: list[Result] = []
     notes: list[str] = []
     cfg = gpt2fn.preset(plan.preset)
-    needs_model = {"decode", "beam", "prefill", "checks", "score"} & set(plan.only)
+    needs_model = {"decode", "beam", "prefill", "checks", "score", "patching"} & set(plan.only)
     params = gpt2fn.init_params(cfg, seed=0, device=device) if needs_model else None
     if "limits" in plan.only:
         with _stage("limits"):
@@ -873,6 +934,10 @@ def run(plan: Plan, device: torch.device) -> tuple[list[Result], list[str]]:
     if "score" in plan.only:
         with _stage("score"):
             results += bench_score(params, seq=min(256, plan.prefill_len), repeats=plan.repeats + 2)
+    if "patching" in plan.only:
+        with _stage("patching"):
+            found, why = bench_patching(params, repeats=plan.repeats)
+            results, notes = results + found, notes + why
     del params
     gc.collect()
     if "train" in plan.only:

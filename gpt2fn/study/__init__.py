@@ -18,11 +18,14 @@ Sites (`{i}` is the layer, 0-based; axis names from `gpt2fn.shapes`; a request m
 | `embed.pos`               | (batch) seq d_model           | position embeddings (no batch axis by default)       |
 | `embed`                   | batch seq d_model             | their sum: the residual stream entering block 0      |
 | `blocks.{i}.resid_pre`    | batch seq d_model             | residual stream entering block i                     |
+| `blocks.{i}.ln1.scale`    | batch seq 1                   | sqrt(var + eps) of ln1's input (also `ln2.scale`)   |
+| `blocks.{i}.ln1.normalized` | batch seq d_model           | (x - mean) / scale, before the affine (also `ln2`)   |
 | `blocks.{i}.ln1`          | batch seq d_model             | first layer norm's output (attention input)          |
 | `blocks.{i}.attn.q/k/v`   | batch heads seq head_dim      | queries, keys, values (k/v: this call's positions)   |
 | `blocks.{i}.attn.scores`  | batch heads seq kv_seq        | q k^T / sqrt(head_dim), -inf where masked            |
 | `blocks.{i}.attn.pattern` | batch heads seq kv_seq        | softmax of the scores: rows sum to 1 over the past   |
 | `blocks.{i}.attn.z`       | batch heads seq head_dim      | per-head outputs (pattern @ v), before `w_out`       |
+| `blocks.{i}.attn.result`  | batch seq heads d_model       | each head's output after `w_out`; + `b_out` sums to out |
 | `blocks.{i}.attn.out`     | batch seq d_model             | attention output after `w_out`, `b_out`              |
 | `blocks.{i}.resid_mid`    | batch seq d_model             | residual stream after the attention branch           |
 | `blocks.{i}.ln2`          | batch seq d_model             | second layer norm's output (MLP input)               |
@@ -35,16 +38,26 @@ Sites (`{i}` is the layer, 0-based; axis names from `gpt2fn.shapes`; a request m
 
 Attention `scores`/`pattern` are computed only when captured or edited (the explicit attention path); any other
 capture keeps fused SDPA, so capturing changes no logits. An edit is `fn(value) -> value` of the same shape;
-a captured site holds the value after its edit. The positions (query) axis of every site is the second to last.
+a captured site holds the value after its edit.
+The positions (query) axis of every site is the second to last, except `attn.result` (axis 1).
 
 Views: `logit_lens`, `direct_logit_attribution`, `attention_patterns`, `save_attention_map` (PNG).
-Transforms: `patching_sweep` (one `vmap` over layers x positions), `site_grads` (`grad`/`jacrev` w.r.t. sites),
-`per_example_grads` / `per_example_grad_norms` (`vmap(grad)`). Weight transforms: `gpt2fn.transforms`.
+Transforms: `patching_sweep` (layers x positions as one batch on fused attention; its engine `batched_runs`),
+`site_grads` (`grad`/`jacrev` w.r.t. sites), `per_example_grads` / `per_example_grad_norms` (`vmap(grad)`).
+Weight transforms: `gpt2fn.transforms`.
 """
 
 from .run import Edit, ablate_head, forward_with, patch, run_with_capture, steer
 from .sites import LAYER_SITES, SITE_DIMS, Activations, resolve_sites, site_dims, site_names
-from .sweeps import logit_diff, patching_sweep, per_example_grad_norms, per_example_grads, site_grads
+from .sweeps import (
+    RowEdit,
+    batched_runs,
+    logit_diff,
+    patching_sweep,
+    per_example_grad_norms,
+    per_example_grads,
+    site_grads,
+)
 from .views import (
     LogitAttribution,
     attention_patterns,
@@ -54,11 +67,14 @@ from .views import (
     save_attention_map,
     token_labels,
 )
+from .weights import W_E, W_U, HeadWeights, W_pos, attn_weights
 
 __all__ = [
     "forward_with", "run_with_capture", "Edit", "patch", "ablate_head", "steer",
     "Activations", "SITE_DIMS", "LAYER_SITES", "site_names", "site_dims", "resolve_sites",
-    "logit_diff", "patching_sweep", "site_grads", "per_example_grads", "per_example_grad_norms",
+    "logit_diff", "patching_sweep", "RowEdit", "batched_runs",
+    "site_grads", "per_example_grads", "per_example_grad_norms",
     "logit_lens", "lens_labels", "LogitAttribution", "direct_logit_attribution", "attention_patterns",
     "token_labels", "save_attention_map",
+    "HeadWeights", "attn_weights", "W_E", "W_pos", "W_U",
 ]

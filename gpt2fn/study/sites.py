@@ -23,6 +23,8 @@ SITE_DIMS: dict[str, str] = {
     "embed.pos": "*batch seq d_model",  # [seq d_model] unless explicit positions (or a pad mask) are given
     "embed": "batch seq d_model",
     "blocks.{i}.resid_pre": "batch seq d_model",
+    "blocks.{i}.ln1.scale": "batch seq 1",  # sqrt(var + eps) of the residual entering ln1
+    "blocks.{i}.ln1.normalized": "batch seq d_model",  # (x - mean) / scale, before the affine map
     "blocks.{i}.ln1": "batch seq d_model",
     "blocks.{i}.attn.q": "batch heads seq head_dim",
     "blocks.{i}.attn.k": "batch heads seq head_dim",
@@ -30,8 +32,11 @@ SITE_DIMS: dict[str, str] = {
     "blocks.{i}.attn.scores": "batch heads seq kv_seq",
     "blocks.{i}.attn.pattern": "batch heads seq kv_seq",
     "blocks.{i}.attn.z": "batch heads seq head_dim",
+    "blocks.{i}.attn.result": "batch seq heads d_model",  # each head's output after w_out; sums (+ b_out) to out
     "blocks.{i}.attn.out": "batch seq d_model",
     "blocks.{i}.resid_mid": "batch seq d_model",
+    "blocks.{i}.ln2.scale": "batch seq 1",  # sqrt(var + eps) of the residual entering ln2
+    "blocks.{i}.ln2.normalized": "batch seq d_model",  # (x - mean) / scale, before the affine map
     "blocks.{i}.ln2": "batch seq d_model",
     "blocks.{i}.mlp.pre": "batch seq d_mlp",
     "blocks.{i}.mlp.post": "batch seq d_mlp",
