@@ -11,6 +11,7 @@ EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "examples").glob("*.
 # what each example must print, so a script that runs but says nothing useful still fails
 EXPECT = {
     "activation_patching.py": "fraction recovered by patching resid_pre",
+    "steer_generation.py": "positive: ",
     "direct_logit_attribution.py": "sum of the shares",
     "head_ablation.py": "change in loss per ablated head",
     "logit_lens.py": "next-token guesses after each layer",
