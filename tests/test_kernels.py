@@ -97,3 +97,37 @@ def test_packed_products_compose_with_grad_vmap_and_compile(rows, d_out):
     compiled = torch.compile(linear, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x, layout, b), x @ w + b, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(compiled(x, layout, None), x @ w, atol=1e-5, rtol=1e-5)
+
+
+
+@pytest.fixture(scope="module")
+def sharp_rows():
+    """A tiny model with its token embedding scaled up (greedy choices far above rounding), 32 prompts, and the
+    greedy ids each gets alone (one row: split on `in`), with two threads."""
+    from gpt2fn import generate_tokens, init_params, preset
+
+    params = init_params(preset("tiny"), seed=0)
+    params = params.replace(tok_emb=params.tok_emb * 30)
+    ids = torch.randint(0, 97, (32, 4), generator=torch.Generator().manual_seed(0))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        alone = torch.cat([generate_tokens(params, ids[i:i + 1], max_new_tokens=5) for i in range(32)])
+    finally:
+        torch.set_num_threads(before)
+    return params, ids, alone
+
+
+@pytest.mark.parametrize("batch", [2, 3, 8, 17, 32])
+def test_greedy_batches_decode_each_row_as_gpt2fn_alone(sharp_rows, batch):
+    """Every layout serves decoding: a batch of rows (split on `out` from 2 rows) gives each row the ids it gets
+    alone."""
+    from gpt2fn import generate_tokens
+
+    params, ids, alone = sharp_rows
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert torch.equal(generate_tokens(params, ids[:batch], max_new_tokens=5), alone[:batch])
+    finally:
+        torch.set_num_threads(before)
