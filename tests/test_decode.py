@@ -26,14 +26,6 @@ from gpt2fn import (
 from gpt2fn.generate import left_pad
 
 
-@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
-def threads(request):
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def params():
     return init_params(preset("tiny"), seed=0)

@@ -10,14 +10,6 @@ from gpt2fn.kernels import IN_SPLIT_MAX_ROWS, SPLIT_MAX_ROWS, layout_kind, pack,
 from gpt2fn.layers import linear
 
 
-@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
-def threads(request):
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
-
-
 def _plain(x, w, b):
     return x @ w if b is None else x @ w + b
 
