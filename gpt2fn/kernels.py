@@ -10,8 +10,8 @@ batched product lets both cores stream. Two splits, both *views of the same stor
   of the `[in, out]` matrix in place (for an odd `out` the two bands share one column), the halves are joined.
   It serves 2..`OUT_SPLIT_MAX_ROWS` rows. GPT-2 124M's 48 block products + head, 2 threads, distinct weights:
   8 rows 38-39 ms against 45 (split on `in`) and 50 (plain `x @ W`); 16 rows 52 against 57 and 65; 32 rows 69
-  against 85 and 96 (scripts in the issue-13 report). A contiguous `[2, in, h]` copy ran no faster than the
-  strided view, so no layout copies a matrix.
+  against 85 and 96 (an ad-hoc interleaved timing; scripts/bench.py measures decoding end to end). A contiguous
+  `[2, in, h]` copy ran no faster than the strided view, so no layout copies a matrix.
 
 The policy, in one place (`layout_kind`): a weight is packed when it lives on the CPU in fp32, is contiguous,
 more than one thread will run its products, and the products it will serve have at most `OUT_SPLIT_MAX_ROWS`
