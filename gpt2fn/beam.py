@@ -33,8 +33,9 @@ __all__ = ["beam_search"]
 _NEG = -1.0e9  # transformers' sentinel for "not a candidate here"
 
 
-def _check_beam_options(num_beams: int, num_return_sequences: int, length_penalty: float,
+def check_beam_options(num_beams: int, num_return_sequences: int, length_penalty: float,
                         early_stopping: bool | str, max_new_tokens: int) -> None:
+    """Raise a ValueError naming the first beam-search option outside its range (`generate` checks with it too)."""
     if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
         raise ValueError(f"num_beams must be an integer >= 1, got {num_beams!r}")
     if (isinstance(num_return_sequences, bool) or not isinstance(num_return_sequences, int)
@@ -84,7 +85,7 @@ def beam_search(params: GPTParams, ids: Tensor, *, pad_mask: Tensor | None = Non
     if not isinstance(params, GPTParams):
         raise TypeError(f"params must be a GPTParams tree (from gpt2fn.load or init_params), got "
                         f"{type(params).__name__}")
-    _check_beam_options(num_beams, num_return_sequences, length_penalty, early_stopping, max_new_tokens)
+    check_beam_options(num_beams, num_return_sequences, length_penalty, early_stopping, max_new_tokens)
     cfg = params.config
     n_tokens = cfg.n_tokens if n_tokens is None else n_tokens
     if eos_id is not None and (isinstance(eos_id, bool) or not isinstance(eos_id, int)

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .beam import beam_search, check_beam_options
 from .cache import init_cache, rollback
 from .decode import compiled_decode_step, decode_params, decode_step
 from .model import positions_from_mask, trained_vocab_index
@@ -235,12 +236,7 @@ def _prepare(params: GPTParams, device: torch.device | str | None) -> GPTParams:
 def _check_beams(request: _Request, num_beams: int, length_penalty: float, early_stopping: bool | str,
                  num_return_sequences: int) -> dict[str, Any] | None:
     """The beam-search options, checked; None for plain decoding (num_beams == 1)."""
-    if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
-        raise ValueError(f"num_beams must be an integer >= 1 (1: no beam search), got {num_beams!r}")
-    if (isinstance(num_return_sequences, bool) or not isinstance(num_return_sequences, int)
-            or not 1 <= num_return_sequences <= num_beams):
-        raise ValueError(f"num_return_sequences must be an integer in [1, num_beams={num_beams}], got "
-                         f"{num_return_sequences!r}")
+    check_beam_options(num_beams, num_return_sequences, length_penalty, early_stopping, request.max_new_tokens)
     if num_beams == 1:
         return None
     opts = request.options
@@ -261,12 +257,9 @@ def _continue(params: GPTParams, ids: Tensor, mask: Tensor | None, request: _Req
     """The new ids `[rows, new]` after the (cropped) prompt, and their log-probabilities when requested."""
     window, mask = _crop_to_window(ids, mask, params.config.context_length)
     cfg = params.config
-    if beams is not None:
-        from .beam import beam_search
-
-        allowed = None if cfg.trained_vocab is None else trained_vocab_index(cfg, ids.device)[1] >= 0
+    if beams is not None:  # beam_search masks a trained vocabulary itself
         out = beam_search(params, window, pad_mask=mask, max_new_tokens=request.max_new_tokens,
-                          eos_id=request.eos_id, n_tokens=cfg.n_tokens, allowed=allowed, **beams)
+                          eos_id=request.eos_id, n_tokens=cfg.n_tokens, **beams)
         return out[:, window.shape[1]:], None
     gens = None if request.options.greedy else row_generators(seed, ids.shape[0], params.device)
     steps = list(_token_steps(params, window, mask, request, gens))
