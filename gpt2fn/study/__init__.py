@@ -44,9 +44,20 @@ The positions (query) axis of every site is the second to last, except `attn.res
 Views: `logit_lens`, `direct_logit_attribution`, `attention_patterns`, `save_attention_map` (PNG).
 Transforms: `patching_sweep` (layers x positions as one batch on fused attention; its engine `batched_runs`),
 `site_grads` (`grad`/`jacrev` w.r.t. sites), `per_example_grads` / `per_example_grad_norms` (`vmap(grad)`).
+Circuits: `ov_circuit`, `qk_circuit`, `full_ov_circuit`, `full_qk_circuit` as `FactoredMatrix` values,
+`composition_scores(params, "q" | "k" | "v")` `[layer, heads, layer, heads]`, `composition_score` (one pair).
 Weight transforms: `gpt2fn.transforms`.
 """
 
+from .circuits import (
+    composition_score,
+    composition_scores,
+    full_ov_circuit,
+    full_qk_circuit,
+    ov_circuit,
+    qk_circuit,
+)
+from .factored import FactoredMatrix
 from .run import Edit, ablate_head, forward_with, patch, run_with_capture, steer
 from .sites import LAYER_SITES, SITE_DIMS, Activations, resolve_sites, site_dims, site_names
 from .sweeps import (
@@ -77,4 +88,6 @@ __all__ = [
     "logit_lens", "lens_labels", "LogitAttribution", "direct_logit_attribution", "attention_patterns",
     "token_labels", "save_attention_map",
     "HeadWeights", "attn_weights", "W_E", "W_pos", "W_U",
+    "FactoredMatrix", "ov_circuit", "qk_circuit", "full_ov_circuit", "full_qk_circuit",
+    "composition_scores", "composition_score",
 ]
