@@ -11,8 +11,9 @@
   `compiled_decode_step()`) traces one graph per (batch, seq, capacity, dtype, device, donate) and reuses it for a
   whole generation. Shape checks and the data-dependent input checks (capacity, token range) step aside under
   compilation; eager calls run them.
-- `decode_params(params)` is the decode-time weight layout, a derived value the caller may keep: the tied head
-  as a `[d_model, vocab]` copy on CPU fp32 and the matrices packed for few-row products (`gpt2fn.kernels`).
+- `decode_params(params)` is the decode-time weight layout, a derived value the caller may keep: on CPU fp32 the
+  matrices and the head as panels for gpt2fn's native kernel (a copy), or, without it, the tied head as a
+  `[d_model, vocab]` copy and the matrices as split views (`gpt2fn.kernels`).
 """
 
 import dataclasses
@@ -24,10 +25,10 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from .cache import KVCache
-from .kernels import pack
+from .kernels import layout_kind, pack
 from .layers import Tap, _tap, block, layer_norm, linear
-from .model import _check_ids
-from .params import GPTParams, head_matrix
+from .model import _check_ids, unembed
+from .params import GPTParams
 from .shapes import check_record, checked
 
 __all__ = ["decode_step", "compiled_decode_step", "decode_params", "key_visibility"]
@@ -86,7 +87,7 @@ def decode_step(params: GPTParams, cache: KVCache, ids: Int[Tensor, "batch seq"]
     if last_only:
         x = x[:, -1:]
     x = _tap(tap, "final_norm", layer_norm(params.final_norm, x, eps=cfg.ln_eps))
-    logits = _tap(tap, "logits", linear(x, head_matrix(params), None))
+    logits = _tap(tap, "logits", unembed(params, x))
     new = KVCache(tuple(keys), tuple(values), valid, cache.length + seq, cache.positions + real.sum(-1))
     if donate:
         cache._consume()
@@ -100,27 +101,36 @@ def compiled_decode_step(mode: str | None = None) -> Callable[..., tuple[Tensor,
     return torch.compile(decode_step, fullgraph=True, dynamic=False, mode=mode)
 
 
-def decode_params(params: GPTParams, *, batch: int = 1, threads: int | None = None) -> GPTParams:
+def decode_params(params: GPTParams, *, batch: int = 1, threads: int | None = None, native: bool | None = None
+                  ) -> GPTParams:
     """The same weights laid out for decoding `batch` rows on this device: a derived value, never a leaf of
     `params`; keep it and pass it to `generate` to reuse it (applying it twice changes nothing).
 
-    - On CPU in fp32 a tied head becomes an untied `[d_model, vocab]` copy: `x @ W` streams GPT-2 124M's 154 MB
-      head in about half the time of `x @ tok_emb.T` (PERF-NOTES: 11 -> 5.4 ms per token); the copy takes about a
-      tenth of a second. In bf16 and on accelerators the tied orientation is as fast: no copy.
-    - Matrices are packed for products of `batch` rows with `threads` threads (default: torch's current count)
-      by `gpt2fn.kernels.pack` (no copy). `forward`, `decode_step` and `generate` accept the result; study and
-      training functions want the plain `params`.
+    - On CPU in fp32 with the native kernel (`gpt2fn.native.status()`): every matrix and the head become panels
+      (`gpt2fn.kernels.pack`), a copy of the weights (GPT-2 124M: about 500 MB, a few tenths of a second), which
+      serve any batch and thread count. The head is padded with zero columns to a multiple of the panel width;
+      `forward` and `decode_step` return exactly `vocab` logits.
+    - Without it: a tied head becomes an untied `[d_model, vocab]` copy (`x @ W` streams GPT-2 124M's 154 MB head
+      in about half the time of `x @ tok_emb.T`; PERF-NOTES: 11 -> 5.4 ms per token), and the matrices are split
+      views for products of `batch` rows with `threads` threads (default: torch's current count), no copy.
+    - In bf16 and on accelerators the weights are returned as they are.
+    - `native`: None uses the native kernel when it is built; False asks for the split views (no copy of the
+      blocks' weights, for memory); True is the same as None (panels need the kernel; without it, views).
+    `forward`, `decode_step` and `generate` accept the result; study and training functions want the plain `params`.
     """
     if not isinstance(params, GPTParams):
         raise TypeError(f"params must be a GPTParams tree (from gpt2fn.load or init_params), got "
                         f"{type(params).__name__}")
     threads = torch.get_num_threads() if threads is None else threads
+    use_native = None if native is None or native else False
     if params.head is None and params.device.type == "cpu" and params.dtype == torch.float32:
-        params = params.replace(head=params.tok_emb.detach().T.contiguous(),
-                                config=params.config.replace(tie_head=False))
-    lay = functools.partial(pack, rows=batch, threads=threads)
+        head = params.tok_emb.detach().T
+        if layout_kind(head, rows=batch, threads=threads, pad=True, use_native=use_native) != "panels":
+            head = head.contiguous()
+        params = params.replace(head=head, config=params.config.replace(tie_head=False))
+    lay = functools.partial(pack, rows=batch, threads=threads, use_native=use_native)
     blocks = tuple(dataclasses.replace(
         b, attn=b.attn.replace(w_qkv=lay(b.attn.w_qkv), w_out=lay(b.attn.w_out)),
         mlp=b.mlp.replace(w_fc=lay(b.mlp.w_fc), w_proj=lay(b.mlp.w_proj))) for b in params.blocks)
-    head = None if params.head is None else lay(params.head)
+    head = None if params.head is None else lay(params.head, pad=True)
     return params.replace(blocks=blocks, head=head)

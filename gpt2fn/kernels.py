@@ -1,64 +1,105 @@
 """CPU products for decoding: the one home of gpt2fn's speed tricks for few-row matrix products.
 
-Why: decoding multiplies a few rows (the batch) by every weight matrix, so a step is bound by reading the weights,
-and torch runs a product of a few rows on one core. Splitting a weight in two halves and running the halves as one
-batched product lets both cores stream. Two splits, both *views of the same storage* (no copy, no extra memory):
+Why: decoding multiplies a few rows (the batch) by every weight matrix, so a step is bound by reading the weights
+(and, from about 8 rows, by arithmetic as well). torch's products of 2..64 rows run far below both limits on the
+CPUs this project is built on (MKL's small GEMMs: about 10 GB/s at 8 rows). Two families of decode layouts:
 
-- on `in`: `[2, in/2, out]`, the two partial products summed (PERF-NOTES: 12 blocks 17.7 -> 13.3 ms/token). It
-  serves one row (`IN_SPLIT_MAX_ROWS`), where it is as fast as any layout measured.
-- on `out`: `[2, in, h]` with `h = ceil(out/2)` and strides `(out - h, out, 1)`: each half reads a band of columns
-  of the `[in, out]` matrix in place (for an odd `out` the two bands share one column), the halves are joined.
-  It serves 2..`OUT_SPLIT_MAX_ROWS` rows. GPT-2 124M's 48 block products + head, 2 threads, distinct weights:
-  8 rows 38-39 ms against 45 (split on `in`) and 50 (plain `x @ W`); 16 rows 52 against 57 and 65; 32 rows 69
-  against 85 and 96 (an ad-hoc interleaved timing; scripts/bench.py measures decoding end to end). A contiguous
-  `[2, in, h]` copy ran no faster than the strided view, so no layout copies a matrix.
+- **Panels** (`[P, in, SW]`, a copy), served by gpt2fn's native kernel (`gpt2fn.native`, built on first use):
+  column `p*SW + j` of `W` is `panels[p, :, j]`, each panel contiguous, so each thread streams its panels front to
+  back and keeps a block of up to 8 rows x one panel in vector registers (one weight load feeds 8 multiply-adds).
+  `SW` is 48 or 64 floats with AVX-512 (16 or 32 with AVX2), the first width that divides `out`; a head whose
+  vocabulary no width divides is padded with zero columns (`pad=True`) and its caller slices the logits. Any
+  number of rows, one or many threads. Measured: docs/performance.md (GPT-2 124M's 48 block products + head).
+- **Views** of the `[in, out]` storage (no copy), the fallback when the native kernel is off (`gpt2fn.native.status`):
+  split on `in` (`[2, in/2, out]`, the halves' partial products summed; one row) or on `out` (`[2, in, h]`,
+  `h = ceil(out/2)`, strides `(out - h, out, 1)`: two column bands read in place, joined; 2..`OUT_SPLIT_MAX_ROWS`
+  rows), each as one batched product so both cores stream (PERF-NOTES: 12 blocks 17.7 -> 13.3 ms/token).
 
-The policy, in one place (`layout_kind`): a weight is packed when it lives on the CPU in fp32, is contiguous,
-more than one thread will run its products, and the products it will serve have at most `OUT_SPLIT_MAX_ROWS`
-rows (split on `in` needs an even `in`, split on `out` at least two columns). `pack` returns the *decode layout*,
-which `gpt2fn.decode.decode_params` puts in place of the `[in, out]` matrices; `gpt2fn.layers.linear` computes
-`x @ W + b` for a 2-D `W` and calls `packed_affine` for a layout, so nothing depends on global state at the time of
-the product: the layout is a value the caller holds. A layout split on `out` is told from one split on `in` by its
-middle axis: it equals the input width. Every layout gives `x @ W + b` up to float rounding for any number of rows
-(more rows than `OUT_SPLIT_MAX_ROWS`, a prefill, take the plain product over the same storage), under
-`torch.func` transforms and `torch.compile` (tests/test_kernels.py).
+The policy, in one place (`layout_kind`). `pack` returns the *decode layout*, which `gpt2fn.decode.decode_params`
+puts in place of the `[in, out]` matrices; `gpt2fn.layers.linear` computes `x @ W + b` for a 2-D `W` and calls
+`packed_affine` for a layout, so nothing depends on global state at the time of the product: the layout is a
+value the caller holds. Every layout gives `x @ W + b` up to float rounding for any number of rows, and under
+`torch.func` transforms, autograd and `torch.compile` a panel product takes torch's batched product over the same
+panels instead of the native call (tests/test_kernels.py). Layouts are told apart by shape and strides: panels
+are contiguous with the input width in the middle; a split on `in` has half of it there; a split on `out` is the
+only strided one.
 """
+
+import math
 
 from typing import Literal
 
 import torch
 from torch import Tensor
 
+from . import native
+
 __all__ = ["IN_SPLIT_MAX_ROWS", "OUT_SPLIT_MAX_ROWS", "SPLIT_MAX_ROWS", "layout_kind", "split_applies", "pack",
-           "unpack", "packed_affine"]
+           "unpack", "packed_affine", "panel_width", "to_panels", "native_applies"]
 
 IN_SPLIT_MAX_ROWS = 1
 OUT_SPLIT_MAX_ROWS = 64
 SPLIT_MAX_ROWS = OUT_SPLIT_MAX_ROWS  # products of more rows take the plain product over a layout's storage
 
 
-def layout_kind(w: Tensor, *, rows: int, threads: int) -> Literal["in", "out"] | None:
-    """Which split serves products of `rows` rows with `w` `[in, out]` fastest: "in", "out", or None (the plain
-    matrix)."""
-    if not (w.ndim == 2 and w.device.type == "cpu" and w.dtype == torch.float32 and w.is_contiguous()
-            and threads > 1 and 1 <= rows <= OUT_SPLIT_MAX_ROWS):
+def panel_width(d_out: int, *, pad: bool = False) -> int | None:
+    """The native kernel's fastest panel width that divides `d_out` (with `pad`, the fastest width when none
+    does: the layout is then padded with zero columns); None without the kernel or without a width."""
+    widths = native.panel_widths()
+    for sw in widths:
+        if d_out % sw == 0:
+            return sw
+    return widths[0] if pad and widths else None
+
+
+def to_panels(w: Tensor, width: int) -> Tensor:
+    """`w` `[in, out]` as panels `[ceil(out/width), in, width]` (a copy; columns past `out` are zero)."""
+    d_in, d_out = w.shape
+    parts = -(-d_out // width)
+    panels = w.new_zeros(parts, d_in, width)
+    full = d_out // width
+    with torch.no_grad():
+        if full:
+            panels[:full].copy_(w[:, :full * width].unflatten(1, (full, width)).transpose(0, 1))
+        if full < parts:
+            panels[full, :, :d_out - full * width].copy_(w[:, full * width:])
+    return panels
+
+
+def layout_kind(w: Tensor, *, rows: int, threads: int, pad: bool = False, use_native: bool | None = None
+                ) -> Literal["panels", "in", "out"] | None:
+    """Which layout serves products of `rows` rows with `w` `[in, out]` fastest: "panels" (the native kernel,
+    any rows and threads, when a panel width divides `out` or `pad` allows padding), "in", "out", or None (the
+    plain matrix). `use_native` overrides whether the native kernel counts as available."""
+    if not (w.ndim == 2 and w.device.type == "cpu" and w.dtype == torch.float32):
+        return None
+    use_native = native.available() if use_native is None else use_native
+    if use_native and rows >= 1 and min(w.shape) >= 1 and panel_width(w.shape[1], pad=pad) is not None:
+        return "panels"
+    if not (w.is_contiguous() and threads > 1 and 1 <= rows <= OUT_SPLIT_MAX_ROWS):
         return None
     if rows <= IN_SPLIT_MAX_ROWS and w.shape[0] % 2 == 0:
         return "in"
     return "out" if w.shape[1] >= 2 else None
 
 
-def split_applies(w: Tensor, *, rows: int, threads: int) -> bool:
-    """Whether `pack` lays `w` `[in, out]` out for products of `rows` rows (either split)."""
-    return layout_kind(w, rows=rows, threads=threads) is not None
+def split_applies(w: Tensor, *, rows: int, threads: int, use_native: bool | None = None) -> bool:
+    """Whether `pack` lays `w` `[in, out]` out for products of `rows` rows (any layout)."""
+    return layout_kind(w, rows=rows, threads=threads, use_native=use_native) is not None
 
 
-def pack(w: Tensor, *, rows: int, threads: int | None = None) -> Tensor:
-    """`w` `[in, out]` as the decode layout that serves products of `rows` rows fastest (a view, never a copy):
-    `[2, in/2, out]` split on `in`, `[2, in, ceil(out/2)]` split on `out`, or `w` itself where no split applies
-    (see `layout_kind`). `threads` defaults to torch's current thread count. A layout is returned as it is."""
+def pack(w: Tensor, *, rows: int, threads: int | None = None, pad: bool = False, use_native: bool | None = None
+         ) -> Tensor:
+    """`w` `[in, out]` as the decode layout that serves products of `rows` rows fastest (see `layout_kind`):
+    panels `[P, in, SW]` (a copy; with `pad`, `P * SW` may exceed `out` by zero columns, and the product then has
+    `P * SW` columns), `[2, in/2, out]` split on `in` or `[2, in, ceil(out/2)]` split on `out` (views), or `w`
+    itself. `threads` defaults to torch's current thread count. A layout is returned as it is."""
     threads = torch.get_num_threads() if threads is None else threads
-    kind = layout_kind(w, rows=rows, threads=threads)
+    kind = layout_kind(w, rows=rows, threads=threads, pad=pad, use_native=use_native)
+    if kind == "panels":
+        width = panel_width(w.shape[1], pad=pad)
+        assert width is not None
+        return to_panels(w.detach(), width)
     if kind == "in":
         return w.view(2, w.shape[0] // 2, w.shape[1])
     if kind == "out":
@@ -79,31 +120,76 @@ def _out_width(w: Tensor) -> int:
     return d_out
 
 
-def _split_on_in(w: Tensor) -> bool:
-    """Whether a layout is split on `in` (a contiguous `[2, in/2, out]`) rather than on `out` (a strided view
+def _contiguous(w: Tensor) -> bool:
+    """Whether a layout is contiguous (panels, or a split on `in`) rather than a split on `out` (a strided view
     whose rows are `out` apart, `out` >= 2 > its band width 1, or `out` > its band width)."""
     _, mid, last = w.shape
     return w.stride(2) == 1 and w.stride(1) == last and w.stride(0) == mid * last
 
 
-def unpack(w: Tensor) -> Tensor:
-    """The `[in, out]` matrix of a layout (a no-copy view); a 2-D matrix is returned as it is."""
+def unpack(w: Tensor, d_in: int | None = None) -> Tensor:
+    """The `[in, out]` matrix of a layout (a no-copy view for the splits; a copy of panels, with any padding
+    columns); a 2-D matrix is returned as it is. `d_in` tells panels (input width in the middle) from a split on
+    `in` (half of it) when both shapes fit; by default a contiguous layout with two parts is a split on `in`."""
     if w.ndim == 2:
         return w
     parts, mid, last = w.shape
-    if _split_on_in(w):
+    if _contiguous(w):
+        if d_in == mid or (d_in is None and parts != 2):  # panels
+            return w.transpose(0, 1).reshape(mid, parts * last)
         return w.reshape(parts * mid, last)
     return w.as_strided((mid, _out_width(w)), (w.stride(1), 1))
 
 
+def native_applies(x: Tensor, w: Tensor, b: Tensor | None) -> bool:
+    """Whether a panel product may call the native kernel: plain fp32 CPU tensors, eager, nothing to
+    differentiate, no `torch.func` transform wrapping them, and the kernel built."""
+    tensors = (x, w) if b is None else (x, w, b)
+    if torch.compiler.is_compiling() or not native.available():
+        return False
+    for t in tensors:
+        if type(t) is not Tensor or t.device.type != "cpu" or t.dtype != torch.float32:
+            return False
+        if torch._C._functorch.is_functorch_wrapped_tensor(t):
+            return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    width, vl = w.shape[-1], native.vector_width()
+    return w.is_contiguous() and (b is None or b.is_contiguous()) and width % vl == 0 and width <= 4 * vl
+
+
+def _panel_affine(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    parts, d_in, width = w.shape
+    d_out = parts * width
+    if b is not None and b.shape[-1] != d_out:
+        raise ValueError(f"bias of {b.shape[-1]} entries for a panel layout of {d_out} columns ({parts} x {width})")
+    rows = math.prod(x.shape[:-1])
+    if rows and native_applies(x, w, b):
+        x2 = x.reshape(rows, d_in).contiguous()
+        y = torch.empty(rows, d_out, dtype=x.dtype)
+        lib = native.library()
+        assert lib is not None
+        lib.gpt2fn_panel_affine(x2.data_ptr(), rows, d_in, d_in, w.data_ptr(), parts, width,
+                                None if b is None else b.data_ptr(), y.data_ptr(), d_out, torch.get_num_threads())
+        return y.view(*x.shape[:-1], d_out)
+    y = torch.matmul(x.reshape(1, rows, d_in), w).transpose(0, 1).reshape(rows, d_out)  # [P, rows, SW] -> rows
+    if b is not None:
+        y = y + b
+    return y.view(*x.shape[:-1], d_out)
+
+
 def packed_affine(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    """`x @ W + b` for a layout `w` from `pack`. Split on `in` (`[2, in/2, out]`): the two halves of `in` as one
-    batched product, summed. Split on `out` (`[2, in, h]`, middle axis the input width): the two column bands as
-    one batched product, joined. Products of more than `SPLIT_MAX_ROWS` rows (a prefill) take the plain product
-    over the same storage."""
+    """`x @ W + b` for a layout `w` from `pack`. Panels (`[P, in, SW]`, contiguous, input width in the middle):
+    the native kernel, or torch's batched product over the panels. Split on `in` (`[2, in/2, out]`): the two
+    halves of `in` as one batched product, summed. Split on `out` (`[2, in, h]`, strided): the two column bands
+    as one batched product, joined. Split products of more than `SPLIT_MAX_ROWS` rows (a prefill) take the plain
+    product over the same storage."""
     parts, mid, last = w.shape
     d_in = x.shape[-1]
-    on_in = _split_on_in(w)
+    contiguous = _contiguous(w)
+    if contiguous and mid == d_in:
+        return _panel_affine(x, w, b)
+    on_in = contiguous
     if parts != 2 or (parts * mid if on_in else mid) != d_in:
         raise ValueError(f"layout {list(w.shape)} (split on {'in' if on_in else 'out'}) does not match an input "
                          f"of width {d_in}: pass the layout that gpt2fn.kernels.pack made for this matrix")

@@ -191,7 +191,8 @@ def attention(p: AttentionParams, x: Float[Tensor, "batch seq d_model"], *, n_he
     z = _tap(tap, f"{site}.z", z)
     out = None
     if _wants(tap, f"{site}.result"):  # each head's write into the residual stream: [batch seq heads d_model]
-        w_o = unpack(p.w_out).view(n_heads, z.shape[-1], p.w_out.shape[-1])
+        w_o = unpack(p.w_out, n_heads * z.shape[-1])
+        w_o = w_o.view(n_heads, z.shape[-1], w_o.shape[-1])
         result = torch.einsum("bhsd,hdm->bshm", z, w_o)
         edited = _tap(tap, f"{site}.result", result)
         if edited is not result:  # an edit: the output is the sum of the edited heads (when only read: fused)

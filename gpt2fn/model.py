@@ -132,7 +132,15 @@ def forward(params: GPTParams, ids: Int[Tensor, "batch seq"], *, cache: KVCache 
         positions = positions_from_mask(pad_mask)
     x = _features(params, ids, positions=positions, key_mask=pad_mask, generator=as_generator(generator, ids.device),
                   tap=tap, last_only=last_only)
-    return _tap(tap, "logits", linear(x, head_matrix(params), None))
+    return _tap(tap, "logits", unembed(params, x))
+
+
+def unembed(params: GPTParams, x: Float[Tensor, "*batch d_model"]) -> Float[Tensor, "*batch vocab"]:
+    """`x @ head`: the logits of final-norm features. A decode layout's head may be padded to a multiple of its
+    panel width (`gpt2fn.decode.decode_params`); the padding columns are cut off here."""
+    logits = linear(x, head_matrix(params), None)
+    vocab = params.config.vocab_size
+    return logits if logits.shape[-1] == vocab else logits[..., :vocab]
 
 
 def _features(params: GPTParams, ids: Tensor, *, positions: Tensor | None = None, key_mask: Tensor | None = None,

@@ -92,12 +92,25 @@ def test_left_pad_puts_padding_on_the_left():
     assert mask.tolist() == [[True, True, True], [False, False, True]]
 
 
-def test_decode_params_unties_the_head_as_a_contiguous_copy_without_touching_params():
+_NATIVE = pytest.mark.parametrize("native", [
+    pytest.param(True, marks=pytest.mark.skipif(not gpt2fn.native.available(), reason=gpt2fn.native.status())),
+    False], ids=["panels", "views"])
+
+
+@_NATIVE
+def test_decode_params_unties_the_head_as_a_contiguous_copy_without_touching_params(native):
+    from gpt2fn.kernels import unpack
+
     params = init_params(preset("tiny"), seed=0)
-    fast = decode_params(params, threads=1)
+    fast = decode_params(params, threads=1, native=native)
     assert params.head is None and params.config.tie_head
     assert fast.head is not None and fast.head.is_contiguous() and not fast.config.tie_head
-    assert torch.equal(fast.head, params.tok_emb.T) and fast.tok_emb is params.tok_emb
+    vocab = params.config.vocab_size
+    head = unpack(fast.head, params.config.emb_dim)
+    if native:  # panels, padded with zero columns to a multiple of the panel width
+        assert fast.head.ndim == 3 and head.shape[1] % gpt2fn.kernels.panel_width(vocab, pad=True) == 0
+        assert not head[:, vocab:].any()
+    assert torch.equal(head[:, :vocab], params.tok_emb.T) and fast.tok_emb is params.tok_emb
     ids = _ids(0, 2, 9)
     torch.testing.assert_close(forward(fast, ids), forward(params, ids))
 
@@ -399,18 +412,22 @@ def test_bfloat16_params_generate_the_same_kind_of_output(sharp):
     assert out.shape == (2, 11) and out.dtype == torch.long and (out < 97).all()
 
 
-def test_the_decode_layout_is_a_value_made_afresh_and_reusable():
+@_NATIVE
+def test_the_decode_layout_is_a_value_made_afresh_and_reusable(native):
     from gpt2fn.kernels import unpack
 
     params = init_params(preset("tiny"), seed=0)
-    layout = decode_params(params, threads=2)
-    assert layout.blocks[0].mlp.w_fc.ndim == 3  # packed for two threads: a view of the same storage
-    assert layout.blocks[0].mlp.w_fc.data_ptr() == params.blocks[0].mlp.w_fc.data_ptr()
-    again = decode_params(layout, threads=2)  # applying it twice changes nothing
+    d, vocab = params.config.emb_dim, params.config.vocab_size
+    layout = decode_params(params, threads=2, native=native)
+    w_fc = layout.blocks[0].mlp.w_fc
+    assert w_fc.ndim == 3 and torch.equal(unpack(w_fc, d), params.blocks[0].mlp.w_fc)
+    # panels are a copy; split views (two threads) share the storage
+    assert (w_fc.data_ptr() == params.blocks[0].mlp.w_fc.data_ptr()) is (not native)
+    again = decode_params(layout, threads=2, native=native)  # applying it twice changes nothing
     assert again.head is layout.head and again.blocks[0].mlp.w_fc is layout.blocks[0].mlp.w_fc
     with torch.no_grad():
         params.tok_emb.mul_(2)  # no memory of earlier calls: a new layout follows the new weights
-    assert torch.equal(unpack(decode_params(params).head), params.tok_emb.T)
+    assert torch.equal(unpack(decode_params(params, native=native).head, d)[:, :vocab], params.tok_emb.T)
     half = gpt2fn.tree_to(params, dtype=torch.bfloat16)
     assert decode_params(half).head is None  # bf16 reads the tied orientation as fast: no copy
     ids = _ids(1, 2, 5)

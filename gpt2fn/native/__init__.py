@@ -1,0 +1,132 @@
+"""gpt2fn's one native kernel: `panel_affine.cpp`, built on first use with the machine's C++ compiler.
+
+Why a kernel of our own: torch's CPU products of 2..64 rows (MKL's small GEMMs) run far below the memory
+bandwidth on the CPUs gpt2fn is built on, and decoding a batch is exactly such products (issue 13; the figures are
+in docs/performance.md). `panel_affine.cpp` streams a weight laid out in column panels and keeps a block of rows x
+one panel in vector registers.
+
+How it is built: the source ships in the package; the first call compiles it with `$CXX` (default `c++`),
+`-O3 -march=native -fopenmp`, into the user cache (`$XDG_CACHE_HOME/gpt2fn/native/<key>/`, default
+`~/.cache/gpt2fn`), keyed by the source, the flags, the compiler's version and the CPU's flags, so a machine never
+loads a build made for another. The build is one compiler call (a few seconds, no torch headers, no ninja) and
+is written atomically, so concurrent processes are safe. It is loaded with ctypes; its OpenMP threads are the
+libgomp that torch itself loaded (torch's own thread pool).
+
+When it is not used: `GPT2FN_NATIVE=0` turns it off; with no compiler, a failed build, or a platform without
+OpenMP, `status()` says why and every caller takes its torch path. Nothing is ever required from it.
+"""
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
+__all__ = ["library", "available", "status", "panel_widths", "vector_width"]
+
+_SOURCE = Path(__file__).with_name("panel_affine.cpp")
+_FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-fPIC", "-shared", "-std=c++17")
+_ENV = "GPT2FN_NATIVE"
+_status = "not loaded yet"
+
+
+def _cache_dir() -> Path:
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return root / "gpt2fn" / "native"
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.startswith(("flags", "Features")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _compiler() -> str | None:
+    want = os.environ.get("CXX") or "c++"
+    return shutil.which(want) or (None if os.environ.get("CXX") else shutil.which("g++"))
+
+
+def _build(cxx: str) -> Path:
+    """Compile the kernel for this machine (or find the build already made) and return its path."""
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
+    source = _SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, " ".join(_FLAGS).encode(), version.encode(),
+                                     platform.machine().encode(), _cpu_flags().encode()])).hexdigest()[:16]
+    out = _cache_dir() / key / "libgpt2fn_panel_affine.so"
+    if out.exists():
+        return out
+    from ..files import atomic_write_path
+
+    def compile_to(tmp: Path) -> None:
+        done = subprocess.run([cxx, *_FLAGS, "-o", str(tmp), str(_SOURCE)], capture_output=True, text=True,
+                              timeout=300)
+        if done.returncode != 0:
+            raise RuntimeError(f"{cxx} failed: {done.stderr.strip()[-400:]}")
+
+    return atomic_write_path(out, compile_to)
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel library, or None (then `status()` says why). Built on the first call of a process."""
+    global _status
+    if os.environ.get(_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+        _status = f"off: {_ENV}={os.environ[_ENV]}"
+        return None
+    cxx = _compiler()
+    if cxx is None:
+        _status = "off: no C++ compiler found (set CXX, or install g++ or clang++)"
+        return None
+    import torch  # noqa: F401  -- torch's libgomp must be loaded first, so the kernel shares its threads
+
+    try:
+        path = _build(cxx)
+        lib = ctypes.CDLL(str(path))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        _status = f"off: the build failed ({type(e).__name__}: {e})"
+        return None
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.gpt2fn_panel_affine.restype = ctypes.c_int
+    lib.gpt2fn_panel_affine.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, ptr, ptr, i64, ctypes.c_int]
+    lib.gpt2fn_vector_width.restype = ctypes.c_int
+    lib.gpt2fn_panel_widths.restype = ctypes.c_int
+    lib.gpt2fn_panel_widths.argtypes = [ctypes.POINTER(ctypes.c_int)]
+    _status = f"on: {path} ({lib.gpt2fn_vector_width()} floats per vector)"
+    return lib
+
+
+def available() -> bool:
+    """Whether the native kernel is built and loaded in this process."""
+    return library() is not None
+
+
+def status() -> str:
+    """`on: <path> (...)`, or `off: <why>`."""
+    library()
+    return _status
+
+
+@functools.cache
+def vector_width() -> int:
+    """Floats per vector register in this build (16 with AVX-512, 8 with AVX2)."""
+    lib = library()
+    return 0 if lib is None else int(lib.gpt2fn_vector_width())
+
+
+@functools.cache
+def panel_widths() -> tuple[int, ...]:
+    """The panel widths this build computes, fastest first (empty without the kernel)."""
+    lib = library()
+    if lib is None:
+        return ()
+    buf = (ctypes.c_int * 8)()
+    n = lib.gpt2fn_panel_widths(buf)
+    return tuple(int(buf[i]) for i in range(n))
