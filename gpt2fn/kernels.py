@@ -141,21 +141,60 @@ def unpack(w: Tensor, d_in: int | None = None) -> Tensor:
     return w.as_strided((mid, _out_width(w)), (w.stride(1), 1))
 
 
-def native_applies(x: Tensor, w: Tensor, b: Tensor | None) -> bool:
-    """Whether a panel product may call the native kernel: plain fp32 CPU tensors, eager, nothing to
-    differentiate, no `torch.func` transform wrapping them, and the kernel built."""
+@torch.compiler.assume_constant_result
+def _native_vector_width() -> int:
+    """Floats per vector of the native build, 0 without it (a constant to torch.compile: it runs once, eagerly)."""
+    return native.vector_width() if native.available() else 0
+
+
+def _eligible(x: Tensor, w: Tensor, b: Tensor | None) -> bool:
+    """fp32 CPU tensors with nothing to differentiate, and panels of a width the kernel computes."""
     tensors = (x, w) if b is None else (x, w, b)
-    if torch.compiler.is_compiling() or not native.available():
+    vl = _native_vector_width()
+    if not vl:
         return False
     for t in tensors:
-        if type(t) is not Tensor or t.device.type != "cpu" or t.dtype != torch.float32:
-            return False
-        if torch._C._functorch.is_functorch_wrapped_tensor(t):
+        if t.device.type != "cpu" or t.dtype != torch.float32:
             return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
-    width, vl = w.shape[-1], native.vector_width()
+    width = w.shape[-1]
     return w.is_contiguous() and (b is None or b.is_contiguous()) and width % vl == 0 and width <= 4 * vl
+
+
+def native_applies(x: Tensor, w: Tensor, b: Tensor | None) -> bool:
+    """Whether an eager panel product calls the native kernel directly: plain fp32 CPU tensors, nothing to
+    differentiate, no `torch.func` transform wrapping them, not tracing, and the kernel built."""
+    if torch.compiler.is_compiling():
+        return False
+    tensors = [t for t in (x, w, b) if t is not None]
+    if any(type(t) is not Tensor or torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):
+        return False
+    return _eligible(x, w, b)
+
+
+def _native_product(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """The native kernel: `x` `[rows, in]` (contiguous) times panels `w`, plus `b` -> `[rows, P * SW]`."""
+    parts, d_in, width = w.shape
+    rows, d_out = x.shape[0], parts * width
+    y = torch.empty(rows, d_out, dtype=x.dtype)
+    lib = native.library()
+    assert lib is not None
+    lib.gpt2fn_panel_affine(x.data_ptr(), rows, d_in, d_in, w.data_ptr(), parts, width,
+                            None if b is None else b.data_ptr(), y.data_ptr(), d_out, torch.get_num_threads())
+    return y
+
+
+@torch.library.custom_op("gpt2fn::panel_affine", mutates_args=())
+def _panel_affine_op(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """The native kernel as a torch operator, so a compiled graph (`torch.compile` of the decode step) calls it as
+    one opaque node instead of lowering the product to inductor's own GEMM."""
+    return _native_product(x.contiguous(), w, b)
+
+
+@_panel_affine_op.register_fake
+def _(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    return x.new_empty(x.shape[0], w.shape[0] * w.shape[2])
 
 
 def _panel_affine(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
@@ -165,13 +204,9 @@ def _panel_affine(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
         raise ValueError(f"bias of {b.shape[-1]} entries for a panel layout of {d_out} columns ({parts} x {width})")
     rows = math.prod(x.shape[:-1])
     if rows and native_applies(x, w, b):
-        x2 = x.reshape(rows, d_in).contiguous()
-        y = torch.empty(rows, d_out, dtype=x.dtype)
-        lib = native.library()
-        assert lib is not None
-        lib.gpt2fn_panel_affine(x2.data_ptr(), rows, d_in, d_in, w.data_ptr(), parts, width,
-                                None if b is None else b.data_ptr(), y.data_ptr(), d_out, torch.get_num_threads())
-        return y.view(*x.shape[:-1], d_out)
+        return _native_product(x.reshape(rows, d_in).contiguous(), w, b).view(*x.shape[:-1], d_out)
+    if rows and torch.compiler.is_compiling() and _eligible(x, w, b):
+        return torch.ops.gpt2fn.panel_affine(x.reshape(rows, d_in), w, b).view(*x.shape[:-1], d_out)
     y = torch.matmul(x.reshape(1, rows, d_in), w).transpose(0, 1).reshape(rows, d_out)  # [P, rows, SW] -> rows
     if b is not None:
         y = y + b

@@ -48,6 +48,7 @@ WORKLOADS = ("limits", "decode", "beam", "prefill", "checks", "train", "load", "
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 GPT2FN, HF, SEED = "gpt2fn", "transformers", "seed loop (no cache)"
 COMPILED = "gpt2fn compile=True"
+VIEWS = "gpt2fn native=False"  # the split views the native kernel replaces (no copy of the weights)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -207,7 +208,7 @@ def seed_decoder(model: torch.nn.Module, ctx: int) -> Callable[[torch.Tensor, in
 
 def bench_decode(params: GPTParams, *, batch: int, prompt_len: int = 16, new_tokens: int = 128,
                  repeats: int = 3, ttft_repeats: int = 5, with_seed: bool = False, with_hf: bool = True,
-                 with_compiled: bool = False) -> list[Result]:
+                 with_compiled: bool = False, with_views: bool = False) -> list[Result]:
     """Greedy decoding of `new_tokens` after a `prompt_len` prompt: new tokens/s (all rows of the batch, prefill
     included) and time to first token, each contender on the same weights and prompt."""
     device, dtype = params.device, params.dtype
@@ -220,6 +221,9 @@ def bench_decode(params: GPTParams, *, batch: int, prompt_len: int = 16, new_tok
         decoders[HF] = hf_decoder(peers.hf_from_params(params))
     if with_seed:
         decoders[SEED] = seed_decoder(peers.seed_from_params(params), params.config.context_length)
+    if with_views and gpt2fn.native.available() and device.type == "cpu" and dtype == torch.float32:
+        views = gpt2fn.decode_params(params, batch=batch, native=False)  # what decoding was without the kernel
+        decoders[VIEWS] = lambda ids, new: gpt2fn.generate_tokens(views, ids, max_new_tokens=new, eos=False)
     if with_compiled:  # the same steps through torch.compile (one graph per batch and capacity)
         layout = gpt2fn.decode_params(params, batch=batch)
         decoders[COMPILED] = lambda ids, new: gpt2fn.generate_tokens(layout, ids, max_new_tokens=new, eos=False,
@@ -726,7 +730,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     info = {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
             "python": platform.python_version(), "device": str(device),
-            "shape_checks_default": gpt2fn.checks_enabled(),
+            "shape_checks_default": gpt2fn.checks_enabled(), "native_kernel": gpt2fn.native.status(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     with contextlib.suppress(ImportError):
         import transformers  # noqa: PLC0415
@@ -850,6 +854,7 @@ class Plan:
     train_batch: int = 8
     repeats: int = 3
     compiled: bool = True
+    views: bool = True
     limit_mb: int = 1024
     gemm_n: int = 2048
 
@@ -868,6 +873,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=None, help="decoded tokens (default 128, --quick 16)")
     p.add_argument("--batches", default=None, help="decode batch sizes, comma separated (default 1,2,4,8,16,32)")
     p.add_argument("--dtypes", default=None, help="decode dtypes of fp32,bf16 (default both)")
+    p.add_argument("--no-views", action="store_true",
+                   help="skip the decode contender on the split views (gpt2fn native=False)")
     p.add_argument("--no-compiled", action="store_true",
                    help="skip the torch.compile decode rows (they compile for tens of seconds first)")
     p.add_argument("--preset", default="gpt2", help="model for decode/prefill/checks/load (default gpt2, 124M)")
@@ -887,6 +894,7 @@ def plan_from(args: argparse.Namespace) -> Plan:
         plan.repeats, plan.new_tokens, plan.prefill_len, plan.limit_mb, plan.gemm_n = 2, 16, 256, 256, 1024
     plan.repeats = args.repeats or plan.repeats
     plan.compiled = not (args.no_compiled or args.quick)
+    plan.views = not (args.no_views or args.quick)
     plan.new_tokens = args.new_tokens or plan.new_tokens
     if args.batches:
         plan.batches = tuple(int(b) for b in args.batches.split(","))
@@ -928,7 +936,8 @@ def run(plan: Plan, device: torch.device) -> tuple[list[Result], list[str]]:
                 with _stage(f"decode {dt} b{b}"):
                     results += bench_decode(p, batch=b, prompt_len=plan.prompt_len, new_tokens=plan.new_tokens,
                                             repeats=plan.repeats, with_seed=(dt == "fp32" and b == 1),
-                                            with_compiled=plan.compiled and b in (1, 8))
+                                            with_compiled=plan.compiled and b in (1, 8),
+                                            with_views=plan.views)
             del p
     if "beam" in plan.only:
         with _stage("beam fp32 k4"):
