@@ -26,9 +26,11 @@ from gpt2fn import (
 from gpt2fn.generate import left_pad
 
 
-@pytest.fixture(scope="module")
-def params():
-    return init_params(preset("tiny"), seed=0)
+@pytest.fixture(scope="module", params=[24, 48], ids=["d24", "d48"])
+def params(request):
+    """The tiny model (its block widths 24/72/96 are no panel width's multiple: split views, panels for the padded
+    head) and one of width 48 (48/144/192: every matrix as panels for the native kernel)."""
+    return init_params(preset("tiny").replace(emb_dim=request.param), seed=0)
 
 
 def _ids(seed: int, batch: int, seq: int, vocab: int = 97) -> torch.Tensor:
@@ -165,6 +167,7 @@ VARIANTS = {
     "tied, biases": dict(),
     "untied, no biases": dict(tie_head=False, bias=False, qkv_bias=False),
     "qkv bias only": dict(bias=False, qkv_bias=True, tie_head=False),
+    "panel widths": dict(emb_dim=48),
 }
 
 
