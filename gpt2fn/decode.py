@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .cache import KVCache
 from .kernels import pack
-from .layers import Tap, _tap, block, layer_norm, linear
+from .layers import Tap, _norm, _tap, block, linear
 from .model import _check_ids
 from .params import GPTParams, head_matrix
 from .shapes import check_record, checked
@@ -85,7 +85,7 @@ def decode_step(params: GPTParams, cache: KVCache, ids: Int[Tensor, "batch seq"]
         values.append(v)
     if last_only:
         x = x[:, -1:]
-    x = _tap(tap, "final_norm", layer_norm(params.final_norm, x, eps=cfg.ln_eps))
+    x = _tap(tap, "final_norm", _norm(params.final_norm, x, cfg.ln_eps, tap, "final_norm"))
     logits = _tap(tap, "logits", linear(x, head_matrix(params), None))
     new = KVCache(tuple(keys), tuple(values), valid, cache.length + seq, cache.positions + real.sum(-1))
     if donate:
