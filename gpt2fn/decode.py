@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .cache import KVCache
 from .kernels import layout_kind, pack
-from .layers import Tap, _tap, block, layer_norm, linear
+from .layers import Tap, _norm, _tap, block
 from .model import _check_ids, unembed
 from .params import GPTParams
 from .shapes import check_record, checked
@@ -86,7 +86,7 @@ def decode_step(params: GPTParams, cache: KVCache, ids: Int[Tensor, "batch seq"]
         values.append(v)
     if last_only:
         x = x[:, -1:]
-    x = _tap(tap, "final_norm", layer_norm(params.final_norm, x, eps=cfg.ln_eps))
+    x = _tap(tap, "final_norm", _norm(params.final_norm, x, cfg.ln_eps, tap, "final_norm"))
     logits = _tap(tap, "logits", unembed(params, x))
     new = KVCache(tuple(keys), tuple(values), valid, cache.length + seq, cache.positions + real.sum(-1))
     if donate:

@@ -26,7 +26,6 @@ only strided one.
 """
 
 import math
-
 from typing import Literal
 
 import torch

@@ -10,6 +10,8 @@ Every function here reads only its arguments and returns new tensors. Two option
   return the value unchanged (capture) or a replacement (intervention). Without it nothing extra is computed.
   A tap may also have a method `wants(site) -> bool`; attention then takes the explicit path (which makes the
   `scores` and `pattern` sites exist) only when the tap wants one of them, and stays on fused SDPA otherwise.
+  Likewise the per-head inputs `attn.q_input/k_input/v_input`, the layer-norm parts `*.scale`/`*.normalized` and
+  the per-head `attn.result` are computed only when wanted.
 """
 
 import math
@@ -154,6 +156,28 @@ def _qkv(p: AttentionParams, x: Tensor, n_heads: int) -> tuple[Tensor, Tensor, T
     return q, k, v
 
 
+def _head_inputs(x: Tensor, n_heads: int, tap: Tap, site: str) -> tuple[Tensor | None, ...]:
+    """The sites `{site}.q_input/k_input/v_input`: the residual stream entering the block as each head's queries
+    (keys, values) read it, `[batch heads seq d_model]` (TransformerLens's `hook_q_input` with split qkv input, but
+    heads on axis 1 as in `attn.q`). In GPT-2 every head reads the same stream, so the value is a broadcast view of
+    `x`. Returns the edited inputs, None where the tap returned the view unchanged."""
+    b, s, d = x.shape
+    shared = x[:, None].expand(b, n_heads, s, d)
+    edited = [_tap(tap, f"{site}.{n}_input", shared) for n in "qkv"]
+    return tuple(None if e is shared else e for e in edited)
+
+
+def _head_shift(p: LayerNormParams, x: Tensor, edited: tuple[Tensor | None, ...], eps: float
+                ) -> tuple[Tensor | None, ...]:
+    """How much each head's normalised input moves under edits of its q/k/v input: `ln1(x') - ln1(x)` per head,
+    `[batch heads seq d_model]`. Rows of an unedited head are the same numbers through the same kernel, so their
+    shift is exactly 0 and their projections keep their bits; gradients flow through every row (no masking)."""
+    if all(e is None for e in edited):
+        return edited
+    base = layer_norm(p, x, eps=eps)[:, None]
+    return tuple(None if e is None else layer_norm(p, e, eps=eps) - base for e in edited)
+
+
 def write_slots(buf: Tensor, slots: Tensor, new: Tensor, *, donate: bool) -> Tensor:
     """`buf` `[batch, heads, capacity, head_dim]` with `new` written at `slots` `[seq]` (along the capacity axis):
     a new tensor, or `buf` itself updated in place when the caller donates it (see `gpt2fn.cache`)."""
@@ -165,17 +189,26 @@ def attention(p: AttentionParams, x: Float[Tensor, "batch seq d_model"], *, n_he
               key_mask: Bool[Tensor, "batch kv_seq"] | None = None, drop_rate: float = 0.0,
               generator: torch.Generator | None = None, tap: Tap | None = None, site: str = "attn",
               kv: tuple[Tensor, Tensor] | None = None, slots: Tensor | None = None,
-              mask: Bool[Tensor, "batch 1 seq kv_seq"] | None = None, donate: bool = False
+              mask: Bool[Tensor, "batch 1 seq kv_seq"] | None = None, donate: bool = False,
+              head_shift: tuple[Tensor | None, Tensor | None, Tensor | None] | None = None
               ) -> Hidden | tuple[Hidden, tuple[Tensor, Tensor]]:
     """Causal multi-head self-attention: project to q, k, v; attend over the past (and the cache); project out.
 
     `key_mask`: which keys are real tokens (left padding). Uses fused SDPA unless dropout or a tap needs the
     explicit pattern. Decoding (`gpt2fn.decode`) passes this layer's cache buffers `kv`, the `slots` `[seq]` where
     `x`'s positions go and the `mask` of keys each query sees; it then returns `(out, (keys, values))`, the buffers
-    with the new slots written (in place only when `donate`).
+    with the new slots written (in place only when `donate`). `head_shift` (from `block`, for edits of its
+    `attn.q_input/k_input/v_input`): per-head changes `[batch heads seq d_model]` of the normalised input the
+    queries, keys, values read (None: unchanged); each goes through its own head's columns of `w_qkv` only.
     """
     check_record(p, site)
     q, k, v = _qkv(p, x, n_heads)
+    if head_shift is not None:  # x' W + b = (x W + b) + (x' - x) W, head by head: other heads keep their bits
+        d = x.shape[-1]
+        w = unpack(p.w_qkv)
+        q, k, v = (t if dx is None else t + torch.einsum(
+            "bhsm,hme->bhse", dx, rearrange(w[:, i * d:(i + 1) * d], "m (h e) -> h m e", h=n_heads))
+            for i, (t, dx) in enumerate(zip((q, k, v), head_shift, strict=True)))
     q, k, v = (_tap(tap, f"{site}.{n}", t) for n, t in (("q", q), ("k", k), ("v", v)))
     if kv is not None:
         if slots is None or mask is None:
@@ -233,9 +266,13 @@ def block(p: BlockParams, x: Float[Tensor, "batch seq d_model"], *, config: GPTC
     With cache buffers `kv` (decoding, see `attention`) it returns `(x, (keys, values))`."""
     site, rate = f"blocks.{layer}", config.drop_rate
     x = _tap(tap, f"{site}.resid_pre", x)
+    edited = None
+    if tap is not None and any(_wants(tap, f"{site}.attn.{n}_input") for n in "qkv"):
+        edited = _head_inputs(x, config.n_heads, tap, f"{site}.attn")
     h = _tap(tap, f"{site}.ln1", _norm(p.norm1, x, config.ln_eps, tap, f"{site}.ln1"))
     a = attention(p.attn, h, n_heads=config.n_heads, key_mask=key_mask, drop_rate=rate, generator=generator,
-                  tap=tap, site=f"{site}.attn", kv=kv, slots=slots, mask=mask, donate=donate)
+                  tap=tap, site=f"{site}.attn", kv=kv, slots=slots, mask=mask, donate=donate,
+                  head_shift=None if edited is None else _head_shift(p.norm1, x, edited, config.ln_eps))
     if kv is not None:
         a, kv = a
     x = _tap(tap, f"{site}.resid_mid", x + dropout(a, rate, generator))

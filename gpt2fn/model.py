@@ -1,8 +1,16 @@
 """The whole model: token ids -> embeddings -> blocks -> final layer norm -> logits, and the language-model loss.
 
 Site names passed to a `tap` (see `gpt2fn.layers`): `embed.tok`, `embed.pos`, `embed`, then per layer `blocks.{i}.*`
-(`resid_pre, ln1, attn.q, attn.k, attn.v, attn.scores, attn.pattern, attn.z, attn.out, resid_mid, ln2, mlp.pre,
-mlp.post, mlp.out, resid_post`), then `final_norm` and `logits`.
+(`resid_pre, attn.q_input/k_input/v_input, ln1, attn.q, attn.k, attn.v, attn.scores, attn.pattern, attn.z,
+attn.out, resid_mid, ln2, mlp.pre, mlp.post, mlp.out, resid_post`, and the norms' `.scale`/`.normalized`), then
+`final_norm.scale`, `final_norm.normalized`, `final_norm` and `logits` (full table: `gpt2fn.study`).
+
+`forward(..., start_at_layer=L, stop_at_layer=M)` runs part of the model, as TransformerLens's `forward` does: the
+input is then the residual stream entering block L (`blocks.{L}.resid_pre`) instead of ids, and the output the
+residual stream entering block M (after block M-1, before the final norm) instead of logits. Keywords of `forward`
+rather than a separate function because it is the same computation (the same loop, the same tap) and because
+`forward_with`, `run_with_capture` and `site_grads` pass `forward`'s keywords on: captures, edits and gradients
+work on a partial run with no second entry point.
 """
 
 import torch
@@ -12,7 +20,7 @@ from torch import Tensor
 
 from .cache import KVCache
 from .config import GPTConfig
-from .layers import Tap, _tap, block, dropout, layer_norm, linear
+from .layers import Tap, _norm, _tap, block, dropout, linear
 from .losses import head_cross_entropy
 from .params import GPTParams, head_matrix
 from .shapes import check_record, checked
@@ -46,8 +54,9 @@ def _check_ids(params: GPTParams, ids: Tensor, start: int) -> None:
         raise TypeError(f"ids must be a torch.Tensor of token ids [batch, seq]; got {type(ids).__name__}. "
                         "Use torch.tensor(ids) (or gpt2fn.encode(text) for text).")
     if ids.ndim != 2:
-        raise ValueError(f"ids must be [batch, seq] token ids; got shape {list(ids.shape)}. "
-                         "For a single sequence pass ids[None].")
+        hint = (" A residual stream [batch, seq, d_model] is the input of forward(..., start_at_layer=L)."
+                if ids.ndim == 3 and ids.dtype.is_floating_point else " For a single sequence pass ids[None].")
+        raise ValueError(f"ids must be [batch, seq] token ids; got shape {list(ids.shape)}.{hint}")
     if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
         raise ValueError(f"ids must be an integer tensor of token ids; got dtype {ids.dtype}. Use ids.long().")
     if ids.shape[1] == 0:
@@ -108,10 +117,13 @@ def _check_targets(params: GPTParams, ids: Tensor, targets: Tensor, ignore_index
 
 
 @checked
-def forward(params: GPTParams, ids: Int[Tensor, "batch seq"], *, cache: KVCache | None = None,
-            positions: Int[Tensor, "batch seq"] | None = None, pad_mask: Bool[Tensor, "batch seq"] | None = None,
-            generator: torch.Generator | int | None = None, tap: Tap | None = None, last_only: bool = False
-            ) -> Float[Tensor, "batch _seq vocab"] | tuple[Float[Tensor, "batch _seq vocab"], KVCache]:
+def forward(params: GPTParams, ids: Int[Tensor, "batch seq"] | Float[Tensor, "batch seq d_model"], *,
+            cache: KVCache | None = None, positions: Int[Tensor, "batch seq"] | None = None,
+            pad_mask: Bool[Tensor, "batch seq"] | None = None, generator: torch.Generator | int | None = None,
+            tap: Tap | None = None, last_only: bool = False, start_at_layer: int | None = None,
+            stop_at_layer: int | None = None
+            ) -> (Float[Tensor, "batch _seq vocab"] | tuple[Float[Tensor, "batch _seq vocab"], KVCache]
+                  | Float[Tensor, "batch seq d_model"]):
     """GPT-2: logits[b, t] = unembed(ln_f(blocks(tok_emb[ids] + pos_emb[positions])))[b, t].
 
     - `cache`: decode incrementally; returns `(logits, cache')` instead of logits, through the pure
@@ -120,18 +132,40 @@ def forward(params: GPTParams, ids: Int[Tensor, "batch seq"], *, cache: KVCache 
       given without `positions`, positions are counted from the mask (cache included).
     - `generator` (or an int seed): turns dropout on with `config.drop_rate`. None: deterministic inference.
     - `last_only`: compute logits for the last position only (`[batch, 1, vocab]`), as generation needs.
+    - `start_at_layer=L` (0..n_layers, or -n_layers..-1): the input is not ids but the residual stream entering
+      block L, `[batch, seq, d_model]` (what `stop_at_layer=L` returns, or a captured `blocks.{L}.resid_pre`);
+      the embedding and the blocks before L are skipped. `pad_mask` still hides padded keys.
+    - `stop_at_layer=M` (0..n_layers, or -n_layers..-1; M >= L): return the residual stream entering block M,
+      `[batch, seq, d_model]`, i.e. `blocks.{M}.resid_pre` (the residual after the last block when M = n_layers),
+      without the final norm and the unembedding. TransformerLens's semantics: exclusive, negative counts from
+      the end. Splitting a forward at L and feeding the first part's output to the second gives its logits.
+
+    The part run still threads `tap`, so `forward_with(params, x, start_at_layer=L, capture=..., edit=...)`
+    captures and edits the sites inside it. Partial runs do not decode: with `cache` both must be None.
     """
     if cache is not None:  # incremental decoding: the pure step (gpt2fn.decode), out of place
+        if start_at_layer is not None or stop_at_layer is not None:
+            raise ValueError("start_at_layer/stop_at_layer run part of a full forward; they do not combine with "
+                             "cache= (decoding runs every layer)")
         from .decode import decode_step
 
         return decode_step(params, cache, ids, pad_mask=pad_mask, tap=tap, last_only=last_only,
                            positions=positions)
-    _check_ids(params, ids, 0)
+    start, stop = _layer_span(params.config, start_at_layer, stop_at_layer)
+    if start is None:
+        _check_ids(params, ids, 0)
+    else:
+        _check_resid(params, ids, start_at_layer, positions)
+    if stop is not None and last_only:
+        raise ValueError("last_only selects the last position's logits; with stop_at_layer no logits are made. "
+                         "Slice the returned residual stream instead: forward(...)[:, -1:]")
     check_record(params, "params")
-    if pad_mask is not None and positions is None:
+    if pad_mask is not None and positions is None and start is None:
         positions = positions_from_mask(pad_mask)
     x = _features(params, ids, positions=positions, key_mask=pad_mask, generator=as_generator(generator, ids.device),
-                  tap=tap, last_only=last_only)
+                  tap=tap, last_only=last_only, start=start, stop=stop)
+    if stop is not None:
+        return x
     return _tap(tap, "logits", unembed(params, x))
 
 
@@ -143,20 +177,66 @@ def unembed(params: GPTParams, x: Float[Tensor, "*batch d_model"]) -> Float[Tens
     return logits if logits.shape[-1] == vocab else logits[..., :vocab]
 
 
+def _layer_span(cfg: GPTConfig, start: int | None, stop: int | None) -> tuple[int | None, int | None]:
+    """`start_at_layer`/`stop_at_layer` as block indices in 0..n_layers (negative ones counted from the end), or a
+    ValueError naming the argument and the valid range."""
+    n = cfg.n_layers
+    span: list[int | None] = []
+    for name, value in (("start_at_layer", start), ("stop_at_layer", stop)):
+        if value is None:
+            span.append(None)
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or not -n <= value <= n:
+            raise ValueError(f"{name} must be None or an int in 0..{n} (or -{n}..-1, counted from the end) for "
+                             f"this model's {n} layers; got {value!r}")
+        span.append(value + n if value < 0 else value)
+    if span[0] is not None and span[1] is not None and span[0] > span[1]:
+        raise ValueError(f"start_at_layer={start} (block {span[0]}) comes after stop_at_layer={stop} (block "
+                         f"{span[1]}); the part run is blocks start..stop-1, so start_at_layer <= stop_at_layer")
+    return span[0], span[1]
+
+
+def _check_resid(params: GPTParams, x: Tensor, start_at_layer: int, positions: Tensor | None) -> None:
+    """The input of a forward with `start_at_layer`: a float residual stream `[batch, seq, d_model]`."""
+    d = params.config.emb_dim
+    what = f"with start_at_layer={start_at_layer} the input is the residual stream entering that block"
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{what}, a torch.Tensor [batch, seq, {d}]; got {type(x).__name__}")
+    if not x.dtype.is_floating_point:
+        raise ValueError(f"{what}, a float tensor [batch, seq, {d}]; got {x.dtype} of shape {list(x.shape)} "
+                         f"(token ids?). Make it with forward(params, ids, stop_at_layer={start_at_layer}), or drop "
+                         "start_at_layer to run from ids")
+    if x.ndim != 3 or x.shape[-1] != d or x.shape[1] == 0:
+        raise ValueError(f"{what}, [batch, seq, d_model={d}] with seq >= 1; got shape {list(x.shape)}. For a "
+                         "single sequence pass x[None]")
+    if positions is not None:
+        raise ValueError("positions place the embedding; with start_at_layer the residual stream already holds "
+                         "them: drop positions=")
+
+
 def _features(params: GPTParams, ids: Tensor, *, positions: Tensor | None = None, key_mask: Tensor | None = None,
-              generator: torch.Generator | None = None, tap: Tap | None = None, last_only: bool = False) -> Tensor:
-    """Everything before the unembedding: embeddings -> blocks -> final layer norm, `[batch, seq, d_model]`."""
+              generator: torch.Generator | None = None, tap: Tap | None = None, last_only: bool = False,
+              start: int | None = None, stop: int | None = None) -> Tensor:
+    """Everything before the unembedding: embeddings -> blocks -> final layer norm, `[batch, seq, d_model]`.
+    With `start` the input is the residual stream entering block `start` (no embedding); with `stop` the result
+    is the residual stream entering block `stop` (no final norm)."""
     cfg = params.config
-    # F.embedding, not tok_emb[ids]: the backward of advanced indexing (index_put_ with accumulate) adds repeated
-    # ids with parallel atomic float adds on CPU, so with 2+ threads the gradient's rounding varied run to run
-    tok = _tap(tap, "embed.tok", F.embedding(ids, params.tok_emb))
-    pos = _tap(tap, "embed.pos", params.pos_emb[:ids.shape[1]] if positions is None else params.pos_emb[positions])
-    x = _tap(tap, "embed", dropout(tok + pos, cfg.drop_rate, generator))
-    for i, bp in enumerate(params.blocks):
-        x = block(bp, x, config=cfg, layer=i, key_mask=key_mask, generator=generator, tap=tap)
+    if start is None:
+        # F.embedding, not tok_emb[ids]: the backward of advanced indexing (index_put_ with accumulate) adds
+        # repeated ids with parallel atomic float adds on CPU, so with 2+ threads the gradient's rounding varied
+        # run to run
+        tok = _tap(tap, "embed.tok", F.embedding(ids, params.tok_emb))
+        pos = _tap(tap, "embed.pos", params.pos_emb[:ids.shape[1]] if positions is None else params.pos_emb[positions])
+        x = _tap(tap, "embed", dropout(tok + pos, cfg.drop_rate, generator))
+    else:
+        x = ids
+    for i in range(start or 0, cfg.n_layers if stop is None else stop):
+        x = block(params.blocks[i], x, config=cfg, layer=i, key_mask=key_mask, generator=generator, tap=tap)
+    if stop is not None:
+        return x
     if last_only:
         x = x[:, -1:]
-    return _tap(tap, "final_norm", layer_norm(params.final_norm, x, eps=cfg.ln_eps))
+    return _tap(tap, "final_norm", _norm(params.final_norm, x, cfg.ln_eps, tap, "final_norm"))
 
 
 @checked

@@ -18,6 +18,7 @@ Sites (`{i}` is the layer, 0-based; axis names from `gpt2fn.shapes`; a request m
 | `embed.pos`               | (batch) seq d_model           | position embeddings (no batch axis by default)       |
 | `embed`                   | batch seq d_model             | their sum: the residual stream entering block 0      |
 | `blocks.{i}.resid_pre`    | batch seq d_model             | residual stream entering block i                     |
+| `blocks.{i}.attn.q_input` | batch heads seq d_model       | resid_pre as each head's q reads it (`k/v_input`)    |
 | `blocks.{i}.ln1.scale`    | batch seq 1                   | sqrt(var + eps) of ln1's input (also `ln2.scale`)   |
 | `blocks.{i}.ln1.normalized` | batch seq d_model           | (x - mean) / scale, before the affine (also `ln2`)   |
 | `blocks.{i}.ln1`          | batch seq d_model             | first layer norm's output (attention input)          |
@@ -33,15 +34,25 @@ Sites (`{i}` is the layer, 0-based; axis names from `gpt2fn.shapes`; a request m
 | `blocks.{i}.mlp.post`     | batch seq d_mlp               | after GELU                                           |
 | `blocks.{i}.mlp.out`      | batch seq d_model             | MLP output after `w_proj`, `b_proj`                  |
 | `blocks.{i}.resid_post`   | batch seq d_model             | residual stream leaving block i                      |
+| `final_norm.scale`        | batch seq 1                   | sqrt(var + eps) of the last block's residual         |
+| `final_norm.normalized`   | batch seq d_model             | (x - mean) / scale, before the affine                |
 | `final_norm`              | batch seq d_model             | final layer norm's output                            |
 | `logits`                  | batch seq vocab               | the model's output                                   |
 
 Attention `scores`/`pattern` are computed only when captured or edited (the explicit attention path); any other
-capture keeps fused SDPA, so capturing changes no logits. An edit is `fn(value) -> value` of the same shape;
-a captured site holds the value after its edit.
+capture keeps fused SDPA, so capturing changes no logits. Likewise `attn.q_input/k_input/v_input`
+(TransformerLens's `hook_q_input` with split qkv input, with heads on axis 1 like `attn.q` so that `patch(...,
+heads=h)` applies): a broadcast view of `resid_pre` when only read; an edited head's input goes through ln1 on its
+own and through that head's columns of `w_qkv`, so only that head's queries (keys, values) change -- path patching
+into one head. An edit is `fn(value) -> value` of the same shape; a captured site holds the value after its edit.
 The positions (query) axis of every site is the second to last, except `attn.result` (axis 1).
 
 Views: `logit_lens`, `direct_logit_attribution`, `attention_patterns`, `save_attention_map` (PNG).
+Decomposition (`gpt2fn.study.decompose`, over `(params, acts)`; `run_for_decompose` captures what it reads):
+`accumulated_resid`, `decompose_resid` (embeddings, attention/MLP outputs, or heads/neurons; sums to the stream),
+`stack_head_results`, `stack_neuron_results`, `apply_ln_to_stack` (frozen-scale norm), `logit_attribution`,
+`decompose_logit` (direct logit attribution at any point and granularity, neurons chunked) -> `Components`.
+Part of a run: `forward_with(params, resid, start_at_layer=L, stop_at_layer=M, ...)` (see `gpt2fn.forward`).
 Transforms: `patching_sweep` (layers x positions as one batch on fused attention; its engine `batched_runs`),
 `site_grads` (`grad`/`jacrev` w.r.t. sites), `per_example_grads` / `per_example_grad_norms` (`vmap(grad)`).
 Circuits: `ov_circuit`, `qk_circuit`, `full_ov_circuit`, `full_qk_circuit` as `FactoredMatrix` values,
@@ -56,6 +67,18 @@ from .circuits import (
     full_qk_circuit,
     ov_circuit,
     qk_circuit,
+)
+from .decompose import (
+    DECOMPOSE_SITES,
+    Components,
+    accumulated_resid,
+    apply_ln_to_stack,
+    decompose_logit,
+    decompose_resid,
+    logit_attribution,
+    run_for_decompose,
+    stack_head_results,
+    stack_neuron_results,
 )
 from .factored import FactoredMatrix
 from .run import Edit, ablate_head, forward_with, patch, run_with_capture, steer
@@ -90,4 +113,6 @@ __all__ = [
     "HeadWeights", "attn_weights", "W_E", "W_pos", "W_U",
     "FactoredMatrix", "ov_circuit", "qk_circuit", "full_ov_circuit", "full_qk_circuit",
     "composition_scores", "composition_score",
+    "Components", "DECOMPOSE_SITES", "run_for_decompose", "accumulated_resid", "decompose_resid",
+    "stack_head_results", "stack_neuron_results", "apply_ln_to_stack", "logit_attribution", "decompose_logit",
 ]

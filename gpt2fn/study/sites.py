@@ -1,8 +1,9 @@
 """The activation sites of a GPT-2: their names, their axes, and `Activations`, the dict-like pytree of captures.
 
-A site name is `embed.tok`, `embed.pos`, `embed`, `blocks.{i}.<per-layer site>`, `final_norm` or `logits`; a request
-may also be a glob pattern (`blocks.*.attn.pattern`, `blocks.3.*`). The table of sites and axes is
-`SITE_DIMS` (and the docstring of `gpt2fn.study`).
+A site name is `embed.tok`, `embed.pos`, `embed`, `blocks.{i}.<per-layer site>`, `final_norm` (and its parts
+`final_norm.scale`, `final_norm.normalized`) or `logits`; a request may also be a glob pattern
+(`blocks.*.attn.pattern`, `blocks.3.*`). The table of sites and axes is `SITE_DIMS` (and the docstring of
+`gpt2fn.study`).
 """
 
 import difflib
@@ -23,6 +24,11 @@ SITE_DIMS: dict[str, str] = {
     "embed.pos": "*batch seq d_model",  # [seq d_model] unless explicit positions (or a pad mask) are given
     "embed": "batch seq d_model",
     "blocks.{i}.resid_pre": "batch seq d_model",
+    # the residual stream as each head's queries / keys / values read it, before ln1 (TransformerLens's hook_q_input
+    # with split qkv input; heads on axis 1 as in attn.q): an edit at one head changes only that head's q (k, v)
+    "blocks.{i}.attn.q_input": "batch heads seq d_model",
+    "blocks.{i}.attn.k_input": "batch heads seq d_model",
+    "blocks.{i}.attn.v_input": "batch heads seq d_model",
     "blocks.{i}.ln1.scale": "batch seq 1",  # sqrt(var + eps) of the residual entering ln1
     "blocks.{i}.ln1.normalized": "batch seq d_model",  # (x - mean) / scale, before the affine map
     "blocks.{i}.ln1": "batch seq d_model",
@@ -42,6 +48,8 @@ SITE_DIMS: dict[str, str] = {
     "blocks.{i}.mlp.post": "batch seq d_mlp",
     "blocks.{i}.mlp.out": "batch seq d_model",
     "blocks.{i}.resid_post": "batch seq d_model",
+    "final_norm.scale": "batch seq 1",  # sqrt(var + eps) of the residual after the last block
+    "final_norm.normalized": "batch seq d_model",  # (x - mean) / scale, before the affine map
     "final_norm": "batch seq d_model",
     "logits": "batch seq vocab",
 }
@@ -53,7 +61,8 @@ LAYER_SITES: tuple[str, ...] = tuple(k.removeprefix("blocks.{i}.") for k in SITE
 def site_names(config: GPTConfig) -> list[str]:
     """Every site of a model with this config, in the order a forward pass meets them."""
     per_layer = [f"blocks.{i}.{s}" for i in range(config.n_layers) for s in LAYER_SITES]
-    return ["embed.tok", "embed.pos", "embed", *per_layer, "final_norm", "logits"]
+    return ["embed.tok", "embed.pos", "embed", *per_layer, "final_norm.scale", "final_norm.normalized", "final_norm",
+            "logits"]
 
 
 def _template(site: str) -> str:

@@ -87,49 +87,23 @@ def direct_logit_attribution(params: GPTParams, ids: Int[Tensor, "batch seq"], g
     The residual stream before the final norm is a sum of those components; the norm is linear in it once its
     scale `1/std(x)` is frozen, so each component c contributes `((c - mean c) / std(x) * gamma) . (W_U[good] -
     W_U[bad])` and the final norm's shift `beta . (W_U[good] - W_U[bad])`. Head h of layer l writes
-    `z[h] @ w_out[h*head_dim:(h+1)*head_dim]` (the rows of `w_out` it reads).
+    `z[h] @ w_out[h*head_dim:(h+1)*head_dim]` (the rows of `w_out` it reads). This is
+    `gpt2fn.study.decompose_logit(..., heads=True, split_biases=True)` arranged by field; that function also
+    splits by neuron and reads intermediate layers.
     """
+    from .decompose import decompose_logit
+
     cfg = params.config
-    last = cfg.n_layers - 1
-    sites = ["embed.tok", "embed.pos", "blocks.*.attn.z", "blocks.*.mlp.out", f"blocks.{last}.resid_post"]
+    sites = ["embed.tok", "embed.pos", "blocks.*.attn.z", "blocks.*.mlp.out", "final_norm.scale"]
     _, acts = forward_with(params, ids, capture=sites, **forward_kwargs)
-    batch, d = ids.shape[0], cfg.emb_dim
-    unembed = head_matrix(params)
-
-    def column(t: int | Tensor) -> Tensor:
-        return unembed[:, t].expand(batch, d) if isinstance(t, int) else unembed[:, t.to(unembed.device)].T
-
-    direction = column(good) if bad is None else column(good) - column(bad)  # [batch d_model]
-    x = acts[f"blocks.{last}.resid_post"][:, position]
-    std = (x.var(-1, unbiased=False) + cfg.ln_eps).sqrt()  # the frozen scale of the final norm
-    gamma = params.final_norm.scale
-
-    def share(c: Tensor) -> Tensor:  # c: [batch, *extra, d_model] -> [batch, *extra]
-        extra = (1,) * (c.ndim - 2)
-        centred = c - c.mean(-1, keepdim=True)
-        return (centred * gamma / std.view(batch, *extra, 1) * direction.view(batch, *extra, d)).sum(-1)
-
-    def at(site: str) -> Tensor:
-        value = acts[site]
-        return value[..., position, :].expand(batch, d)  # embed.pos may lack the batch axis
-
-    zeros = torch.zeros(batch, d, dtype=x.dtype, device=x.device)
-    heads, attn_bias, mlp, mlp_bias = [], [], [], []
-    for i, bp in enumerate(params.blocks):
-        z = acts[f"blocks.{i}.attn.z"][:, :, position]  # [batch heads head_dim]
-        w = bp.attn.w_out.view(cfg.n_heads, cfg.head_dim, d)
-        heads.append(share(torch.einsum("bhk,hkd->bhd", z, w)))
-        b_out = zeros if bp.attn.b_out is None else bp.attn.b_out.expand(batch, d)
-        b_proj = zeros if bp.mlp.b_proj is None else bp.mlp.b_proj.expand(batch, d)
-        attn_bias.append(share(b_out))
-        mlp.append(share(acts[f"blocks.{i}.mlp.out"][:, position] - b_proj))
-        mlp_bias.append(share(b_proj))
-    beta = params.final_norm.shift
+    shares = decompose_logit(params, acts, good, bad, pos=position, heads=True, split_biases=True).stack
+    # rows: embed.tok, embed.pos, per layer [head 0..H-1, attn.bias, mlp, mlp.bias], final_norm.shift
+    h = cfg.n_heads
+    per_layer = shares[2:-1].reshape(cfg.n_layers, h + 3, ids.shape[0])
     return LogitAttribution(
-        embed_tok=share(at("embed.tok")), embed_pos=share(at("embed.pos")),
-        heads=torch.stack(heads, 1), attn_bias=torch.stack(attn_bias, 1),
-        mlp=torch.stack(mlp, 1), mlp_bias=torch.stack(mlp_bias, 1),
-        final_bias=torch.zeros(batch, dtype=x.dtype, device=x.device) if beta is None else direction @ beta,
+        embed_tok=shares[0], embed_pos=shares[1], heads=per_layer[:, :h].permute(2, 0, 1),
+        attn_bias=per_layer[:, h].T, mlp=per_layer[:, h + 1].T, mlp_bias=per_layer[:, h + 2].T,
+        final_bias=shares[-1],
     )
 
 
