@@ -63,6 +63,8 @@ EDITS = {
     "patch a run's activations": lambda: {"blocks.0.resid_pre": patch(torch.randn(1, 40, 24,
                                                                       generator=torch.Generator().manual_seed(1)),
                                                                       positions=[2, 8])},
+    "patch attn.result at a head and positions": lambda: {"blocks.0.attn.result": patch(
+        torch.randn(1, 40, 3, 24, generator=torch.Generator().manual_seed(2)) * 3, positions=[1, 6], heads=2)},
 }
 
 

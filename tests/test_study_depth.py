@@ -189,3 +189,28 @@ def test_per_head_weights_are_views_that_reproduce_q_k_v_and_the_output(params, 
     assert W_U(params).shape == (cfg.emb_dim, cfg.vocab_size)
     with pytest.raises(ValueError, match=r"layer must be an int in 0\.\.1"):
         attn_weights(params, cfg.n_layers)
+
+
+def test_positions_and_heads_mean_the_same_axes_on_attn_result():
+    """`attn.result` is `[batch seq heads d_model]` (positions on axis 1): `patch`/`ablate_head`/`steer` with
+    `positions=`/`heads=` select the query positions and heads there as at every other site."""
+    from gpt2fn import init_params, preset
+    from gpt2fn.study import ablate_head, forward_with, patch, run_with_capture, steer
+
+    params = init_params(preset("tiny"), seed=0)
+    ids = torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(0))
+    other = torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(1))
+    site = "blocks.0.attn.result"
+    clean = run_with_capture(params, other, site)[1][site]
+    base = run_with_capture(params, ids, site)[1][site]
+    cases = {
+        "patch": (patch(clean, positions=[2, 4], heads=[1]),
+                  lambda r: [r[:, t, 1].copy_(clean[:, t, 1]) for t in (2, 4)]),
+        "ablate": (ablate_head(0, positions=3), lambda r: r[:, 3, 0].zero_()),
+        "steer": (steer(torch.ones(24), positions=[5]), lambda r: r[:, 5].add_(1.0)),
+    }
+    for name, (edit, expect) in cases.items():
+        got = forward_with(params, ids, edit={site: edit}, capture=site)[1][site]
+        want = base.clone()
+        expect(want)
+        torch.testing.assert_close(got, want, msg=name)

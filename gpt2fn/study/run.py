@@ -47,7 +47,10 @@ class _StudyTap:
     def __call__(self, site: str, x: Tensor) -> Tensor:
         fn = self.edit.get(site)
         if fn is not None:
-            y = fn.at(x, self.positions) if self.positions is not None and hasattr(fn, "at") else fn(x)
+            if isinstance(fn, _PositionalEdit):
+                y = fn.on(site, x, self.positions)
+            else:
+                y = fn.at(x, self.positions) if self.positions is not None and hasattr(fn, "at") else fn(x)
             if not isinstance(y, Tensor) or y.shape != x.shape:
                 got = list(y.shape) if isinstance(y, Tensor) else type(y).__name__
                 raise ValueError(f"edit of site {site!r} returned {got}; it must return a tensor of the site's "
@@ -108,7 +111,11 @@ def run_with_capture(params: GPTParams, ids: Tensor, sites: str | Iterable[str],
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Edits. Axes: the heads axis is 1 (sites with 4 axes); the positions (query) axis is always the second to last.
+# Edits. Axes: the heads axis is 1 (sites with 4 axes); the positions (query) axis is the second to last. The one
+# site laid out otherwise, `attn.result` [batch seq heads d_model], is edited through a transposed view (see
+# `_PositionalEdit.on`), so `positions=`/`heads=` mean the same axes at every site.
+
+_POSITIONS_FIRST = (".attn.result",)  # sites [batch seq heads ...]: positions on axis 1, heads on axis 2
 
 
 def _index_mask(spec: int | Sequence[int] | Tensor, size: int, device: torch.device, what: str) -> Tensor:
@@ -143,16 +150,23 @@ def _absolute_mask(x: Tensor, positions: Positions, at: Tensor) -> Tensor:
 
 class _PositionalEdit:
     """An edit made by `patch`/`steer`/`ablate_head`: `fn(x)` reads the positions axis of `x` as positions 0, 1,
-    ... (a full forward); `fn.at(x, at)` reads them as the absolute positions `at` (a decode step)."""
+    ... (a full forward); `fn.at(x, at)` reads them as the absolute positions `at` (a decode step). Called
+    directly it takes `x` as `[batch heads seq ...]` or `[batch seq ...]`; through a tap, `on(site, x, at)` also
+    serves `attn.result` (`[batch seq heads d_model]`), whose value and source it transposes to that order."""
 
-    def __init__(self, apply: Callable[[Tensor, Tensor | None], Tensor]) -> None:
+    def __init__(self, apply: Callable[[Tensor, Tensor | None, bool], Tensor]) -> None:
         self._apply = apply
 
     def __call__(self, x: Tensor) -> Tensor:
-        return self._apply(x, None)
+        return self._apply(x, None, False)
 
     def at(self, x: Tensor, at: Tensor) -> Tensor:
-        return self._apply(x, at)
+        return self._apply(x, at, False)
+
+    def on(self, site: str, x: Tensor, at: Tensor | None) -> Tensor:
+        if x.ndim == 4 and site.endswith(_POSITIONS_FIRST):
+            return self._apply(x.transpose(1, 2), at, True).transpose(1, 2)
+        return self._apply(x, at, False)
 
 
 def _source_at(src: Tensor, x: Tensor, at: Tensor | None) -> tuple[Tensor, Tensor | None]:
@@ -178,8 +192,8 @@ def _where_mask(x: Tensor, positions: Positions, heads: Heads) -> Tensor | None:
         mask = pos[:, None]
     if heads is not None:
         if x.ndim != 4:
-            raise ValueError(f"heads= needs a site with a heads axis ([batch heads seq ...]: attn.q/k/v/z/scores/"
-                             f"pattern); this site has shape {list(x.shape)}")
+            raise ValueError(f"heads= needs a site with a heads axis (attn.q/k/v/z/scores/pattern/result, "
+                             f"attn.q/k/v_input); this site has shape {list(x.shape)}")
         h = _index_mask(heads, x.shape[1], x.device, "heads")[:, None, None]
         mask = h if mask is None else h & mask
     return mask
@@ -189,8 +203,11 @@ def patch(source: Tensor | float, *, positions: Positions = None, heads: Heads =
     """Replace the site's value by `source` (broadcastable: another run's activation, a mean, 0.0), everywhere or
     only at `positions` (query axis) and/or `heads`. `patch(acts[site])` with the run's own capture is the
     identity; with another prompt's capture it is activation patching."""
-    def edit(x: Tensor, at: Tensor | None) -> Tensor:
-        src, inside = _source_at(torch.as_tensor(source, dtype=x.dtype, device=x.device), x, at)
+    def edit(x: Tensor, at: Tensor | None, swapped: bool) -> Tensor:
+        src = torch.as_tensor(source, dtype=x.dtype, device=x.device)
+        if swapped and src.ndim == 4:  # a capture of the site itself: [batch seq heads d] -> [batch heads seq d]
+            src = src.transpose(1, 2)
+        src, inside = _source_at(src, x, at)
         if at is None or positions is None:
             mask = _where_mask(x, None if at is not None else positions, heads)
         else:
@@ -213,7 +230,7 @@ def ablate_head(head: int | Sequence[int], *, value: Tensor | float = 0.0, posit
 
 def steer(vector: Tensor, *, scale: float = 1.0, positions: Positions = None) -> Edit:
     """Add `scale * vector` (e.g. a `[d_model]` steering direction) to the site's value, at `positions` or all."""
-    def edit(x: Tensor, at: Tensor | None) -> Tensor:
+    def edit(x: Tensor, at: Tensor | None, swapped: bool) -> Tensor:
         add = scale * vector.to(dtype=x.dtype, device=x.device)
         if positions is None:
             mask = None
