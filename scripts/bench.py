@@ -44,7 +44,7 @@ import bench_peers as peers  # noqa: E402
 import gpt2fn  # noqa: E402
 from gpt2fn import GPTParams  # noqa: E402
 
-WORKLOADS = ("limits", "decode", "beam", "prefill", "checks", "train", "load", "score", "patching")
+WORKLOADS = ("limits", "products", "decode", "beam", "prefill", "checks", "train", "load", "score", "patching")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 GPT2FN, HF, SEED = "gpt2fn", "transformers", "seed loop (no cache)"
 COMPILED = "gpt2fn compile=True"
@@ -159,6 +159,46 @@ def bf16_is_fast(device: torch.device) -> bool:
     """Whether bf16 matrix products run at least at half the fp32 rate (CPUs without AVX512-BF16/AMX emulate
     bf16 at a small fraction of it, so a bf16 decode there would take minutes and say nothing about gpt2fn)."""
     return gemm_rate(torch.bfloat16, device) >= 0.5 * gemm_rate(torch.float32, device)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Few-row products (issue 13): what one decode step multiplies, by layout
+
+
+def bench_products(config: gpt2fn.GPTConfig, *, rows: Sequence[int] = (1, 2, 4, 8, 16, 32, 64), repeats: int = 5
+                   ) -> list[Result]:
+    """GPT-2's per-step products (every block matrix with its bias, then the head), distinct random weights so
+    nothing stays in cache, `rows` rows, fp32 on the CPU: the plain `x @ W + b` (torch, MKL), the split views
+    and the native kernel's panels (`gpt2fn.kernels`). Reported as ms per step and the GB/s of weights read."""
+    d, m, v = config.emb_dim, config.d_mlp, config.vocab_size
+    shapes = [(d, 3 * d), (d, d), (d, m), (m, d)] * config.n_layers + [(d, v)]
+    g = torch.Generator().manual_seed(0)
+    ws = [torch.randn(i, o, generator=g) * 0.02 for i, o in shapes]
+    bs = [torch.randn(o, generator=g) for i, o in shapes[:-1]] + [None]
+    weight_bytes = sum(i * o for i, o in shapes) * 4
+    results = []
+    for n in rows:
+        xs = [torch.randn(n, i, generator=g) for i, o in shapes]
+        layouts: dict[str, list[torch.Tensor]] = {}
+        if gpt2fn.native.available():  # first: the speedup column is then the kernel's over each row
+            layouts["panels (native)"] = [gpt2fn.kernels.pack(w, rows=n, pad=b is None) for w, b in zip(ws, bs)]
+        layouts["views"] = [gpt2fn.kernels.pack(w, rows=n, use_native=False) for w in ws]
+
+        def run(mats: list[torch.Tensor]) -> Callable[[], None]:
+            def go() -> None:
+                for x, w, b in zip(xs, mats, bs):
+                    gpt2fn.layers.linear(x, w, b)
+            return go
+        contenders = {**{k: run(v) for k, v in layouts.items()}, "x @ W + b": run(ws)}
+        with torch.inference_mode():
+            t = interleaved(contenders, repeats=repeats, device=torch.device("cpu"))
+        for name, secs in t.items():
+            results.append(Result("products", f"fp32 {n} rows", name, "ms", [1e3 * s for s in secs],
+                                  higher_is_better=False,
+                                  extra={"rows": n, "GB/s": weight_bytes / statistics.median(secs) / 1e9,
+                                         "GFLOP/s": 2 * n * weight_bytes / 4 / statistics.median(secs) / 1e9}))
+        del layouts, xs
+    return results
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -923,6 +963,12 @@ def run(plan: Plan, device: torch.device) -> tuple[list[Result], list[str]]:
     if "limits" in plan.only:
         with _stage("limits"):
             results += bench_limits(device, mbytes=plan.limit_mb, gemm_n=plan.gemm_n, repeats=max(3, plan.repeats))
+    if "products" in plan.only:
+        if device.type == "cpu":
+            with _stage("products"):
+                results += bench_products(cfg, repeats=plan.repeats + 2)
+        else:
+            notes.append("products skipped: the few-row layouts are CPU layouts")
     if "decode" in plan.only:
         dtypes = plan.dtypes
         if dtypes is None:
