@@ -28,3 +28,6 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! "$py" -c "import gpt2fn, py
     echo "$want" > "$stamp"
 fi
 "$py" -c "import sys; from gpt2fn.tokenizer import main; sys.exit(main(['fetch', '--quiet']))"
+# gpt2fn's native kernel (gpt2fn/native): built now rather than on the first decode; optional, so a failed build
+# only reports why (decoding then takes the split views of gpt2fn.kernels)
+"$py" -c "from gpt2fn import native; print('setup: native kernel', native.status())" >&2
