@@ -181,12 +181,12 @@ def bench_products(config: gpt2fn.GPTConfig, *, rows: Sequence[int] = (1, 2, 4, 
         xs = [torch.randn(n, i, generator=g) for i, o in shapes]
         layouts: dict[str, list[torch.Tensor]] = {}
         if gpt2fn.native.available():  # first: the speedup column is then the kernel's over each row
-            layouts["panels (native)"] = [gpt2fn.kernels.pack(w, rows=n, pad=b is None) for w, b in zip(ws, bs)]
+            layouts["panels (native)"] = [gpt2fn.kernels.pack(w, rows=n, pad=b is None) for w, b in zip(ws, bs, strict=True)]
         layouts["views"] = [gpt2fn.kernels.pack(w, rows=n, use_native=False) for w in ws]
 
-        def run(mats: list[torch.Tensor]) -> Callable[[], None]:
+        def run(mats: list[torch.Tensor], xs: list[torch.Tensor] = xs) -> Callable[[], None]:
             def go() -> None:
-                for x, w, b in zip(xs, mats, bs):
+                for x, w, b in zip(xs, mats, bs, strict=True):
                     gpt2fn.layers.linear(x, w, b)
             return go
         contenders = {**{k: run(v) for k, v in layouts.items()}, "x @ W + b": run(ws)}
@@ -197,7 +197,7 @@ def bench_products(config: gpt2fn.GPTConfig, *, rows: Sequence[int] = (1, 2, 4, 
                                   higher_is_better=False,
                                   extra={"rows": n, "GB/s": weight_bytes / statistics.median(secs) / 1e9,
                                          "GFLOP/s": 2 * n * weight_bytes / 4 / statistics.median(secs) / 1e9}))
-        del layouts, xs
+        del layouts
     return results
 
 

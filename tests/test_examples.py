@@ -1,4 +1,5 @@
-"""Every script in examples/ runs offline on random weights (in-process via runpy, so the imports are paid once)."""
+"""Every script in examples/ runs offline on random weights (in-process via runpy, so the imports are paid once);
+one that trains runs at the reduced size ARGS gives it."""
 
 import runpy
 import sys
@@ -16,6 +17,12 @@ EXPECT = {
     "head_ablation.py": "change in loss per ablated head",
     "logit_lens.py": "next-token guesses after each layer",
     "per_example_gradients.py": "vmap(grad) vs grad of example 0 alone",
+    "induction_heads.py": "K-composition of the previous-token head",
+}
+
+# examples that train take a reduced size here (their defaults are the full size, minutes)
+ARGS = {
+    "induction_heads.py": ["--steps", "30", "--batch", "8"],
 }
 
 
@@ -25,7 +32,7 @@ def test_every_example_is_covered():
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
 def test_example_runs_offline_on_random_weights(path, monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", [str(path)])
+    monkeypatch.setattr(sys, "argv", [str(path), *ARGS.get(path.name, [])])
     runpy.run_path(str(path), run_name="__main__")
     out = capsys.readouterr().out
     assert EXPECT[path.name] in out
@@ -33,4 +40,6 @@ def test_example_runs_offline_on_random_weights(path, monkeypatch, capsys):
         # layer 0 at the one position where "John" and "Mary" differ: patching the embedding there is the clean run
         row = next(line.split() for line in out.splitlines() if line.strip().startswith("0 "))
         assert "1.00" in row[1:]
+    if path.name == "induction_heads.py":
+        assert "induction head: 1." in out and "path patching 0." in out
 

@@ -54,9 +54,13 @@ Decomposition (`gpt2fn.study.decompose`, over `(params, acts)`; `run_for_decompo
 `decompose_logit` (direct logit attribution at any point and granularity, neurons chunked) -> `Components`.
 Part of a run: `forward_with(params, resid, start_at_layer=L, stop_at_layer=M, ...)` (see `gpt2fn.forward`).
 Transforms: `patching_sweep` (layers x positions as one batch on fused attention; its engine `batched_runs`),
+`head_patching_sweep` (layer x head [x position] at `attn.z/q/k/v/pattern/scores/result`), `path_patching_sweep` /
+`path_patch` (sender head or MLP -> `Receiver`s through the residual stream only, Wang et al. 2022),
 `site_grads` (`grad`/`jacrev` w.r.t. sites), `per_example_grads` / `per_example_grad_norms` (`vmap(grad)`).
 Circuits: `ov_circuit`, `qk_circuit`, `full_ov_circuit`, `full_qk_circuit` as `FactoredMatrix` values,
 `composition_scores(params, "q" | "k" | "v")` `[layer, heads, layer, heads]`, `composition_score` (one pair).
+Head detectors: `head_detector_scores` (previous-token, duplicate-token, induction `[layer, head]` on
+`repeated_tokens`), and per pattern `previous_token_score`, `duplicate_token_score`, `induction_score`.
 Weight transforms: `gpt2fn.transforms`.
 """
 
@@ -80,12 +84,24 @@ from .decompose import (
     stack_head_results,
     stack_neuron_results,
 )
+from .detectors import (
+    HeadScores,
+    duplicate_token_score,
+    head_detector_scores,
+    induction_score,
+    offset_attention,
+    previous_token_score,
+    repeated_tokens,
+)
 from .factored import FactoredMatrix
+from .paths import RECEIVER_SITES, Receiver, Sender, path_patch, path_patching_sweep
 from .run import Edit, ablate_head, forward_with, patch, run_with_capture, steer
 from .sites import LAYER_SITES, SITE_DIMS, Activations, resolve_sites, site_dims, site_names
 from .sweeps import (
+    HEAD_SITES,
     RowEdit,
     batched_runs,
+    head_patching_sweep,
     logit_diff,
     patching_sweep,
     per_example_grad_norms,
@@ -106,7 +122,10 @@ from .weights import W_E, W_U, HeadWeights, W_pos, attn_weights
 __all__ = [
     "forward_with", "run_with_capture", "Edit", "patch", "ablate_head", "steer",
     "Activations", "SITE_DIMS", "LAYER_SITES", "site_names", "site_dims", "resolve_sites",
-    "logit_diff", "patching_sweep", "RowEdit", "batched_runs",
+    "logit_diff", "patching_sweep", "RowEdit", "batched_runs", "HEAD_SITES", "head_patching_sweep",
+    "Sender", "Receiver", "RECEIVER_SITES", "path_patch", "path_patching_sweep",
+    "HeadScores", "head_detector_scores", "repeated_tokens", "offset_attention", "previous_token_score",
+    "duplicate_token_score", "induction_score",
     "site_grads", "per_example_grads", "per_example_grad_norms",
     "logit_lens", "lens_labels", "LogitAttribution", "direct_logit_attribution", "attention_patterns",
     "token_labels", "save_attention_map",

@@ -1,6 +1,7 @@
 """Transforms over the study primitives: activation-patching sweeps as one batch (`batched_runs`), gradients
 with respect to any site (`grad` / `jacrev` through an additive edit), per-example gradients with `vmap(grad)`."""
 
+import operator
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
@@ -16,8 +17,8 @@ from ..shapes import checked
 from .run import forward_with
 from .sites import LAYER_SITES, SITE_DIMS, Activations, resolve_sites, site_names
 
-__all__ = ["logit_diff", "patching_sweep", "RowEdit", "batched_runs", "site_grads", "per_example_grads",
-           "per_example_grad_norms"]
+__all__ = ["logit_diff", "patching_sweep", "HEAD_SITES", "head_patching_sweep", "RowEdit", "batched_runs",
+           "site_grads", "per_example_grads", "per_example_grad_norms"]
 
 Metric = Callable[[Tensor], Tensor]
 """logits `[batch seq vocab]` -> a scalar (or, for `site_grads(jacobian=True)`, any tensor)."""
@@ -46,37 +47,125 @@ def patching_sweep(params: GPTParams, clean_ids: Int[Tensor, "batch seq"], corru
     cfg = params.config
     if site not in LAYER_SITES:
         raise ValueError(f"site must be a per-layer site, one of {', '.join(LAYER_SITES)}; got {site!r}")
+    seq = _check_pair(clean_ids, corrupt_ids)
+    layers = _grid_axis(layers, cfg.n_layers, "layers", "the model's layers")
+    positions = _positions(positions, seq)
+    names = [f"blocks.{i}.{site}" for i in layers]
+    with torch.no_grad():
+        _, clean = forward_with(params, clean_ids, capture=names)
+    axes = SITE_DIMS[f"blocks.{{i}}.{site}"].split()[1:]  # the axes after batch
+    masks = [_axis_mask(axes, {"seq": seq}, clean_ids.device, seq=[p]) for p in positions]
+    rows = [[RowEdit(n, m, clean[n])] for n in names for m in masks]
+    out = _runs(params, corrupt_ids, rows, metric, vectorize, chunk_size, memory_limit)
+    return out.reshape(len(layers), len(positions), *out.shape[1:])
+
+
+HEAD_SITES: tuple[str, ...] = ("attn.q", "attn.k", "attn.v", "attn.scores", "attn.pattern", "attn.z", "attn.result")
+"""The per-layer sites with a heads axis, which `head_patching_sweep` patches one head at a time."""
+
+
+def head_patching_sweep(params: GPTParams, clean_ids: Int[Tensor, "batch seq"],
+                        corrupt_ids: Int[Tensor, "batch seq"], metric: Metric, *, site: str = "attn.z",
+                        layers: Sequence[int] | None = None, heads: Sequence[int] | None = None,
+                        positions: Sequence[int] | None = None, by_position: bool = False, vectorize: bool = True,
+                        chunk_size: int | None = None, memory_limit: int | None = None
+                        ) -> Float[Tensor, "layer head *pos_metric"]:
+    """Activation patching per head: run `corrupt_ids` with one head's `site` (`attn.z` its output, `attn.q/k/v`
+    its queries/keys/values, `attn.pattern`/`attn.scores` its attention, `attn.result` its write into the stream)
+    taken from `clean_ids`, and record `metric(logits)`; for every layer x head.
+
+    `by_position=False`: the head is patched at all `positions` at once (default every position) -> `[layer,
+    head, *metric]`. `by_position=True`: at each of `positions` separately -> `[layer, head, pos, *metric]`. The
+    position is the site's positions axis: the query for `q`, `z`, `pattern`, the key for `k` and `v`.
+    `vectorize`, `chunk_size`, `memory_limit`: as in `patching_sweep` (the batched engine `batched_runs`; pattern
+    and scores patches run on the explicit attention path, everything else on fused attention).
+    """
+    cfg = params.config
+    if site not in HEAD_SITES:
+        raise ValueError(f"head_patching_sweep patches a site with a heads axis, one of {', '.join(HEAD_SITES)}; "
+                         f"got {site!r} (for a whole-layer site use patching_sweep)")
+    seq = _check_pair(clean_ids, corrupt_ids)
+    layers = _grid_axis(layers, cfg.n_layers, "layers", "the model's layers")
+    heads = _grid_axis(heads, cfg.n_heads, "heads", "the heads of a layer")
+    positions = _positions(positions, seq)
+    names = [f"blocks.{i}.{site}" for i in layers]
+    with torch.no_grad():
+        _, clean = forward_with(params, clean_ids, capture=names)
+    axes = SITE_DIMS[f"blocks.{{i}}.{site}"].split()[1:]
+    device = clean_ids.device
+    spots = [[p] for p in positions] if by_position else [positions]
+    sizes = {"heads": cfg.n_heads, "seq": seq}
+    masks = [_axis_mask(axes, sizes, device, heads=[h], seq=s) for h in heads for s in spots]
+    rows = [[RowEdit(n, m, clean[n])] for n in names for m in masks]
+    out = _runs(params, corrupt_ids, rows, metric, vectorize, chunk_size, memory_limit)
+    grid = (len(layers), len(heads), len(positions)) if by_position else (len(layers), len(heads))
+    return out.reshape(*grid, *out.shape[1:])
+
+
+def _check_pair(clean_ids: Tensor, corrupt_ids: Tensor) -> int:
+    """The shared seq of a clean/corrupt pair, or a ValueError."""
     if clean_ids.shape != corrupt_ids.shape:
         raise ValueError(f"clean_ids {list(clean_ids.shape)} and corrupt_ids {list(corrupt_ids.shape)} must have "
                          "the same shape: patching pairs positions one to one")
-    seq = clean_ids.shape[1]
-    layers = list(range(cfg.n_layers)) if layers is None else list(layers)
-    positions = list(range(seq)) if positions is None else list(positions)
-    bad = [p for p in positions if not -seq <= p < seq]
-    if bad:
-        raise ValueError(f"positions {bad} out of range: the prompts have seq = {seq} (valid -{seq}..{seq - 1})")
-    names = [f"blocks.{i}.{site}" for i in layers]
-    resolve_sites(cfg, names, what="patching_sweep")
-    with torch.no_grad():
-        _, clean = forward_with(params, clean_ids, capture=names)
-    device = clean_ids.device
-    axes = SITE_DIMS[f"blocks.{{i}}.{site}"].split()[1:]  # the axes after batch; where is the positions axis
-    at = axes.index("seq")
+    return clean_ids.shape[1]
 
-    def mask_at(p: int) -> Tensor:
-        m = torch.zeros(seq, dtype=torch.bool, device=device)
-        m[p % seq] = True
-        return m.view(*([1] * at), seq, *([1] * (len(axes) - at - 1)))
 
-    masks = [mask_at(p) for p in positions]
+def _index(i: Any) -> int | None:
+    """`i` as a Python int (ints, numpy ints, 0-d integer tensors), or None for anything else (bools included)."""
+    if isinstance(i, bool):
+        return None
+    try:
+        return operator.index(i)
+    except TypeError:
+        return None
+
+
+def _grid_axis(chosen: Sequence[int] | None, size: int, name: str, what: str) -> list[int]:
+    """The indices of one grid axis (default all of `0..size-1`), each checked to be in range."""
+    if chosen is None:
+        return list(range(size))
+    got = [_index(i) for i in chosen]
+    if not got or any(i is None or not 0 <= i < size for i in got):
+        raise ValueError(f"{name} must be a non-empty list of ints in 0..{size - 1} ({what}); got {list(chosen)}")
+    return got  # type: ignore[return-value]
+
+
+def _positions(positions: Sequence[int] | None, seq: int) -> list[int]:
+    if positions is None:
+        return list(range(seq))
+    got = [_index(p) for p in positions]
+    bad = [p for p, i in zip(positions, got, strict=True) if i is None or not -seq <= i < seq]
+    if bad or not got:
+        raise ValueError(f"positions {bad or list(positions)} out of range: the prompts have seq = {seq} (valid "
+                         f"-{seq}..{seq - 1}, at least one)")
+    return got  # type: ignore[return-value]
+
+
+def _axis_mask(axes: Sequence[str], sizes: dict[str, int], device: torch.device, **index: Sequence[int]) -> Tensor:
+    """A bool mask over a site's axes without batch (`axes`, e.g. `heads seq head_dim`): True at the given indices
+    of the named axes (`heads=[2], seq=[0, 3]`; `sizes` gives their lengths), size 1 along every other axis, so
+    it broadcasts against the site's value."""
+    mask = torch.ones([1] * len(axes), dtype=torch.bool, device=device)
+    for axis, chosen in index.items():
+        at = axes.index(axis)
+        line = torch.zeros(sizes[axis], dtype=torch.bool, device=device)
+        line[list(chosen)] = True
+        mask = mask & line.view(*([1] * at), sizes[axis], *([1] * (len(axes) - at - 1)))
+    return mask
+
+
+def _runs(params: GPTParams, ids: Tensor, rows: list[list["RowEdit"]], metric: Metric, vectorize: bool,
+          chunk_size: int | None, memory_limit: int | None) -> Tensor:
+    """The rows' metrics: batched (`batched_runs`) or, with `vectorize=False`, one `forward_with` per row."""
     if vectorize:
-        rows = [[RowEdit(n, m, clean[n])] for n in names for m in masks]
-        out = batched_runs(params, corrupt_ids, rows, metric, chunk_size=chunk_size, memory_limit=memory_limit)
-    else:
-        with torch.no_grad():
-            out = torch.stack([metric(forward_with(params, corrupt_ids, edit={
-                n: (lambda x, n=n, m=m: torch.where(m, clean[n], x))})[0]) for n in names for m in masks])
-    return out.reshape(len(layers), len(positions), *out.shape[1:])
+        return batched_runs(params, ids, rows, metric, chunk_size=chunk_size, memory_limit=memory_limit)
+    with torch.no_grad():
+        return torch.stack([metric(forward_with(params, ids, edit={e.site: _where(e) for e in row})[0])
+                            for row in rows])
+
+
+def _where(e: "RowEdit") -> Callable[[Tensor], Tensor]:
+    return lambda x: torch.where(e.mask.to(x.device), torch.as_tensor(e.value, dtype=x.dtype, device=x.device), x)
 
 
 def site_grads(params: GPTParams, ids: Int[Tensor, "batch seq"], sites: str | Iterable[str], metric: Metric, *,
