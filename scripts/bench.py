@@ -181,7 +181,8 @@ def bench_products(config: gpt2fn.GPTConfig, *, rows: Sequence[int] = (1, 2, 4, 
         xs = [torch.randn(n, i, generator=g) for i, o in shapes]
         layouts: dict[str, list[torch.Tensor]] = {}
         if gpt2fn.native.available():  # first: the speedup column is then the kernel's over each row
-            layouts["panels (native)"] = [gpt2fn.kernels.pack(w, rows=n, pad=b is None) for w, b in zip(ws, bs, strict=True)]
+            layouts["panels (native)"] = [gpt2fn.kernels.pack(w, rows=n, pad=b is None)
+                                          for w, b in zip(ws, bs, strict=True)]
         layouts["views"] = [gpt2fn.kernels.pack(w, rows=n, use_native=False) for w in ws]
 
         def run(mats: list[torch.Tensor], xs: list[torch.Tensor] = xs) -> Callable[[], None]:
