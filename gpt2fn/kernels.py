@@ -10,7 +10,7 @@ CPUs this project is built on (MKL's small GEMMs: about 10 GB/s at 8 rows). Two 
   `SW` is 48 or 64 floats with AVX-512 (16 or 32 with AVX2), the first width that divides `out`; a head whose
   vocabulary no width divides is padded with zero columns (`pad=True`) and its caller slices the logits. Any
   number of rows, one or many threads. GPT-2 124M's 48 block products + head, 2 threads, distinct weights
-  (`scripts/bench.py --only products`, a quiet run): 1 row 15.1 ms (33 GB/s, the read bandwidth) against 22.9
+  (`scripts/bench.py --only products`, a quiet run): 1 row 15.1 ms (33 GB/s) against 22.9
   for the split views and 30.9 for `x @ W + b`; 8 rows 19.4 against 43.8 and 58.7; 32 rows 34.3 (231 GFLOP/s)
   against 88.5 and 110; 64 rows 55.0 against 134 and 155.
 - **Views** of the `[in, out]` storage (no copy), the fallback when the native kernel is off (`gpt2fn.native.status`):

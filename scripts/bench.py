@@ -681,7 +681,7 @@ def roofline(results: list[Result], config: gpt2fn.GPTConfig) -> list[dict[str, 
                                               new_tokens=e["new_tokens"])
         t_mem, t_flop = nbytes / (bw * 1e9), flops / (gemm.get(e["dtype"], float("inf")) * 1e9)
         limit = e["batch"] / max(t_mem, t_flop)
-        rows.append({"case": r.case, "bytes_per_step": nbytes, "flops_per_step": flops, "bandwidth_gbs": bw,
+        rows.append({"case": r.case, "contender": r.contender, "bytes_per_step": nbytes, "flops_per_step": flops, "bandwidth_gbs": bw,
                      "bound": "memory" if t_mem >= t_flop else "compute", "roofline_tok_s": limit,
                      "gpt2fn_tok_s": r.median, "fraction": r.median / limit})
     return rows
@@ -807,9 +807,9 @@ def table(results: list[Result], ratios: list[dict[str, Any]], targets: list[dic
                      f"{_fmt(min(r.samples))}-{_fmt(max(r.samples))} | {r.metric} | "
                      f"{'' if s is None else f'{s:.2f}x'} | {tgt} |")
     if roof:
-        lines += ["", "| decode case | bound | bytes/step | roofline tok/s | gpt2fn tok/s | fraction |",
-                  "|---|---|---:|---:|---:|---:|"]
-        lines += [f"| {r['case']} | {r['bound']} | {r['bytes_per_step'] / 1e6:.0f} MB | "
+        lines += ["", "| decode case | contender | bound | bytes/step | roofline tok/s | tok/s | fraction |",
+                  "|---|---|---|---:|---:|---:|---:|"]
+        lines += [f"| {r['case']} | {r.get('contender', GPT2FN)} | {r['bound']} | {r['bytes_per_step'] / 1e6:.0f} MB | "
                   f"{_fmt(r['roofline_tok_s'])} | {_fmt(r['gpt2fn_tok_s'])} | {r['fraction']:.0%} |" for r in roof]
     return "\n".join(lines)
 
