@@ -41,7 +41,7 @@ from torch import Tensor
 from ..layers import _qkv, layer_norm
 from ..params import GPTParams
 from .run import forward_with
-from .sweeps import Metric, RowEdit, _check_pair, _positions, _row_bytes, batched_runs
+from .sweeps import Metric, RowEdit, _check_pair, _positions, _row_bytes, batched_runs, chunk_limit
 
 __all__ = ["Sender", "Receiver", "path_patch", "path_patching_sweep", "RECEIVER_SITES"]
 
@@ -222,17 +222,9 @@ def _batched(params: GPTParams, clean_ids: Tensor, corrupt_ids: Tensor, metric: 
     # each row holds its receivers' patched values (one [batch seq d_model] each) besides the run itself
     per_row = _row_bytes(params, batch, seq, False) + len(targets) * batch * seq * cfg.emb_dim * \
         params.tok_emb.element_size()
-    limit = len(senders)
-    if chunk_size is not None:
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1 (senders per batch); got {chunk_size}")
-        limit = chunk_size
-    if memory_limit is not None:
-        if memory_limit < per_row:
-            raise ValueError(f"memory_limit={memory_limit} bytes is below one sender's estimated {per_row} bytes "
-                             f"(batch {batch} x seq {seq}, {len(targets)} receivers); give memory_limit >= "
-                             f"{per_row} or fewer tokens or receivers")
-        limit = min(limit, memory_limit // per_row)
+    limit = chunk_limit(len(senders), per_row, chunk_size, memory_limit, unit="sender",
+                        shape=f"batch {batch} x seq {seq}, {len(targets)} receivers",
+                        fewer="fewer tokens or receivers")
     masks = [_mask(params, t, clean_ids.device) for t in targets]
     out = []
     with torch.no_grad():

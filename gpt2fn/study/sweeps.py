@@ -235,6 +235,24 @@ def _row_bytes(params: GPTParams, batch: int, seq: int, explicit: bool) -> int:
     return batch * seq * (per_token + attn) * itemsize
 
 
+
+def chunk_limit(total: int, per_row: int, chunk_size: int | None, memory_limit: int | None, *, unit: str,
+                shape: str, fewer: str) -> int:
+    """How many of `total` rows (one `unit` each, about `per_row` bytes) one batch may hold: all, at most
+    `chunk_size`, and no more than `memory_limit` bytes; a ValueError naming the argument when neither can hold
+    one."""
+    limit = total
+    if chunk_size is not None:
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1 ({unit}s per batch); got {chunk_size}")
+        limit = chunk_size
+    if memory_limit is not None:
+        if memory_limit < per_row:
+            raise ValueError(f"memory_limit={memory_limit} bytes is below one {unit}'s estimated {per_row} bytes "
+                             f"({shape}); give memory_limit >= {per_row} or {fewer}")
+        limit = min(limit, memory_limit // per_row)
+    return limit
+
 def _layer_of(site: str) -> int:
     return int(site.split(".")[1])
 
@@ -284,16 +302,8 @@ def batched_runs(params: GPTParams, ids: Int[Tensor, "batch seq"], rows: Sequenc
                                  f"blocks.{{i}}.<{', '.join(LAYER_SITES)}> with i in 0..{cfg.n_layers - 1}")
     explicit = any(e.site.endswith((".attn.scores", ".attn.pattern")) for row in rows for e in row)
     per_row = _row_bytes(params, batch, seq, explicit)
-    limit = len(rows) or 1
-    if chunk_size is not None:
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1 (rows per batch); got {chunk_size}")
-        limit = chunk_size
-    if memory_limit is not None:
-        if memory_limit < per_row:
-            raise ValueError(f"memory_limit={memory_limit} bytes is below one row's estimated {per_row} bytes "
-                             f"(batch {batch} x seq {seq}); give memory_limit >= {per_row} or fewer tokens")
-        limit = min(limit, memory_limit // per_row)
+    limit = chunk_limit(len(rows) or 1, per_row, chunk_size, memory_limit, unit="row",
+                        shape=f"batch {batch} x seq {seq}", fewer="fewer tokens")
     starts = [min((_layer_of(e.site) for e in row), default=cfg.n_layers) for row in rows]
     order = sorted(range(len(rows)), key=lambda r: starts[r])
     with torch.no_grad():
