@@ -237,3 +237,17 @@ def test_the_native_build_is_cached_per_machine_and_loaded_once():
     assert os.path.exists(path) and os.path.dirname(path).startswith(os.path.dirname(os.path.dirname(path)))
     assert native.library() is native.library() and native.vector_width() in (4, 8, 16)
     assert all(w % native.vector_width() == 0 for w in native.panel_widths())
+
+
+@needs_native
+@pytest.mark.parametrize("rows", [9, 17, 40])
+def test_panels_with_more_rows_than_a_register_block_and_a_long_reduction(threads, rows):
+    """Past 8 rows the kernel reduces `in` in chunks that stay in L2 (e.g. 682 rows of a 48-wide panel), every
+    register block accumulating into the output between chunks: GPT-2's `w_proj` (in 3072) at batch 16 or 32."""
+    g = torch.Generator().manual_seed(rows)
+    w, b = torch.randn(1500, 96, generator=g), torch.randn(96, generator=g)
+    x = torch.randn(rows, 1500, generator=g)
+    layout = pack(w, rows=rows, threads=2)
+    assert layout.shape[1] == 1500 and layout.shape[0] * layout.shape[2] == 96 and native_applies(x, layout, b)
+    torch.testing.assert_close(linear(x, layout, b), x @ w + b, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(linear(x, layout, None), x @ w, atol=1e-4, rtol=1e-4)
