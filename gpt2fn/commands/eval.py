@@ -12,6 +12,7 @@ import argparse
 import json
 import math
 import sys
+from pathlib import Path
 
 from ..cli import CLIError
 
@@ -39,25 +40,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def read_corpus(path: str) -> tuple[list[int], int]:
     """Token ids of the file or folder at `path`, files joined with <|endoftext|> as `gpt2fn train` joins them,
     and the number of files. Empty or binary (non-UTF-8, NUL bytes) files are refused with a ValueError."""
-    from ..tokenizer import EOT, encode
-    from ..train.data import corpus_files
+    from ..train.data import corpus_files, encode_documents
 
     files = corpus_files(path)
-    ids: list[int] = []
-    for i, f in enumerate(files):
-        try:
-            text = f.read_text(encoding="utf-8")
-        except UnicodeDecodeError as exc:
-            raise ValueError(f"--data file {str(f)!r} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
-                             "pass text files only") from None
-        if "\x00" in text:
-            raise ValueError(f"--data file {str(f)!r} holds NUL bytes: it looks binary; pass text files only")
-        if not text.strip():
-            raise ValueError(f"--data file {str(f)!r} is empty: it has no text to score")
-        if i:
-            ids.append(EOT)
-        ids.extend(encode(text))
-    return ids, len(files)
+    return encode_documents(_scored_text(f) for f in files), len(files)
+
+
+def _scored_text(f: Path) -> str:
+    """A corpus file's text, refused unless it is non-empty UTF-8 text without NUL bytes."""
+    try:
+        text = f.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"--data file {str(f)!r} is not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                         "pass text files only") from None
+    if "\x00" in text:
+        raise ValueError(f"--data file {str(f)!r} holds NUL bytes: it looks binary; pass text files only")
+    if not text.strip():
+        raise ValueError(f"--data file {str(f)!r} is empty: it has no text to score")
+    return text
 
 
 def run(args: argparse.Namespace) -> int:

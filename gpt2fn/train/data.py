@@ -12,6 +12,7 @@ and an unchanged corpus is read back without touching the tokenizer. Windows are
 
 import hashlib
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +21,8 @@ from torch import Tensor
 
 from ..files import atomic_write_bytes
 
-__all__ = ["corpus_files", "load_tokens", "split_tokens", "sample_batch", "sample_starts", "windows",
-           "eval_starts", "default_cache_dir"]
+__all__ = ["corpus_files", "encode_documents", "load_tokens", "split_tokens", "sample_batch", "sample_starts",
+           "windows", "eval_starts", "default_cache_dir"]
 
 _FORMAT = b"gpt2fn-tokens-v1"
 
@@ -45,10 +46,29 @@ def corpus_files(path: str | os.PathLike[str]) -> list[Path]:
     return files
 
 
-def load_tokens(path: str | os.PathLike[str], *, cache_dir: str | os.PathLike[str] | None = None) -> np.memmap:
-    """Token ids of the corpus at `path` as a read-only uint16 memory map, tokenizing once per content."""
+def encode_documents(texts: Iterable[str]) -> list[int]:
+    """Token ids of several documents (a corpus's files) joined with <|endoftext|>: how `gpt2fn train` and
+    `gpt2fn eval` read a folder of text files."""
     from .. import tokenizer  # here, not at import: `python -m gpt2fn.tokenizer` runs before gpt2fn.train loads it
 
+    ids: list[int] = []
+    for i, text in enumerate(texts):
+        if i:
+            ids.append(tokenizer.EOT)
+        ids.extend(tokenizer.encode(text))
+    return ids
+
+
+def _training_text(f: Path) -> str:
+    try:
+        return f.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"training file {str(f)!r} is not UTF-8 text ({exc}); convert it or leave it out "
+                         "of the data directory") from None
+
+
+def load_tokens(path: str | os.PathLike[str], *, cache_dir: str | os.PathLike[str] | None = None) -> np.memmap:
+    """Token ids of the corpus at `path` as a read-only uint16 memory map, tokenizing once per content."""
     files = corpus_files(path)
     digest = hashlib.sha256(_FORMAT)
     for f in files:
@@ -58,16 +78,7 @@ def load_tokens(path: str | os.PathLike[str], *, cache_dir: str | os.PathLike[st
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = cache / f"{digest.hexdigest()[:32]}.u16"
     if not target.is_file():
-        ids: list[int] = []
-        for i, f in enumerate(files):
-            try:
-                text = f.read_text(encoding="utf-8")
-            except UnicodeDecodeError as exc:
-                raise ValueError(f"training file {str(f)!r} is not UTF-8 text ({exc}); convert it or leave it out "
-                                 "of the data directory") from None
-            if i:
-                ids.append(tokenizer.EOT)
-            ids.extend(tokenizer.encode(text))
+        ids = encode_documents(_training_text(f) for f in files)
         if not ids:
             raise ValueError(f"training data {str(path)!r} is empty: it has no tokens")
         cache.mkdir(parents=True, exist_ok=True)
