@@ -122,7 +122,7 @@ def decode_params(params: GPTParams, *, batch: int = 1, threads: int | None = No
         raise TypeError(f"params must be a GPTParams tree (from gpt2fn.load or init_params), got "
                         f"{type(params).__name__}")
     threads = torch.get_num_threads() if threads is None else threads
-    use_native = None if native is None or native else False
+    use_native = False if native is False else None  # True and None alike: the kernel when it is built
     if params.head is None and params.device.type == "cpu" and params.dtype == torch.float32:
         head = params.tok_emb.detach().T
         if layout_kind(head, rows=batch, threads=threads, pad=True, use_native=use_native) != "panels":

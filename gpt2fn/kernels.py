@@ -146,7 +146,7 @@ def unpack(w: Tensor, d_in: int | None = None) -> Tensor:
 @torch.compiler.assume_constant_result
 def _native_vector_width() -> int:
     """Floats per vector of the native build, 0 without it (a constant to torch.compile: it runs once, eagerly)."""
-    return native.vector_width() if native.available() else 0
+    return native.vector_width()
 
 
 def _eligible(x: Tensor, w: Tensor, b: Tensor | None) -> bool:
