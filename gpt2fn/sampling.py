@@ -136,11 +136,12 @@ def top_p_filter(logits: Float[Tensor, "batch vocab"], p: float) -> Float[Tensor
     """Nucleus filter: keep the fewest most-probable ids whose probabilities sum to at least `p` (always >= 1)."""
     if p >= 1.0:
         return logits
-    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-    probs = torch.softmax(sorted_logits.float(), dim=-1)
-    mass_before = probs.cumsum(-1) - probs  # probability of the ids ranked strictly higher
-    drop_sorted = mass_before >= p
-    drop_sorted[:, 0] = False
+    # transformers' TopPLogitsWarper's arithmetic, so the two agree to the bit at the boundary: ascending order,
+    # an id is dropped when the mass of the ids ranked at or below it is at most 1 - p (the top id always stays)
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=False)
+    below = torch.softmax(sorted_logits.float(), dim=-1).cumsum(-1)
+    drop_sorted = below <= (1 - p)
+    drop_sorted[:, -1] = False
     drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 
