@@ -10,7 +10,7 @@ from .beam import beam_search
 from .cache import DonatedCacheError, KVCache, init_cache, rollback, select_rows
 from .checkpoints import Checkpoint, CheckpointError, load, load_checkpoint, save, save_hf
 from .config import PRESETS, GPTConfig, preset
-from .decode import compiled_decode_step, decode_params, decode_step
+from .decode import compiled_decode_step, decode_step
 from .generate import default_device, generate, generate_tokens, stream
 from .layers import attention, attention_pattern, block, gelu, layer_norm, mlp
 from .model import forward, loss, positions_from_mask
@@ -62,7 +62,7 @@ __all__ = [
     "layer_norm", "gelu", "attention", "attention_pattern", "mlp", "block",
     "forward", "loss", "positions_from_mask",
     "KVCache", "init_cache", "rollback", "select_rows", "DonatedCacheError",
-    "decode_step", "compiled_decode_step", "decode_params",
+    "decode_step", "compiled_decode_step",
     "generate", "generate_tokens", "stream", "default_device", "beam_search",
     "score", "Score",
     "shape_checks", "checks_enabled", "ShapeError",

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .cache import init_cache, select_rows
-from .decode import decode_params, decode_step
+from .decode import decode_step
 from .model import trained_vocab_index
 from .params import GPTParams
 from .sampling import mask_vocab
@@ -77,7 +77,6 @@ def beam_search(params: GPTParams, ids: Tensor, *, pad_mask: Tensor | None = Non
       finished) or "never" (see the module docstring).
     - `n_tokens`: ids `>= n_tokens` are never produced (default `params.config.n_tokens`); `allowed` `[vocab]`
       bool, when given, restricts the ids further (default: a corpus-trained model's own vocabulary).
-    - `params` may be `decode_params(params, batch=batch * num_beams)`; plain params are laid out here.
     - The prompt plus `max_new_tokens` must fit in the context window (no sliding window for beams).
     """
     from .generate import _check_prompt_ids  # generate.py imports nothing from here; avoid a cycle if it does
@@ -104,7 +103,6 @@ def beam_search(params: GPTParams, ids: Tensor, *, pad_mask: Tensor | None = Non
         allowed = trained_vocab_index(cfg, ids.device)[1] >= 0
     if pad_mask is not None and bool(pad_mask.all()):
         pad_mask = None
-    params = decode_params(params, batch=batch * k)
     dev, total = ids.device, prompt + max_new_tokens
     fill = 0 if eos_id is None else eos_id  # after EOS; without EOS every hypothesis has the full length
 

@@ -71,7 +71,18 @@ class KVCache:
                 f"{what} was donated to a decode step (donate=True) and its buffers now hold the step's result; "
                 "use the cache that step returned, or call decode_step without donate=True to keep the input")
 
-    def _consume(self) -> None:
+    def check_room(self, batch: int, seq: int) -> None:
+        """Raise a ValueError unless this (live) cache holds `batch` rows and has room for `seq` more slots (the
+        room check reads the length: it steps aside under `torch.compile`)."""
+        self.check_live()
+        if self.batch != batch:
+            raise ValueError(f"cache holds batch {self.batch} but ids have batch {batch}")
+        if not torch.compiler.is_compiling() and int(self.length) + seq > self.capacity:
+            raise ValueError(f"cache of capacity {self.capacity} holds {int(self.length)} slots: no room for "
+                             f"{seq} more; make it with init_cache(..., capacity=) large enough, or rollback")
+
+    def mark_consumed(self) -> None:
+        """Mark this cache donated (a step took its buffers); later uses raise `DonatedCacheError`."""
         self._ticket[0] = True
 
 

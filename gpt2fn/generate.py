@@ -12,8 +12,8 @@ one `decode_step` per new token -> `gpt2fn.sampling.next_token` -> ids -> increm
   tokens are prefilled again (`slide = max(1, context_length // 8)`), so each token sees between
   `context_length - slide` and `context_length` tokens of context. A prompt longer than the window is cropped
   from the left with a warning, like the seed's loop.
-- Decode-time layout: `gpt2fn.decode.decode_params`, a derived value made once per call (or passed in as
-  `params`). Shape checks run on the prefill and the first decode step, then step aside: on every step they
+- Every step reads the weights the caller holds, as they are (no decode layout, no copy: `gpt2fn.kernels` picks
+  the kernel). Shape checks run on the prefill and the first decode step, then step aside: on every step they
   would cost more than half again the step's time for GPT-2 124M.
 """
 
@@ -28,14 +28,14 @@ from torch import Tensor
 
 from .beam import beam_search, check_beam_options
 from .cache import init_cache, rollback
-from .decode import compiled_decode_step, decode_params, decode_step
+from .decode import compiled_decode_step, decode_step
 from .model import positions_from_mask, trained_vocab_index
 from .params import GPTParams, tree_to
 from .sampling import SamplingOptions, next_token, row_generators
 from .shapes import checks_enabled, shape_checks
 from .tokenizer import EOT, encode, tokenizer
 
-__all__ = ["generate", "generate_tokens", "stream", "default_device", "decode_params", "left_pad"]
+__all__ = ["generate", "generate_tokens", "stream", "default_device", "left_pad"]
 
 Seed = int | torch.Generator | Sequence[int | torch.Generator] | None
 
@@ -297,8 +297,7 @@ def generate_tokens(params: GPTParams, ids: Tensor, *, max_new_tokens: int = 20,
     _check_prompt_ids(ids, pad_mask, params.config.n_tokens)
     if request.max_new_tokens == 0:
         return (ids, torch.zeros(ids.shape[0], 0)) if return_logprobs else ids
-    rows = ids.shape[0] * (1 if beams is None else beams["num_beams"])
-    new, logprobs = _continue(decode_params(params, batch=rows), ids, pad_mask, request, beams, seed)
+    new, logprobs = _continue(params, ids, pad_mask, request, beams, seed)
     prompt = ids if beams is None else ids.repeat_interleave(beams["num_return_sequences"], dim=0)
     out = torch.cat([prompt, new], dim=1)
     return (out, logprobs) if return_logprobs else out
@@ -394,14 +393,13 @@ def _text_rows(params: GPTParams, prompts: Sequence[str], request: _Request, *, 
     n_rows = len(prompts) * (1 if beams is None else beams["num_return_sequences"])
     rows = [TextStream(stops) for _ in range(n_rows)]
     if request.max_new_tokens > 0:
-        layout = decode_params(params, batch=len(prompts) * (1 if beams is None else beams["num_beams"]))
         if beams is not None:
             steps: Iterator[tuple[Tensor, Tensor | None]] = iter(
-                [(t, None) for t in _continue(layout, ids, mask, request, beams, seed)[0].T])
+                [(t, None) for t in _continue(params, ids, mask, request, beams, seed)[0].T])
         else:
             window, wmask = _crop_to_window(ids, mask, params.config.context_length)
             gens = None if request.options.greedy else row_generators(seed, ids.shape[0], params.device)
-            steps = _token_steps(layout, window, wmask, request, gens)
+            steps = _token_steps(params, window, wmask, request, gens)
         try:
             for tok, logprob in steps:
                 lps = None if logprob is None else logprob.tolist()
@@ -449,7 +447,6 @@ def generate(params: GPTParams, prompt: str | Sequence[str], *, max_new_tokens: 
       before sampling filters) of each token the row produced (a list per prompt for a list of prompts).
     - `num_beams > 1`: beam search as `transformers`' `generate(num_beams=, do_sample=False)`, with
       `length_penalty`, `early_stopping` and `num_return_sequences` (then each prompt gives a list of texts).
-    - `params` may be `decode_params(params)` kept from an earlier call: its layout is then reused as it is.
     """
     single = isinstance(prompt, str)
     if not single and (isinstance(prompt, (bytes, bytearray)) or not hasattr(prompt, "__iter__")):

@@ -20,16 +20,16 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from jaxtyping import Bool, Float
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from .config import GPTConfig
-from .kernels import packed_affine, unpack
+from .kernels import affine
 from .params import AttentionParams, BlockParams, LayerNormParams, MLPParams
 from .shapes import check_record, checked
 
 __all__ = [
-    "Tap", "layer_norm", "gelu", "dropout", "linear", "split_heads", "merge_heads", "causal_mask",
+    "Tap", "layer_norm", "gelu", "dropout", "linear", "split_heads", "merge_heads", "key_visibility", "causal_mask",
     "write_slots", "attend_fast", "attend_explicit", "attention", "attention_pattern", "mlp", "block",
 ]
 
@@ -85,16 +85,8 @@ def dropout(x: Tensor, rate: float, generator: torch.Generator | None) -> Tensor
 
 
 def linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    """Affine map `x @ W + b` with `W` stored `[in, out]`.
-
-    A 3-D `w` is a decode layout made by `gpt2fn.kernels.pack` (see `gpt2fn.decode.decode_params`): the same
-    matrix laid out for fast few-row products on the CPU, giving the same values up to float rounding.
-    """
-    if w.ndim == 3:
-        return packed_affine(x, w, b)
-    if b is None:
-        return x @ w
-    return torch.addmm(b, x.reshape(-1, x.shape[-1]), w).view(*x.shape[:-1], w.shape[-1])
+    """Affine map `x @ W + b` with `W` stored `[in, out]`, read in place (the kernel: `gpt2fn.kernels.affine`)."""
+    return affine(x, w, b)
 
 
 def split_heads(x: Float[Tensor, "batch seq d_model"], n_heads: int) -> Float[Tensor, "batch heads seq head_dim"]:
@@ -105,20 +97,25 @@ def merge_heads(z: Float[Tensor, "batch heads seq head_dim"]) -> Float[Tensor, "
     return rearrange(z, "b h s d -> b s (h d)")
 
 
+def key_visibility(slots: Int[Tensor, " seq"], valid: Bool[Tensor, "batch kv_seq"] | None, k_len: int
+                   ) -> Bool[Tensor, "batch 1 seq kv_seq"] | Bool[Tensor, "seq kv_seq"]:
+    """The one visibility rule: which of `k_len` key slots each query (at slot `slots[t]`) attends to. A query sees
+    its own slot and the slots before it; with `valid` (False on left padding, and on cache slots not yet written)
+    only the valid ones among them, and always itself, so a padding query's softmax stays finite (no real token
+    ever reads its output). A forward's queries are the last `seq` of `k_len` positions (`causal_mask`); a decode
+    step's are the cache slots its tokens are written to (`gpt2fn.decode`)."""
+    key = torch.arange(k_len, device=slots.device)[None, :]
+    mine = slots[:, None]
+    past = key <= mine
+    if valid is None:
+        return past
+    return (past & valid[:, None, None, :]) | (key == mine)
+
+
 def causal_mask(q_len: int, k_len: int, key_mask: Bool[Tensor, "batch kv_seq"] | None,
                 device: torch.device) -> Bool[Tensor, "batch 1 seq kv_seq"] | Bool[Tensor, "seq kv_seq"]:
-    """Which keys each query may attend to: the last `q_len` of `k_len` positions see themselves and the past.
-
-    With a `key_mask` (False on left-padding slots) padded keys are hidden too; every query keeps at least itself,
-    so a padding query's softmax stays finite (its output is never read by a real token).
-    """
-    offset = k_len - q_len
-    q_pos = torch.arange(q_len, device=device)[:, None] + offset
-    k_pos = torch.arange(k_len, device=device)[None, :]
-    mask = k_pos <= q_pos
-    if key_mask is None:
-        return mask
-    return (mask & key_mask[:, None, None, :]) | (k_pos == q_pos)
+    """`key_visibility` for queries that are the last `q_len` of `k_len` positions, `key_mask` False on padding."""
+    return key_visibility(torch.arange(k_len - q_len, k_len, device=device), key_mask, k_len)
 
 
 def attend_fast(q: Float[Tensor, "batch heads seq head_dim"], k: Float[Tensor, "batch heads kv_seq head_dim"],
@@ -205,7 +202,7 @@ def attention(p: AttentionParams, x: Float[Tensor, "batch seq d_model"], *, n_he
     q, k, v = _qkv(p, x, n_heads)
     if head_shift is not None:  # x' W + b = (x W + b) + (x' - x) W, head by head: other heads keep their bits
         d = x.shape[-1]
-        w = unpack(p.w_qkv)
+        w = p.w_qkv
         q, k, v = (t if dx is None else t + torch.einsum(
             "bhsm,hme->bhse", dx, rearrange(w[:, i * d:(i + 1) * d], "m (h e) -> h m e", h=n_heads))
             for i, (t, dx) in enumerate(zip((q, k, v), head_shift, strict=True)))
@@ -224,8 +221,7 @@ def attention(p: AttentionParams, x: Float[Tensor, "batch seq d_model"], *, n_he
     z = _tap(tap, f"{site}.z", z)
     out = None
     if _wants(tap, f"{site}.result"):  # each head's write into the residual stream: [batch seq heads d_model]
-        w_o = unpack(p.w_out, n_heads * z.shape[-1])
-        w_o = w_o.view(n_heads, z.shape[-1], w_o.shape[-1])
+        w_o = p.w_out.view(n_heads, z.shape[-1], p.w_out.shape[-1])
         result = torch.einsum("bhsd,hdm->bshm", z, w_o)
         edited = _tap(tap, f"{site}.result", result)
         if edited is not result:  # an edit: the output is the sum of the edited heads (when only read: fused)

@@ -20,12 +20,14 @@ from torch import Tensor
 
 from .cache import KVCache
 from .config import GPTConfig
-from .layers import Tap, _norm, _tap, block, dropout, linear
+from .kernels import affine, affine_t
+from .layers import Tap, _norm, _tap, block, dropout, key_visibility
 from .losses import head_cross_entropy
 from .params import GPTParams, head_matrix
 from .shapes import check_record, checked
 
-__all__ = ["forward", "loss", "positions_from_mask", "as_generator", "trained_vocab_index"]
+__all__ = ["forward", "walk", "embed", "readout", "unembed", "loss", "positions_from_mask", "as_generator",
+           "trained_vocab_index"]
 
 
 def as_generator(seed: torch.Generator | int | None, device: torch.device) -> torch.Generator | None:
@@ -126,8 +128,8 @@ def forward(params: GPTParams, ids: Int[Tensor, "batch seq"] | Float[Tensor, "ba
                   | Float[Tensor, "batch seq d_model"]):
     """GPT-2: logits[b, t] = unembed(ln_f(blocks(tok_emb[ids] + pos_emb[positions])))[b, t].
 
-    - `cache`: decode incrementally; returns `(logits, cache')` instead of logits, through the pure
-      `gpt2fn.decode_step` (the cache passed in is unchanged; see `gpt2fn.cache`). Dropout does not apply there.
+    - `cache`: decode incrementally; returns `(logits, cache')` instead of logits, as `gpt2fn.decode_step` does
+      (the cache passed in is unchanged; see `gpt2fn.cache`). Dropout does not apply there.
     - `positions`: position ids (default `start, start+1, ...`); `pad_mask`: False on left-padding tokens; when
       given without `positions`, positions are counted from the mask (cache included).
     - `generator` (or an int seed): turns dropout on with `config.drop_rate`. None: deterministic inference.
@@ -143,14 +145,13 @@ def forward(params: GPTParams, ids: Int[Tensor, "batch seq"] | Float[Tensor, "ba
     The part run still threads `tap`, so `forward_with(params, x, start_at_layer=L, capture=..., edit=...)`
     captures and edits the sites inside it. Partial runs do not decode: with `cache` both must be None.
     """
-    if cache is not None:  # incremental decoding: the pure step (gpt2fn.decode), out of place
+    if cache is not None:
         if start_at_layer is not None or stop_at_layer is not None:
             raise ValueError("start_at_layer/stop_at_layer run part of a full forward; they do not combine with "
                              "cache= (decoding runs every layer)")
-        from .decode import decode_step
-
-        return decode_step(params, cache, ids, pad_mask=pad_mask, tap=tap, last_only=last_only,
-                           positions=positions)
+        if generator is not None:
+            raise ValueError("dropout (generator=) does not apply while decoding with cache=; drop generator=")
+        cache.check_room(ids.shape[0], ids.shape[1])
     start, stop = _layer_span(params.config, start_at_layer, stop_at_layer)
     if start is None:
         _check_ids(params, ids, 0)
@@ -160,21 +161,89 @@ def forward(params: GPTParams, ids: Int[Tensor, "batch seq"] | Float[Tensor, "ba
         raise ValueError("last_only selects the last position's logits; with stop_at_layer no logits are made. "
                          "Slice the returned residual stream instead: forward(...)[:, -1:]")
     check_record(params, "params")
-    if pad_mask is not None and positions is None and start is None:
-        positions = positions_from_mask(pad_mask)
-    x = _features(params, ids, positions=positions, key_mask=pad_mask, generator=as_generator(generator, ids.device),
-                  tap=tap, last_only=last_only, start=start, stop=stop)
-    if stop is not None:
-        return x
-    return _tap(tap, "logits", unembed(params, x))
+    out, new = walk(params, ids, cache=cache, positions=positions, pad_mask=pad_mask,
+                    generator=as_generator(generator, ids.device), tap=tap, last_only=last_only, start=start,
+                    stop=stop)
+    return out if cache is None else (out, new)
 
 
 def unembed(params: GPTParams, x: Float[Tensor, "*batch d_model"]) -> Float[Tensor, "*batch vocab"]:
-    """`x @ head`: the logits of final-norm features. A decode layout's head may be padded to a multiple of its
-    panel width (`gpt2fn.decode.decode_params`); the padding columns are cut off here."""
-    logits = linear(x, head_matrix(params), None)
-    vocab = params.config.vocab_size
-    return logits if logits.shape[-1] == vocab else logits[..., :vocab]
+    """The logits of final-norm features: `x @ head`, or `x @ tok_emb.T` for a tied head, both read in place
+    (`gpt2fn.kernels`)."""
+    if params.head is None:
+        return affine_t(x, params.tok_emb)
+    return affine(x, params.head, None)
+
+
+def readout(params: GPTParams, x: Float[Tensor, "*batch d_model"], tap: Tap | None = None
+            ) -> Float[Tensor, "*batch vocab"]:
+    """The model's last step: final layer norm, then the unembedding (sites `final_norm*` and `logits`). The logit
+    lens reads every layer's residual stream through it."""
+    x = _tap(tap, "final_norm", _norm(params.final_norm, x, params.config.ln_eps, tap, "final_norm"))
+    return _tap(tap, "logits", unembed(params, x))
+
+
+def embed(params: GPTParams, ids: Int[Tensor, "batch seq"], positions: Int[Tensor, "batch seq"] | None = None, *,
+          generator: torch.Generator | None = None, tap: Tap | None = None) -> Float[Tensor, "batch seq d_model"]:
+    """Token plus position embedding (sites `embed.tok`, `embed.pos`, `embed`); positions default to 0..seq-1.
+
+    `F.embedding`, not `tok_emb[ids]`: the backward of advanced indexing (index_put_ with accumulate) adds repeated
+    ids with parallel atomic float adds on CPU, so with 2+ threads the gradient's rounding varied run to run."""
+    tok = _tap(tap, "embed.tok", F.embedding(ids, params.tok_emb))
+    pos = params.pos_emb[:ids.shape[1]] if positions is None else F.embedding(positions, params.pos_emb)
+    pos = _tap(tap, "embed.pos", pos)
+    return _tap(tap, "embed", dropout(tok + pos, params.config.drop_rate, generator))
+
+
+def walk(params: GPTParams, inputs: Tensor, *, cache: KVCache | None = None, positions: Tensor | None = None,
+         pad_mask: Tensor | None = None, donate: bool = False, generator: torch.Generator | None = None,
+         tap: Tap | None = None, last_only: bool = False, start: int | None = None, stop: int | None = None,
+         logits: bool = True) -> tuple[Tensor, KVCache | None]:
+    """The one pass through the model: embed -> blocks `start..stop-1` -> final norm -> unembed. `forward`,
+    `decode_step`, `loss`, the study engine and the logit lens all run it; only its arguments differ.
+
+    - Without `cache` (a forward): queries see the keys before them in the same sequence; `pad_mask` hides
+      left-padding keys and, without `positions`, counts positions from the mask.
+    - With `cache` (decoding): `inputs` are written into the cache's slots `length .. length+seq`, positions
+      continue each row's count, and queries see every valid slot up to their own (`layers.key_visibility`, the
+      rule a forward uses too). `donate` writes into the cache's buffers in place. Returns the new cache.
+    - `start` (`inputs` is then the residual stream entering that block), `stop` (return the residual stream
+      entering that block), `logits=False` (return the final-norm features): parts of the same walk.
+    Returns `(logits or features or residual stream, new cache or None)`. Input checks belong to the callers."""
+    cfg = params.config
+    seq = inputs.shape[1]
+    mask = slots = valid = real = None
+    if cache is not None:  # decoding: where the new keys go, which slots each query sees, positions from the count
+        real = torch.ones(inputs.shape[:2], dtype=torch.bool, device=inputs.device) if pad_mask is None else pad_mask
+        slots = cache.length + torch.arange(seq, device=inputs.device)
+        if positions is None:
+            positions = (cache.positions[:, None] + real.long().cumsum(-1) - 1).clamp(min=0)
+        valid = cache.valid.index_copy_(1, slots, real) if donate else cache.valid.index_copy(1, slots, real)
+        mask = key_visibility(slots, valid, cache.capacity)
+        pad_mask = None
+    elif pad_mask is not None and positions is None and start is None:
+        positions = positions_from_mask(pad_mask)
+    x = embed(params, inputs, positions, generator=generator, tap=tap) if start is None else inputs
+    keys, values = [], []
+    for i in range(start or 0, cfg.n_layers if stop is None else stop):
+        kv = None if cache is None else (cache.keys[i], cache.values[i])
+        x = block(params.blocks[i], x, config=cfg, layer=i, key_mask=pad_mask, generator=generator, tap=tap,
+                  kv=kv, slots=slots, mask=mask, donate=donate)
+        if cache is not None:
+            x, (k, v) = x
+            keys.append(k)
+            values.append(v)
+    new = None
+    if cache is not None:
+        assert real is not None and valid is not None
+        new = KVCache(tuple(keys), tuple(values), valid, cache.length + seq, cache.positions + real.sum(-1))
+    if stop is not None:
+        return x, new
+    if last_only:
+        x = x[:, -1:]
+    if not logits:
+        return _tap(tap, "final_norm", _norm(params.final_norm, x, cfg.ln_eps, tap, "final_norm")), new
+    return readout(params, x, tap), new
 
 
 def _layer_span(cfg: GPTConfig, start: int | None, stop: int | None) -> tuple[int | None, int | None]:
@@ -214,31 +283,6 @@ def _check_resid(params: GPTParams, x: Tensor, start_at_layer: int, positions: T
                          "them: drop positions=")
 
 
-def _features(params: GPTParams, ids: Tensor, *, positions: Tensor | None = None, key_mask: Tensor | None = None,
-              generator: torch.Generator | None = None, tap: Tap | None = None, last_only: bool = False,
-              start: int | None = None, stop: int | None = None) -> Tensor:
-    """Everything before the unembedding: embeddings -> blocks -> final layer norm, `[batch, seq, d_model]`.
-    With `start` the input is the residual stream entering block `start` (no embedding); with `stop` the result
-    is the residual stream entering block `stop` (no final norm)."""
-    cfg = params.config
-    if start is None:
-        # F.embedding, not tok_emb[ids]: the backward of advanced indexing (index_put_ with accumulate) adds
-        # repeated ids with parallel atomic float adds on CPU, so with 2+ threads the gradient's rounding varied
-        # run to run
-        tok = _tap(tap, "embed.tok", F.embedding(ids, params.tok_emb))
-        pos = _tap(tap, "embed.pos", params.pos_emb[:ids.shape[1]] if positions is None else params.pos_emb[positions])
-        x = _tap(tap, "embed", dropout(tok + pos, cfg.drop_rate, generator))
-    else:
-        x = ids
-    for i in range(start or 0, cfg.n_layers if stop is None else stop):
-        x = block(params.blocks[i], x, config=cfg, layer=i, key_mask=key_mask, generator=generator, tap=tap)
-    if stop is not None:
-        return x
-    if last_only:
-        x = x[:, -1:]
-    return _tap(tap, "final_norm", _norm(params.final_norm, x, cfg.ln_eps, tap, "final_norm"))
-
-
 @checked
 def loss(params: GPTParams, ids: Int[Tensor, "batch seq"], targets: Int[Tensor, "batch seq"], *,
          generator: torch.Generator | int | None = None, ignore_index: int = -100,
@@ -271,7 +315,7 @@ def loss(params: GPTParams, ids: Int[Tensor, "batch seq"], targets: Int[Tensor, 
         return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index)
     _check_ids(params, ids, 0)
     check_record(params, "params")
-    x = _features(params, ids, generator=as_generator(generator, ids.device))
+    x, _ = walk(params, ids, generator=as_generator(generator, ids.device), logits=False)
     w = head_matrix(params).T  # [vocab, d_model]: the tied token embedding itself, or the untied head's view
     if rows is not None:
         w = w.index_select(0, rows)

@@ -90,10 +90,6 @@ class _Record:
         return f"{type(self).__name__}({inner})"
 
 
-# A decode layout of an `[in, out]` matrix (`gpt2fn.kernels.pack`): only in trees made by `decode_params`.
-Layout = Float[Tensor, "_parts _part_in _part_out"]
-
-
 @record
 class LayerNormParams(_Record):
     """Layer norm gain and bias (`ln_*.weight/.bias` in GPT-2, `norm*.scale/.shift` in the seed)."""
@@ -106,9 +102,9 @@ class LayerNormParams(_Record):
 class AttentionParams(_Record):
     """Fused query/key/value projection and the output projection (`attn.c_attn`, `attn.c_proj`)."""
 
-    w_qkv: Float[Tensor, "d_model 3*d_model"] | Layout
+    w_qkv: Float[Tensor, "d_model 3*d_model"]
     b_qkv: Float[Tensor, " 3*d_model"] | None
-    w_out: Float[Tensor, "d_model d_model"] | Layout
+    w_out: Float[Tensor, "d_model d_model"]
     b_out: Float[Tensor, " d_model"] | None
 
 
@@ -116,9 +112,9 @@ class AttentionParams(_Record):
 class MLPParams(_Record):
     """Position-wise feed-forward network (`mlp.c_fc`, `mlp.c_proj`)."""
 
-    w_fc: Float[Tensor, "d_model d_mlp"] | Layout
+    w_fc: Float[Tensor, "d_model d_mlp"]
     b_fc: Float[Tensor, " d_mlp"] | None
-    w_proj: Float[Tensor, "d_mlp d_model"] | Layout
+    w_proj: Float[Tensor, "d_mlp d_model"]
     b_proj: Float[Tensor, " d_model"] | None
 
 
@@ -140,7 +136,7 @@ class GPTParams(_Record):
     pos_emb: Float[Tensor, "ctx d_model"]
     blocks: tuple[BlockParams, ...]
     final_norm: LayerNormParams
-    head: Float[Tensor, "d_model vocab"] | Layout | None
+    head: Float[Tensor, "d_model vocab"] | None
     config: GPTConfig = static()
 
     @property

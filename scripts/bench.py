@@ -44,11 +44,10 @@ import bench_peers as peers  # noqa: E402
 import gpt2fn  # noqa: E402
 from gpt2fn import GPTParams  # noqa: E402
 
-WORKLOADS = ("limits", "products", "decode", "beam", "prefill", "checks", "train", "load", "score", "patching")
+WORKLOADS = ("limits", "products", "default", "decode", "beam", "prefill", "checks", "train", "load", "score", "patching")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 GPT2FN, HF, SEED = "gpt2fn", "transformers", "seed loop (no cache)"
 COMPILED = "gpt2fn compile=True"
-VIEWS = "gpt2fn native=False"  # the split views the native kernel replaces (no copy of the weights)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -165,32 +164,38 @@ def bf16_is_fast(device: torch.device) -> bool:
 # Few-row products (issue 13): what one decode step multiplies, by layout
 
 
-def bench_products(config: gpt2fn.GPTConfig, *, rows: Sequence[int] = (1, 2, 4, 8, 16, 32, 64), repeats: int = 5
-                   ) -> list[Result]:
-    """GPT-2's per-step products (every block matrix with its bias, then the head), distinct random weights so
-    nothing stays in cache, `rows` rows, fp32 on the CPU: the plain `x @ W + b` (torch, MKL), the split views
-    and the native kernel's panels (`gpt2fn.kernels`). Reported as ms per step and the GB/s of weights read."""
+def bench_products(config: gpt2fn.GPTConfig, *, rows: Sequence[int] = (1, 2, 4, 8, 16, 32, 64, 128),
+                   repeats: int = 5) -> list[Result]:
+    """GPT-2's per-step products (every block matrix with its bias, then the tied head `x @ tok_emb.T`), distinct
+    random weights so nothing stays in cache, `rows` rows, fp32 on the CPU, each read in place: gpt2fn's native
+    kernel (`gpt2fn.kernels.affine`/`affine_t`) against torch's `x @ W + b` (MKL). Reported as ms per step and the
+    GB/s of weights read."""
+    from gpt2fn.kernels import native_affine, native_affine_t  # the kernel itself, without the policy
+
     d, m, v = config.emb_dim, config.d_mlp, config.vocab_size
-    shapes = [(d, 3 * d), (d, d), (d, m), (m, d)] * config.n_layers + [(d, v)]
+    shapes = [(d, 3 * d), (d, d), (d, m), (m, d)] * config.n_layers
     g = torch.Generator().manual_seed(0)
     ws = [torch.randn(i, o, generator=g) * 0.02 for i, o in shapes]
-    bs = [torch.randn(o, generator=g) for i, o in shapes[:-1]] + [None]
-    weight_bytes = sum(i * o for i, o in shapes) * 4
+    bs = [torch.randn(o, generator=g) for i, o in shapes]
+    head = torch.randn(v, d, generator=g) * 0.02  # the tied head: the token embedding [vocab, d_model]
+    weight_bytes = (sum(i * o for i, o in shapes) + v * d) * 4
     results = []
     for n in rows:
         xs = [torch.randn(n, i, generator=g) for i, o in shapes]
-        layouts: dict[str, list[torch.Tensor]] = {}
-        if gpt2fn.native.available():  # first: the speedup column is then the kernel's over each row
-            layouts["panels (native)"] = [gpt2fn.kernels.pack(w, rows=n, pad=b is None)
-                                          for w, b in zip(ws, bs, strict=True)]
-        layouts["views"] = [gpt2fn.kernels.pack(w, rows=n, use_native=False) for w in ws]
+        xh = torch.randn(n, d, generator=g)
 
-        def run(mats: list[torch.Tensor], xs: list[torch.Tensor] = xs) -> Callable[[], None]:
-            def go() -> None:
-                for x, w, b in zip(xs, mats, bs, strict=True):
-                    gpt2fn.layers.linear(x, w, b)
-            return go
-        contenders = {**{k: run(v) for k, v in layouts.items()}, "x @ W + b": run(ws)}
+        def native(xs: list[torch.Tensor] = xs, xh: torch.Tensor = xh) -> None:
+            for x, w, b in zip(xs, ws, bs, strict=True):
+                native_affine(x, w, b)
+            native_affine_t(xh, head)
+
+        def plain(xs: list[torch.Tensor] = xs, xh: torch.Tensor = xh) -> None:
+            for x, w, b in zip(xs, ws, bs, strict=True):
+                torch.addmm(b, x, w)
+            xh @ head.T
+
+        contenders = {"native (in place)": native} if gpt2fn.native.available() else {}
+        contenders["x @ W + b (torch)"] = plain
         with torch.inference_mode():
             t = interleaved(contenders, repeats=repeats, device=torch.device("cpu"))
         for name, secs in t.items():
@@ -198,7 +203,6 @@ def bench_products(config: gpt2fn.GPTConfig, *, rows: Sequence[int] = (1, 2, 4, 
                                   higher_is_better=False,
                                   extra={"rows": n, "GB/s": weight_bytes / statistics.median(secs) / 1e9,
                                          "GFLOP/s": 2 * n * weight_bytes / 4 / statistics.median(secs) / 1e9}))
-        del layouts
     return results
 
 
@@ -209,17 +213,8 @@ def bench_products(config: gpt2fn.GPTConfig, *, rows: Sequence[int] = (1, 2, 4, 
 def gpt2fn_decoder(params: GPTParams) -> tuple[str, Callable[[torch.Tensor, int], torch.Tensor]]:
     """gpt2fn's greedy decoding: `gpt2fn.generate_tokens` when present, else a loop over `forward` + KV cache."""
     generate_tokens = getattr(gpt2fn, "generate_tokens", None)
-    if generate_tokens is not None:
-        # the decode layout is kept across calls, as a user who generates repeatedly keeps it (and as the peer
-        # keeps its model): made once per batch size, outside the timing
-        layouts: dict[int, GPTParams] = {}
-
-        def run(ids: torch.Tensor, new: int) -> torch.Tensor:
-            b = ids.shape[0]
-            if b not in layouts:
-                layouts[b] = gpt2fn.decode_params(params, batch=b)
-            return generate_tokens(layouts[b], ids, max_new_tokens=new, eos=False)
-        return GPT2FN, run
+    if generate_tokens is not None:  # the default call on the params as loaded: nothing derived is kept
+        return GPT2FN, lambda ids, new: generate_tokens(params, ids, max_new_tokens=new, eos=False)
 
     def loop(ids: torch.Tensor, new: int) -> torch.Tensor:
         with torch.inference_mode():
@@ -249,7 +244,7 @@ def seed_decoder(model: torch.nn.Module, ctx: int) -> Callable[[torch.Tensor, in
 
 def bench_decode(params: GPTParams, *, batch: int, prompt_len: int = 16, new_tokens: int = 128,
                  repeats: int = 3, ttft_repeats: int = 5, with_seed: bool = False, with_hf: bool = True,
-                 with_compiled: bool = False, with_views: bool = False) -> list[Result]:
+                 with_compiled: bool = False) -> list[Result]:
     """Greedy decoding of `new_tokens` after a `prompt_len` prompt: new tokens/s (all rows of the batch, prefill
     included) and time to first token, each contender on the same weights and prompt."""
     device, dtype = params.device, params.dtype
@@ -262,12 +257,8 @@ def bench_decode(params: GPTParams, *, batch: int, prompt_len: int = 16, new_tok
         decoders[HF] = hf_decoder(peers.hf_from_params(params))
     if with_seed:
         decoders[SEED] = seed_decoder(peers.seed_from_params(params), params.config.context_length)
-    if with_views and gpt2fn.native.available() and device.type == "cpu" and dtype == torch.float32:
-        views = gpt2fn.decode_params(params, batch=batch, native=False)  # what decoding was without the kernel
-        decoders[VIEWS] = lambda ids, new: gpt2fn.generate_tokens(views, ids, max_new_tokens=new, eos=False)
     if with_compiled:  # the same steps through torch.compile (one graph per batch and capacity)
-        layout = gpt2fn.decode_params(params, batch=batch)
-        decoders[COMPILED] = lambda ids, new: gpt2fn.generate_tokens(layout, ids, max_new_tokens=new, eos=False,
+        decoders[COMPILED] = lambda ids, new: gpt2fn.generate_tokens(params, ids, max_new_tokens=new, eos=False,
                                                                      compile=True)
 
     outputs: dict[tuple[str, int], torch.Tensor] = {}
@@ -299,6 +290,32 @@ def bench_decode(params: GPTParams, *, batch: int, prompt_len: int = 16, new_tok
     return results
 
 
+def bench_default(params: GPTParams, *, prompt: str = "Hello, it is time", repeats: int = 5) -> list[Result]:
+    """The default call, as a user makes it on the params `load` returns: `gpt2fn.generate(params, prompt)` (text to
+    text: tokenizing, prefill, 20 new greedy tokens, detokenizing) and `generate_tokens(params, ids)`, against
+    `transformers`' `GPT2LMHeadModel.generate(ids)` at its defaults (20 new tokens here, greedy, KV cache). ms per
+    call, everything included."""
+    ids = torch.tensor([gpt2fn.tokenizer.encode(prompt)], device=params.device)
+    hf = peers.hf_from_params(params)
+    outputs: dict[str, Any] = {}
+
+    def text() -> None:
+        outputs["text"] = gpt2fn.generate(params, prompt)
+
+    def tokens() -> None:
+        outputs["tokens"] = gpt2fn.generate_tokens(params, ids)
+
+    def theirs() -> None:
+        with torch.inference_mode():
+            outputs[HF] = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False)
+
+    names = {"gpt2fn.generate(params, prompt)": text, "gpt2fn.generate_tokens(params, ids)": tokens, HF: theirs}
+    times = interleaved(names, repeats=repeats, device=params.device)
+    agree = float(torch.equal(outputs["tokens"], outputs[HF][:, :outputs["tokens"].shape[1]]))
+    return [Result("default", "fp32 20 new tokens", n, "ms", [1e3 * t for t in times[n]], higher_is_better=False,
+                   extra={"prompt": prompt, "ids_agree_with_transformers": agree}) for n in names]
+
+
 def bench_beam(params: GPTParams, *, num_beams: int = 4, prompt_len: int = 16, new_tokens: int = 64,
                repeats: int = 3) -> list[Result]:
     """Beam search (`num_beams` beams, no EOS, length penalty 1) of `new_tokens` after a `prompt_len` prompt, batch
@@ -311,12 +328,11 @@ def bench_beam(params: GPTParams, *, num_beams: int = 4, prompt_len: int = 16, n
     ids = torch.randint(0, params.config.n_tokens, (1, prompt_len), generator=torch.Generator().manual_seed(4)
                         ).to(device)
     hf = peers.hf_from_params(params)
-    fast = gpt2fn.decode_params(params, batch=num_beams)  # the layout, made once, as for the decode bench
     outputs: dict[str, torch.Tensor] = {}
 
     def ours(new: int = new_tokens) -> None:
         with torch.inference_mode():
-            outputs[GPT2FN] = beam_search(fast, ids, num_beams=num_beams, max_new_tokens=new)
+            outputs[GPT2FN] = beam_search(params, ids, num_beams=num_beams, max_new_tokens=new)
 
     def theirs(new: int = new_tokens) -> None:
         with torch.inference_mode():
@@ -681,7 +697,8 @@ def roofline(results: list[Result], config: gpt2fn.GPTConfig) -> list[dict[str, 
                                               new_tokens=e["new_tokens"])
         t_mem, t_flop = nbytes / (bw * 1e9), flops / (gemm.get(e["dtype"], float("inf")) * 1e9)
         limit = e["batch"] / max(t_mem, t_flop)
-        rows.append({"case": r.case, "contender": r.contender, "bytes_per_step": nbytes, "flops_per_step": flops, "bandwidth_gbs": bw,
+        rows.append({"case": r.case, "contender": r.contender, "bytes_per_step": nbytes, "flops_per_step": flops,
+                     "bandwidth_gbs": bw,
                      "bound": "memory" if t_mem >= t_flop else "compute", "roofline_tok_s": limit,
                      "gpt2fn_tok_s": r.median, "fraction": r.median / limit})
     return rows
@@ -895,7 +912,6 @@ class Plan:
     train_batch: int = 8
     repeats: int = 3
     compiled: bool = True
-    views: bool = True
     limit_mb: int = 1024
     gemm_n: int = 2048
 
@@ -914,8 +930,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=None, help="decoded tokens (default 128, --quick 16)")
     p.add_argument("--batches", default=None, help="decode batch sizes, comma separated (default 1,2,4,8,16,32)")
     p.add_argument("--dtypes", default=None, help="decode dtypes of fp32,bf16 (default both)")
-    p.add_argument("--no-views", action="store_true",
-                   help="skip the decode contender on the split views (gpt2fn native=False)")
     p.add_argument("--no-compiled", action="store_true",
                    help="skip the torch.compile decode rows (they compile for tens of seconds first)")
     p.add_argument("--preset", default="gpt2", help="model for decode/prefill/checks/load (default gpt2, 124M)")
@@ -935,7 +949,6 @@ def plan_from(args: argparse.Namespace) -> Plan:
         plan.repeats, plan.new_tokens, plan.prefill_len, plan.limit_mb, plan.gemm_n = 2, 16, 256, 256, 1024
     plan.repeats = args.repeats or plan.repeats
     plan.compiled = not (args.no_compiled or args.quick)
-    plan.views = not (args.no_views or args.quick)
     plan.new_tokens = args.new_tokens or plan.new_tokens
     if args.batches:
         plan.batches = tuple(int(b) for b in args.batches.split(","))
@@ -959,7 +972,7 @@ def run(plan: Plan, device: torch.device) -> tuple[list[Result], list[str]]:
     results: list[Result] = []
     notes: list[str] = []
     cfg = gpt2fn.preset(plan.preset)
-    needs_model = {"decode", "beam", "prefill", "checks", "score", "patching"} & set(plan.only)
+    needs_model = {"default", "decode", "beam", "prefill", "checks", "score", "patching"} & set(plan.only)
     params = gpt2fn.init_params(cfg, seed=0, device=device) if needs_model else None
     if "limits" in plan.only:
         with _stage("limits"):
@@ -970,6 +983,9 @@ def run(plan: Plan, device: torch.device) -> tuple[list[Result], list[str]]:
                 results += bench_products(cfg, repeats=plan.repeats + 2)
         else:
             notes.append("products skipped: the few-row layouts are CPU layouts")
+    if "default" in plan.only:
+        with _stage("default call"):
+            results += bench_default(params, repeats=plan.repeats + 2)
     if "decode" in plan.only:
         dtypes = plan.dtypes
         if dtypes is None:
@@ -983,8 +999,7 @@ def run(plan: Plan, device: torch.device) -> tuple[list[Result], list[str]]:
                 with _stage(f"decode {dt} b{b}"):
                     results += bench_decode(p, batch=b, prompt_len=plan.prompt_len, new_tokens=plan.new_tokens,
                                             repeats=plan.repeats, with_seed=(dt == "fp32" and b == 1),
-                                            with_compiled=plan.compiled and b in (1, 8),
-                                            with_views=plan.views)
+                                            with_compiled=plan.compiled and b in (1, 8))
             del p
     if "beam" in plan.only:
         with _stage("beam fp32 k4"):

@@ -322,8 +322,6 @@ BAD = [
      r"kind must be one of"),
     ("unknown source", lambda p: full_ov_circuit(p, 0, source="emb"), r"source must be 'tok'.*or 'pos'.*'emb'"),
     ("unknown key side", lambda p: full_qk_circuit(p, 0, key="x"), r"key must be 'tok'.*or 'pos'.*'x'"),
-    ("decode layout", lambda p: ov_circuit(gpt2fn.decode_params(p, batch=1, threads=2), 0),
-     r"decode layout of gpt2fn\.decode_params.*pass the params you gave decode_params"),
     ("pair of mismatched widths", lambda p: composition_score(ov_circuit(p, 0), FactoredMatrix(
         torch.zeros(5, 2), torch.zeros(2, 5)), "q"), r"left \[3, 24, 24\] writes 24 columns but right \[5, 5\]"),
 ]

@@ -1,6 +1,6 @@
 """The pure decode step: a cache value that steps out of place, donates on request, rolls back, reorders and
-compiles once. Cache, batch and padding properties run with 1 and 2 torch threads (2 takes the split product of
-`gpt2fn.kernels`, the path every CPU decode takes)."""
+compiles once. Cache, batch and padding properties run with 1 and 2 torch threads (CPU decoding runs on two: the
+native kernel splits each matrix's columns between them), on the weights as `init_params` returns them."""
 
 import dataclasses
 
@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 import gpt2fn
 from gpt2fn import (
     DonatedCacheError,
-    decode_params,
     decode_step,
     forward,
     generate_tokens,
@@ -28,8 +27,8 @@ from gpt2fn.generate import left_pad
 
 @pytest.fixture(scope="module", params=[24, 48], ids=["d24", "d48"])
 def params(request):
-    """The tiny model (its block widths 24/72/96 are no panel width's multiple: split views, panels for the padded
-    head) and one of width 48 (48/144/192: every matrix as panels for the native kernel)."""
+    """The tiny model (its block widths 24/72/96 leave columns past the last whole vector: the kernel's tail) and one
+    of width 48 (48/144/192: whole vectors and bands only)."""
     return init_params(preset("tiny").replace(emb_dim=request.param), seed=0)
 
 
@@ -44,13 +43,12 @@ def _equal_caches(a, b) -> bool:
 @given(seed=st.integers(0, 2**31 - 1), prompt=st.integers(1, 8), new=st.integers(1, 8))
 def test_a_pure_step_equals_full_recomputation_at_every_step(params, threads, seed, prompt, new):
     ids = _ids(seed, 2, prompt + new)
-    layout = decode_params(params, batch=2)
     cache = init_cache(params.config, 2, prompt + new)
-    logits, cache = decode_step(layout, cache, ids[:, :prompt])
+    logits, cache = decode_step(params, cache, ids[:, :prompt])
     full = forward(params, ids)
     torch.testing.assert_close(logits, full[:, :prompt], atol=2e-5, rtol=1e-4)
     for t in range(prompt, prompt + new):
-        logits, cache = decode_step(layout, cache, ids[:, t:t + 1])
+        logits, cache = decode_step(params, cache, ids[:, t:t + 1])
         torch.testing.assert_close(logits[:, 0], full[:, t], atol=2e-5, rtol=1e-4)
     assert int(cache.length) == prompt + new and cache.positions.tolist() == [prompt + new] * 2
 
@@ -129,12 +127,11 @@ def test_reordering_rows_commutes_with_stepping(params, threads, seed, order, re
 def test_a_left_padded_batch_decodes_each_row_as_the_prompt_alone(params, threads, seed, lengths):
     rows = [_ids(seed + i, 1, n)[0].tolist() for i, n in enumerate(lengths)]
     ids, mask = left_pad(rows)
-    layout = decode_params(params, batch=len(rows))
     nxt = _ids(seed, len(rows), 2)
-    logits, cache = decode_step(layout, init_cache(params.config, len(rows), ids.shape[1] + 2), ids, pad_mask=mask,
+    logits, cache = decode_step(params, init_cache(params.config, len(rows), ids.shape[1] + 2), ids, pad_mask=mask,
                                 last_only=True)
     for t in range(2):
-        step, cache = decode_step(layout, cache, nxt[:, t:t + 1])
+        step, cache = decode_step(params, cache, nxt[:, t:t + 1])
         for i, r in enumerate(rows):
             alone = forward(params, torch.tensor([r + nxt[i, :t + 1].tolist()]))
             torch.testing.assert_close(step[i, 0], alone[0, -1], atol=2e-5, rtol=1e-4)
@@ -167,7 +164,7 @@ VARIANTS = {
     "tied, biases": dict(),
     "untied, no biases": dict(tie_head=False, bias=False, qkv_bias=False),
     "qkv bias only": dict(bias=False, qkv_bias=True, tie_head=False),
-    "panel widths": dict(emb_dim=48),
+    "whole vectors": dict(emb_dim=48),
 }
 
 

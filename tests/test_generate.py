@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import gpt2fn
 from gpt2fn import GPTParams, forward, generate, generate_tokens, init_params, preset, stream
-from gpt2fn.generate import TextStream, decode_params, default_device, left_pad
+from gpt2fn.generate import TextStream, default_device, left_pad
 from gpt2fn.tokenizer import EOT, decode, encode
 
 
@@ -90,29 +90,6 @@ def test_left_pad_puts_padding_on_the_left():
     ids, mask = left_pad([[5, 6, 7], [8]], pad_id=0)
     assert ids.tolist() == [[5, 6, 7], [0, 0, 8]]
     assert mask.tolist() == [[True, True, True], [False, False, True]]
-
-
-_NATIVE = pytest.mark.parametrize("native", [
-    pytest.param(True, marks=pytest.mark.skipif(not gpt2fn.native.available(), reason=gpt2fn.native.status())),
-    False], ids=["panels", "views"])
-
-
-@_NATIVE
-def test_decode_params_unties_the_head_as_a_contiguous_copy_without_touching_params(native):
-    from gpt2fn.kernels import unpack
-
-    params = init_params(preset("tiny"), seed=0)
-    fast = decode_params(params, threads=1, native=native)
-    assert params.head is None and params.config.tie_head
-    assert fast.head is not None and fast.head.is_contiguous() and not fast.config.tie_head
-    vocab = params.config.vocab_size
-    head = unpack(fast.head, params.config.emb_dim)
-    if native:  # panels, padded with zero columns to a multiple of the panel width
-        assert fast.head.ndim == 3 and head.shape[1] % gpt2fn.kernels.panel_width(vocab, pad=True) == 0
-        assert not head[:, vocab:].any()
-    assert torch.equal(head[:, :vocab], params.tok_emb.T) and fast.tok_emb is params.tok_emb
-    ids = _ids(0, 2, 9)
-    torch.testing.assert_close(forward(fast, ids), forward(params, ids))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -410,25 +387,3 @@ def test_bfloat16_params_generate_the_same_kind_of_output(sharp):
     ids = _ids(0, 2, 5, device=sharp.device)
     out = generate_tokens(params, ids, max_new_tokens=6, temperature=0.8, seed=0)
     assert out.shape == (2, 11) and out.dtype == torch.long and (out < 97).all()
-
-
-@_NATIVE
-def test_the_decode_layout_is_a_value_made_afresh_and_reusable(native):
-    from gpt2fn.kernels import unpack
-
-    params = init_params(preset("tiny"), seed=0)
-    d, vocab = params.config.emb_dim, params.config.vocab_size
-    layout = decode_params(params, threads=2, native=native)
-    w_fc = layout.blocks[0].mlp.w_fc
-    assert w_fc.ndim == 3 and torch.equal(unpack(w_fc, d), params.blocks[0].mlp.w_fc)
-    # panels are a copy; split views (two threads) share the storage
-    assert (w_fc.data_ptr() == params.blocks[0].mlp.w_fc.data_ptr()) is (not native)
-    again = decode_params(layout, threads=2, native=native)  # applying it twice changes nothing
-    assert again.head is layout.head and again.blocks[0].mlp.w_fc is layout.blocks[0].mlp.w_fc
-    with torch.no_grad():
-        params.tok_emb.mul_(2)  # no memory of earlier calls: a new layout follows the new weights
-    assert torch.equal(unpack(decode_params(params, native=native).head, d)[:, :vocab], params.tok_emb.T)
-    half = gpt2fn.tree_to(params, dtype=torch.bfloat16)
-    assert decode_params(half).head is None  # bf16 reads the tied orientation as fast: no copy
-    ids = _ids(1, 2, 5)
-    assert torch.equal(generate_tokens(layout, ids, max_new_tokens=4), generate_tokens(params, ids, max_new_tokens=4))

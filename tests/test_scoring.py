@@ -190,8 +190,10 @@ def test_eval_equals_score_and_the_transformers_guide_on_a_folder(bpe_pair, tmp_
     ids = encode(TEXT) + [EOT] + encode(TEXT[::-1] + "\n")
     s = score(params, ids, stride=12)
     assert out["files"] == 2 and out["tokens"] == len(ids) > 64 and out["scored_tokens"] == s.n_tokens
-    assert out["mean_loss"] == pytest.approx(s.mean_loss, abs=1e-9)
-    assert out["perplexity"] == pytest.approx(s.perplexity, rel=1e-9)
+    # batches of 3 windows run on the native kernel, score's one batch of every window on torch's GEMM
+    # (gpt2fn.kernels: more than NATIVE_MAX_ROWS rows): the same sums, rounded in another order
+    assert out["mean_loss"] == pytest.approx(s.mean_loss, rel=1e-6)
+    assert out["perplexity"] == pytest.approx(s.perplexity, rel=1e-6)
     _, nll_sum, n = guide(model, ids, max_length=32, stride=12)
     assert n == out["scored_tokens"] and abs(out["mean_loss"] - nll_sum / n) < TOL
 

@@ -1,9 +1,10 @@
-"""gpt2fn's one native kernel: `panel_affine.cpp`, built on first use with the machine's C++ compiler.
+"""gpt2fn's one native kernel: `affine.cpp`, built on first use with the machine's C++ compiler.
 
-Why a kernel of our own: torch's CPU products of 2..64 rows (MKL's small GEMMs) run far below the memory
-bandwidth on the CPUs gpt2fn is built on, and decoding a batch is exactly such products (issue 13; the figures are
-in docs/performance.md). `panel_affine.cpp` streams a weight laid out in column panels and keeps a block of rows x
-one panel in vector registers.
+Why a kernel of our own: torch's CPU products of 1..64 rows (MKL's small GEMMs) run below the memory bandwidth
+on some of the CPUs gpt2fn is built on (the AMD EPYC most of all), and decoding a batch is exactly such products;
+its tied head `x @ tok_emb.T` runs at about half the bandwidth of the other orientation in torch. `affine.cpp`
+reads the stored matrices in place (`[in, out]` and, for the tied head, `[vocab, d_model]`) and keeps a block of
+rows x a band of columns in vector registers. The policy that decides when it is used is `gpt2fn.kernels`.
 
 How it is built: the source ships in the package; the first call compiles it with `$CXX` (default `c++`),
 `-O3 -march=native -fopenmp`, into the user cache (`$XDG_CACHE_HOME/gpt2fn/native/<key>/`, default
@@ -25,9 +26,9 @@ import shutil
 import subprocess
 from pathlib import Path
 
-__all__ = ["library", "available", "status", "panel_widths", "vector_width"]
+__all__ = ["library", "available", "status", "vector_width"]
 
-_SOURCE = Path(__file__).with_name("panel_affine.cpp")
+_SOURCE = Path(__file__).with_name("affine.cpp")
 _FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-fPIC", "-shared", "-std=c++17")
 _ENV = "GPT2FN_NATIVE"
 _status = "not loaded yet"
@@ -60,7 +61,7 @@ def _build(cxx: str) -> Path:
     source = _SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join([source, " ".join(_FLAGS).encode(), version.encode(),
                                      platform.machine().encode(), _cpu_flags().encode()])).hexdigest()[:16]
-    out = _cache_dir() / key / "libgpt2fn_panel_affine.so"
+    out = _cache_dir() / key / "libgpt2fn_affine.so"
     if out.exists():
         return out
     from ..files import atomic_write_path
@@ -94,11 +95,11 @@ def library() -> ctypes.CDLL | None:
         _status = f"off: the build failed ({type(e).__name__}: {e})"
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.gpt2fn_panel_affine.restype = ctypes.c_int
-    lib.gpt2fn_panel_affine.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, ptr, ptr, i64, ctypes.c_int]
+    lib.gpt2fn_affine.restype = ctypes.c_int
+    lib.gpt2fn_affine.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, ptr, ptr, i64, ctypes.c_int, i64]
+    lib.gpt2fn_affine_t.restype = ctypes.c_int
+    lib.gpt2fn_affine_t.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, ptr, i64, ctypes.c_int]
     lib.gpt2fn_vector_width.restype = ctypes.c_int
-    lib.gpt2fn_panel_widths.restype = ctypes.c_int
-    lib.gpt2fn_panel_widths.argtypes = [ctypes.POINTER(ctypes.c_int)]
     _status = f"on: {path} ({lib.gpt2fn_vector_width()} floats per vector)"
     return lib
 
@@ -119,14 +120,3 @@ def vector_width() -> int:
     """Floats per vector register in this build (16 with AVX-512, 8 with AVX2)."""
     lib = library()
     return 0 if lib is None else int(lib.gpt2fn_vector_width())
-
-
-@functools.cache
-def panel_widths() -> tuple[int, ...]:
-    """The panel widths this build computes, fastest first (empty without the kernel)."""
-    lib = library()
-    if lib is None:
-        return ()
-    buf = (ctypes.c_int * 8)()
-    n = lib.gpt2fn_panel_widths(buf)
-    return tuple(int(buf[i]) for i in range(n))

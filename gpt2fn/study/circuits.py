@@ -24,9 +24,8 @@ Conventions, read before comparing numbers:
 - `W_E` is the token embedding `tok_emb` as stored (no layer norm applied); `source="pos"` / `query="pos"` /
   `key="pos"` read the position embedding `W_pos` `[ctx, d_model]` instead. `W_U` is the untied head or the tied
   `tok_emb^T`: every `GPTParams` has an unembedding, so no circuit lacks one.
-- Trees made by `gpt2fn.decode_params` (packed matrices) are refused: pass the plain params.
 
-Errors: a layer or head out of range, an unknown `kind` / `source`, or a decode layout raise ValueError naming the
+Errors: a layer or head out of range or an unknown `kind` / `source` raise ValueError naming the
 argument and the valid values; something other than `GPTParams` raises TypeError.
 """
 
@@ -55,14 +54,6 @@ def _plain(params: GPTParams) -> GPTParams:
     if not isinstance(params, GPTParams):
         raise TypeError(f"params must be a GPTParams tree (from gpt2fn.load or init_params), got "
                         f"{type(params).__name__}")
-    packed = [f"blocks.{i}.attn.{n}" for i, b in enumerate(params.blocks) for n in ("w_qkv", "w_out")
-              if getattr(b.attn, n).ndim != 2]
-    if params.head is not None and params.head.ndim != 2:
-        packed.append("head")
-    if packed:
-        raise ValueError(f"params hold the decode layout of gpt2fn.decode_params ({', '.join(packed[:3])}"
-                         f"{', ...' if len(packed) > 3 else ''} packed); circuits read the plain [in, out] "
-                         "matrices: pass the params you gave decode_params")
     return params
 
 

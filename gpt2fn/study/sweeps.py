@@ -11,8 +11,8 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from torch.func import grad, jacrev, vmap
 
-from ..layers import block, layer_norm, linear
-from ..params import GPTParams, head_matrix
+from ..model import readout, walk
+from ..params import GPTParams
 from ..shapes import checked
 from .run import forward_with
 from .sites import LAYER_SITES, SITE_DIMS, Activations, resolve_sites, site_names
@@ -322,16 +322,15 @@ def batched_runs(params: GPTParams, ids: Int[Tensor, "batch seq"], rows: Sequenc
 
 
 def _run_rows(params: GPTParams, tap: _RowsTap, starts: list[int], base_x: dict[str, Tensor]) -> Tensor:
-    cfg = params.config
+    """The model's one walk in segments: rows join the batch at the layer of their first edit (their residual
+    stream there from the clean run), and each segment runs the blocks up to the next joining layer."""
+    n = params.config.n_layers
+    joins = sorted(set(starts))
     x: Tensor | None = None
-    for layer in range(cfg.n_layers + 1):
-        joining = sum(1 for s in starts if s == layer)
-        if joining:
-            add = base_x[f"blocks.{layer}.resid_pre"].repeat(joining, 1, 1)
-            x = add if x is None else torch.cat([x, add])
-            tap.active += joining
-        if layer < cfg.n_layers and x is not None:
-            x = block(params.blocks[layer], x, config=cfg, layer=layer, tap=tap)
+    for layer, upto in zip(joins, [*joins[1:], n], strict=True):
+        add = base_x[f"blocks.{layer}.resid_pre"].repeat(starts.count(layer), 1, 1)
+        x = add if x is None else torch.cat([x, add])
+        tap.active += starts.count(layer)
+        x, _ = walk(params, x, start=layer, stop=upto, tap=tap)
     assert x is not None
-    h = layer_norm(params.final_norm, x, eps=cfg.ln_eps)
-    return linear(h, head_matrix(params), None)
+    return readout(params, x)

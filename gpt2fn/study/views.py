@@ -10,8 +10,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from ..layers import layer_norm
-from ..params import GPTParams, head_matrix
+from ..model import readout
+from ..params import GPTParams
 from ..shapes import checked
 from .run import forward_with
 
@@ -36,11 +36,10 @@ def logit_lens(params: GPTParams, ids: Int[Tensor, "batch seq"], *, positions: S
     cfg = params.config
     sites = ["embed", *(f"blocks.{i}.resid_post" for i in range(cfg.n_layers))]
     _, acts = forward_with(params, ids, capture=sites, **forward_kwargs)
-    unembed = head_matrix(params)
     rows = []
     for site in sites:
         x = acts[site] if positions is None else acts[site][:, list(positions)]
-        rows.append(layer_norm(params.final_norm, x, eps=cfg.ln_eps) @ unembed)
+        rows.append(readout(params, x))
     return torch.stack(rows)
 
 
