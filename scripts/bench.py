@@ -44,7 +44,8 @@ import bench_peers as peers  # noqa: E402
 import gpt2fn  # noqa: E402
 from gpt2fn import GPTParams  # noqa: E402
 
-WORKLOADS = ("limits", "products", "default", "decode", "beam", "prefill", "checks", "train", "load", "score", "patching")
+WORKLOADS = ("limits", "products", "default", "decode", "beam", "prefill", "checks", "train", "load", "score",
+             "patching")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 GPT2FN, HF, SEED = "gpt2fn", "transformers", "seed loop (no cache)"
 COMPILED = "gpt2fn compile=True"
