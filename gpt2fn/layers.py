@@ -29,7 +29,8 @@ from .params import AttentionParams, BlockParams, LayerNormParams, MLPParams
 from .shapes import check_record, checked
 
 __all__ = [
-    "Tap", "layer_norm", "gelu", "dropout", "linear", "split_heads", "merge_heads", "key_visibility", "causal_mask",
+    "Tap", "tap_site", "layer_norm", "layer_norm_sites", "gelu", "dropout", "linear", "split_heads", "merge_heads",
+    "split_qkv", "key_visibility", "causal_mask",
     "write_slots", "attend_fast", "attend_explicit", "attention", "attention_pattern", "mlp", "block",
 ]
 
@@ -37,7 +38,8 @@ Tap = Callable[[str, Tensor], Tensor]
 Hidden = Float[Tensor, "batch seq d_model"]
 
 
-def _tap(tap: Tap | None, site: str, x: Tensor) -> Tensor:
+def tap_site(tap: Tap | None, site: str, x: Tensor) -> Tensor:
+    """The value at activation site `site`: `x`, or what `tap` returns for it (a capture returns `x` itself)."""
     return x if tap is None else tap(site, x)
 
 
@@ -46,7 +48,7 @@ def _wants(tap: Tap | None, site: str) -> bool:
     return tap is not None and getattr(tap, "wants", lambda _: True)(site)
 
 
-def _norm(p: LayerNormParams, x: Tensor, eps: float, tap: Tap | None, site: str) -> Tensor:
+def layer_norm_sites(p: LayerNormParams, x: Tensor, eps: float, tap: Tap | None, site: str) -> Tensor:
     """`layer_norm` with its parts as sites `{site}.scale` (sqrt(var + eps), `[*batch, 1]`) and `{site}.normalized`
     ((x - mean) / scale), computed (and editable) only when `tap` wants one of them. When the tap returns them
     unchanged the output is the fused kernel's, so reading them changes no bits."""
@@ -54,9 +56,9 @@ def _norm(p: LayerNormParams, x: Tensor, eps: float, tap: Tap | None, site: str)
         return layer_norm(p, x, eps=eps)
     centred = x - x.mean(-1, keepdim=True)
     scale = (centred.pow(2).mean(-1, keepdim=True) + eps).sqrt()
-    tapped = _tap(tap, f"{site}.scale", scale)
+    tapped = tap_site(tap, f"{site}.scale", scale)
     normalized = centred / tapped
-    edited = _tap(tap, f"{site}.normalized", normalized)
+    edited = tap_site(tap, f"{site}.normalized", normalized)
     if tapped is scale and edited is normalized:  # only read: the fused kernel's bits, as without the tap
         return layer_norm(p, x, eps=eps)
     return edited * p.scale + p.shift
@@ -142,12 +144,13 @@ def attend_explicit(q: Float[Tensor, "batch heads seq head_dim"], k: Float[Tenso
     if mask is None:
         mask = causal_mask(q.shape[2], k.shape[2], key_mask, q.device)
     scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
-    scores = _tap(tap, f"{site}.scores", scores.masked_fill(~mask, float("-inf")))
-    pattern = _tap(tap, f"{site}.pattern", torch.softmax(scores, dim=-1))
+    scores = tap_site(tap, f"{site}.scores", scores.masked_fill(~mask, float("-inf")))
+    pattern = tap_site(tap, f"{site}.pattern", torch.softmax(scores, dim=-1))
     return dropout(pattern, drop_rate, generator) @ v, pattern
 
 
-def _qkv(p: AttentionParams, x: Tensor, n_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+def split_qkv(p: AttentionParams, x: Tensor, n_heads: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Queries, keys and values `[batch heads seq head_dim]` of `x` from the one `w_qkv` product."""
     qkv = linear(x, p.w_qkv, p.b_qkv)
     q, k, v = rearrange(qkv, "b s (three h d) -> three b h s d", three=3, h=n_heads)
     return q, k, v
@@ -160,7 +163,7 @@ def _head_inputs(x: Tensor, n_heads: int, tap: Tap, site: str) -> tuple[Tensor |
     `x`. Returns the edited inputs, None where the tap returned the view unchanged."""
     b, s, d = x.shape
     shared = x[:, None].expand(b, n_heads, s, d)
-    edited = [_tap(tap, f"{site}.{n}_input", shared) for n in "qkv"]
+    edited = [tap_site(tap, f"{site}.{n}_input", shared) for n in "qkv"]
     return tuple(None if e is shared else e for e in edited)
 
 
@@ -199,14 +202,14 @@ def attention(p: AttentionParams, x: Float[Tensor, "batch seq d_model"], *, n_he
     queries, keys, values read (None: unchanged); each goes through its own head's columns of `w_qkv` only.
     """
     check_record(p, site)
-    q, k, v = _qkv(p, x, n_heads)
+    q, k, v = split_qkv(p, x, n_heads)
     if head_shift is not None:  # x' W + b = (x W + b) + (x' - x) W, head by head: other heads keep their bits
         d = x.shape[-1]
         w = p.w_qkv
         q, k, v = (t if dx is None else t + torch.einsum(
             "bhsm,hme->bhse", dx, rearrange(w[:, i * d:(i + 1) * d], "m (h e) -> h m e", h=n_heads))
             for i, (t, dx) in enumerate(zip((q, k, v), head_shift, strict=True)))
-    q, k, v = (_tap(tap, f"{site}.{n}", t) for n, t in (("q", q), ("k", k), ("v", v)))
+    q, k, v = (tap_site(tap, f"{site}.{n}", t) for n, t in (("q", q), ("k", k), ("v", v)))
     if kv is not None:
         if slots is None or mask is None:
             raise ValueError("attention with cache buffers `kv` needs `slots` and `mask` (see gpt2fn.decode)")
@@ -218,17 +221,17 @@ def attention(p: AttentionParams, x: Float[Tensor, "batch seq d_model"], *, n_he
     else:
         z, _ = attend_explicit(q, k, v, key_mask, mask=mask, drop_rate=drop_rate, generator=generator, tap=tap,
                                site=site)
-    z = _tap(tap, f"{site}.z", z)
+    z = tap_site(tap, f"{site}.z", z)
     out = None
     if _wants(tap, f"{site}.result"):  # each head's write into the residual stream: [batch seq heads d_model]
         w_o = p.w_out.view(n_heads, z.shape[-1], p.w_out.shape[-1])
         result = torch.einsum("bhsd,hdm->bshm", z, w_o)
-        edited = _tap(tap, f"{site}.result", result)
+        edited = tap_site(tap, f"{site}.result", result)
         if edited is not result:  # an edit: the output is the sum of the edited heads (when only read: fused)
             summed = edited.sum(2) if p.b_out is None else edited.sum(2) + p.b_out
-            out = _tap(tap, f"{site}.out", summed)
+            out = tap_site(tap, f"{site}.out", summed)
     if out is None:
-        out = _tap(tap, f"{site}.out", linear(merge_heads(z), p.w_out, p.b_out))
+        out = tap_site(tap, f"{site}.out", linear(merge_heads(z), p.w_out, p.b_out))
     return out if kv is None else (out, kv)
 
 
@@ -238,7 +241,7 @@ def attention_pattern(p: AttentionParams, x: Float[Tensor, "batch seq d_model"],
                       ) -> Float[Tensor, "batch heads seq seq"]:
     """The attention weights softmax(q k^T / sqrt(head_dim) + mask): each row a distribution over the past."""
     check_record(p, "attn")
-    q, k, v = _qkv(p, x, n_heads)
+    q, k, v = split_qkv(p, x, n_heads)
     return attend_explicit(q, k, v, key_mask)[1]
 
 
@@ -247,8 +250,8 @@ def mlp(p: MLPParams, x: Float[Tensor, "*batch d_model"], *, approximate: str = 
         tap: Tap | None = None, site: str = "mlp") -> Float[Tensor, "*batch d_model"]:
     """Position-wise feed-forward network: gelu(x W_fc + b_fc) W_proj + b_proj."""
     check_record(p, site)
-    pre = _tap(tap, f"{site}.pre", linear(x, p.w_fc, p.b_fc))
-    post = _tap(tap, f"{site}.post", gelu(pre, approximate=approximate))
+    pre = tap_site(tap, f"{site}.pre", linear(x, p.w_fc, p.b_fc))
+    post = tap_site(tap, f"{site}.post", gelu(pre, approximate=approximate))
     return linear(post, p.w_proj, p.b_proj)
 
 
@@ -261,18 +264,18 @@ def block(p: BlockParams, x: Float[Tensor, "batch seq d_model"], *, config: GPTC
     """Pre-norm transformer block: x + attn(ln1(x)), then + mlp(ln2(.)), with dropout on each branch.
     With cache buffers `kv` (decoding, see `attention`) it returns `(x, (keys, values))`."""
     site, rate = f"blocks.{layer}", config.drop_rate
-    x = _tap(tap, f"{site}.resid_pre", x)
+    x = tap_site(tap, f"{site}.resid_pre", x)
     edited = None
     if tap is not None and any(_wants(tap, f"{site}.attn.{n}_input") for n in "qkv"):
         edited = _head_inputs(x, config.n_heads, tap, f"{site}.attn")
-    h = _tap(tap, f"{site}.ln1", _norm(p.norm1, x, config.ln_eps, tap, f"{site}.ln1"))
+    h = tap_site(tap, f"{site}.ln1", layer_norm_sites(p.norm1, x, config.ln_eps, tap, f"{site}.ln1"))
     a = attention(p.attn, h, n_heads=config.n_heads, key_mask=key_mask, drop_rate=rate, generator=generator,
                   tap=tap, site=f"{site}.attn", kv=kv, slots=slots, mask=mask, donate=donate,
                   head_shift=None if edited is None else _head_shift(p.norm1, x, edited, config.ln_eps))
     if kv is not None:
         a, kv = a
-    x = _tap(tap, f"{site}.resid_mid", x + dropout(a, rate, generator))
-    h = _tap(tap, f"{site}.ln2", _norm(p.norm2, x, config.ln_eps, tap, f"{site}.ln2"))
-    m = _tap(tap, f"{site}.mlp.out", mlp(p.mlp, h, approximate=config.gelu, tap=tap, site=f"{site}.mlp"))
-    x = _tap(tap, f"{site}.resid_post", x + dropout(m, rate, generator))
+    x = tap_site(tap, f"{site}.resid_mid", x + dropout(a, rate, generator))
+    h = tap_site(tap, f"{site}.ln2", layer_norm_sites(p.norm2, x, config.ln_eps, tap, f"{site}.ln2"))
+    m = tap_site(tap, f"{site}.mlp.out", mlp(p.mlp, h, approximate=config.gelu, tap=tap, site=f"{site}.mlp"))
+    x = tap_site(tap, f"{site}.resid_post", x + dropout(m, rate, generator))
     return x if kv is None else (x, kv)

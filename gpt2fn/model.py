@@ -21,7 +21,7 @@ from torch import Tensor
 from .cache import KVCache
 from .config import GPTConfig
 from .kernels import affine, affine_t
-from .layers import Tap, _norm, _tap, block, dropout, key_visibility
+from .layers import Tap, block, dropout, key_visibility, layer_norm_sites, tap_site
 from .losses import head_cross_entropy
 from .params import GPTParams, head_matrix
 from .shapes import check_record, checked
@@ -179,8 +179,8 @@ def readout(params: GPTParams, x: Float[Tensor, "*batch d_model"], tap: Tap | No
             ) -> Float[Tensor, "*batch vocab"]:
     """The model's last step: final layer norm, then the unembedding (sites `final_norm*` and `logits`). The logit
     lens reads every layer's residual stream through it."""
-    x = _tap(tap, "final_norm", _norm(params.final_norm, x, params.config.ln_eps, tap, "final_norm"))
-    return _tap(tap, "logits", unembed(params, x))
+    x = tap_site(tap, "final_norm", layer_norm_sites(params.final_norm, x, params.config.ln_eps, tap, "final_norm"))
+    return tap_site(tap, "logits", unembed(params, x))
 
 
 def embed(params: GPTParams, ids: Int[Tensor, "batch seq"], positions: Int[Tensor, "batch seq"] | None = None, *,
@@ -189,10 +189,10 @@ def embed(params: GPTParams, ids: Int[Tensor, "batch seq"], positions: Int[Tenso
 
     `F.embedding`, not `tok_emb[ids]`: the backward of advanced indexing (index_put_ with accumulate) adds repeated
     ids with parallel atomic float adds on CPU, so with 2+ threads the gradient's rounding varied run to run."""
-    tok = _tap(tap, "embed.tok", F.embedding(ids, params.tok_emb))
+    tok = tap_site(tap, "embed.tok", F.embedding(ids, params.tok_emb))
     pos = params.pos_emb[:ids.shape[1]] if positions is None else F.embedding(positions, params.pos_emb)
-    pos = _tap(tap, "embed.pos", pos)
-    return _tap(tap, "embed", dropout(tok + pos, params.config.drop_rate, generator))
+    pos = tap_site(tap, "embed.pos", pos)
+    return tap_site(tap, "embed", dropout(tok + pos, params.config.drop_rate, generator))
 
 
 def walk(params: GPTParams, inputs: Tensor, *, cache: KVCache | None = None, positions: Tensor | None = None,
@@ -242,7 +242,7 @@ def walk(params: GPTParams, inputs: Tensor, *, cache: KVCache | None = None, pos
     if last_only:
         x = x[:, -1:]
     if not logits:
-        return _tap(tap, "final_norm", _norm(params.final_norm, x, cfg.ln_eps, tap, "final_norm")), new
+        return tap_site(tap, "final_norm", layer_norm_sites(params.final_norm, x, cfg.ln_eps, tap, "final_norm")), new
     return readout(params, x, tap), new
 
 

@@ -74,7 +74,9 @@ def static() -> Any:
     return dataclasses.field(metadata={"static": True})
 
 
-class _Record:
+class Record:
+    """What every parameter record has (base of the `@record` classes): `replace` and a repr of shapes."""
+
     def replace(self: T, **changes: Any) -> T:
         """A copy with some fields replaced."""
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]
@@ -91,7 +93,7 @@ class _Record:
 
 
 @record
-class LayerNormParams(_Record):
+class LayerNormParams(Record):
     """Layer norm gain and bias (`ln_*.weight/.bias` in GPT-2, `norm*.scale/.shift` in the seed)."""
 
     scale: Float[Tensor, " d_model"]
@@ -99,7 +101,7 @@ class LayerNormParams(_Record):
 
 
 @record
-class AttentionParams(_Record):
+class AttentionParams(Record):
     """Fused query/key/value projection and the output projection (`attn.c_attn`, `attn.c_proj`)."""
 
     w_qkv: Float[Tensor, "d_model 3*d_model"]
@@ -109,7 +111,7 @@ class AttentionParams(_Record):
 
 
 @record
-class MLPParams(_Record):
+class MLPParams(Record):
     """Position-wise feed-forward network (`mlp.c_fc`, `mlp.c_proj`)."""
 
     w_fc: Float[Tensor, "d_model d_mlp"]
@@ -119,7 +121,7 @@ class MLPParams(_Record):
 
 
 @record
-class BlockParams(_Record):
+class BlockParams(Record):
     """One pre-norm transformer block."""
 
     norm1: LayerNormParams
@@ -129,7 +131,7 @@ class BlockParams(_Record):
 
 
 @record
-class GPTParams(_Record):
+class GPTParams(Record):
     """All of a GPT-2's weights. `config` is static metadata (pytree context), not a leaf."""
 
     tok_emb: Float[Tensor, "vocab d_model"]

@@ -34,7 +34,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from ..model import _out_of_range
-from ..params import GPTParams, _Record, head_matrix, record, static
+from ..params import GPTParams, Record, head_matrix, record, static
 from ..shapes import checked
 from .run import forward_with
 from .sites import site_dims
@@ -58,7 +58,7 @@ Tokens = int | Int[Tensor, "*token_shape"]  # one id, [batch] or [batch, pos]: c
 
 
 @record
-class Components(_Record):
+class Components(Record):
     """Parts of the residual stream (or their logit attributions) stacked on a leading `component` axis.
 
     - `stack`: `[component, batch, *pos, d_model]`; `[component, batch, *pos]` for logit attributions. `*pos` is

@@ -38,10 +38,10 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from ..layers import _qkv, layer_norm
+from ..layers import layer_norm, split_qkv
 from ..params import GPTParams
 from .run import forward_with
-from .sweeps import Metric, RowEdit, _check_pair, _positions, _row_bytes, batched_runs, chunk_limit
+from .sweeps import Metric, RowEdit, batched_runs, check_pair, chunk_limit, grid_positions, row_bytes
 
 __all__ = ["Sender", "Receiver", "path_patch", "path_patching_sweep", "RECEIVER_SITES"]
 
@@ -138,7 +138,7 @@ def path_patching_sweep(params: GPTParams, clean_ids: Int[Tensor, "batch seq"],
     `chunk_size` / `memory_limit` bound the senders run together (each holds its receivers' patched inputs).
     """
     cfg = params.config
-    seq = _check_pair(clean_ids, corrupt_ids)
+    seq = check_pair(clean_ids, corrupt_ids)
     targets = _targets(params, receivers)
     grid = senders is None
     chosen = [(i, h) for i in range(cfg.n_layers) for h in range(cfg.n_heads)] if grid else [
@@ -146,7 +146,7 @@ def path_patching_sweep(params: GPTParams, clean_ids: Int[Tensor, "batch seq"],
     if not chosen:
         raise ValueError("senders is empty; pass (layer, head) or (layer, 'mlp') pairs, or None for every head")
     where = torch.zeros(seq, 1, dtype=torch.bool, device=clean_ids.device)
-    where[_positions(positions, seq)] = True
+    where[grid_positions(positions, seq)] = True
     if vectorize:
         out = _batched(params, clean_ids, corrupt_ids, metric, targets, chosen, where, chunk_size, memory_limit)
     else:
@@ -192,7 +192,7 @@ def _received(params: GPTParams, t: _Target, stream: Tensor) -> Tensor:
     h = layer_norm(bp.norm1, stream, eps=cfg.ln_eps)
     if t.kind == "ln1":
         return h
-    q, k, v = _qkv(bp.attn, h, cfg.n_heads)
+    q, k, v = split_qkv(bp.attn, h, cfg.n_heads)
     return {"attn.q": q, "attn.k": k, "attn.v": v}[t.kind]
 
 
@@ -220,7 +220,7 @@ def _batched(params: GPTParams, clean_ids: Tensor, corrupt_ids: Tensor, metric: 
         _, corrupt = forward_with(params, corrupt_ids, capture=outputs)
     batch, seq = clean_ids.shape
     # each row holds its receivers' patched values (one [batch seq d_model] each) besides the run itself
-    per_row = _row_bytes(params, batch, seq, False) + len(targets) * batch * seq * cfg.emb_dim * \
+    per_row = row_bytes(params, batch, seq, False) + len(targets) * batch * seq * cfg.emb_dim * \
         params.tok_emb.element_size()
     limit = chunk_limit(len(senders), per_row, chunk_size, memory_limit, unit="sender",
                         shape=f"batch {batch} x seq {seq}, {len(targets)} receivers",

@@ -47,9 +47,9 @@ def patching_sweep(params: GPTParams, clean_ids: Int[Tensor, "batch seq"], corru
     cfg = params.config
     if site not in LAYER_SITES:
         raise ValueError(f"site must be a per-layer site, one of {', '.join(LAYER_SITES)}; got {site!r}")
-    seq = _check_pair(clean_ids, corrupt_ids)
+    seq = check_pair(clean_ids, corrupt_ids)
     layers = _grid_axis(layers, cfg.n_layers, "layers", "the model's layers")
-    positions = _positions(positions, seq)
+    positions = grid_positions(positions, seq)
     names = [f"blocks.{i}.{site}" for i in layers]
     with torch.no_grad():
         _, clean = forward_with(params, clean_ids, capture=names)
@@ -84,10 +84,10 @@ def head_patching_sweep(params: GPTParams, clean_ids: Int[Tensor, "batch seq"],
     if site not in HEAD_SITES:
         raise ValueError(f"head_patching_sweep patches a site with a heads axis, one of {', '.join(HEAD_SITES)}; "
                          f"got {site!r} (for a whole-layer site use patching_sweep)")
-    seq = _check_pair(clean_ids, corrupt_ids)
+    seq = check_pair(clean_ids, corrupt_ids)
     layers = _grid_axis(layers, cfg.n_layers, "layers", "the model's layers")
     heads = _grid_axis(heads, cfg.n_heads, "heads", "the heads of a layer")
-    positions = _positions(positions, seq)
+    positions = grid_positions(positions, seq)
     names = [f"blocks.{i}.{site}" for i in layers]
     with torch.no_grad():
         _, clean = forward_with(params, clean_ids, capture=names)
@@ -102,7 +102,7 @@ def head_patching_sweep(params: GPTParams, clean_ids: Int[Tensor, "batch seq"],
     return out.reshape(*grid, *out.shape[1:])
 
 
-def _check_pair(clean_ids: Tensor, corrupt_ids: Tensor) -> int:
+def check_pair(clean_ids: Tensor, corrupt_ids: Tensor) -> int:
     """The shared seq of a clean/corrupt pair, or a ValueError."""
     if clean_ids.shape != corrupt_ids.shape:
         raise ValueError(f"clean_ids {list(clean_ids.shape)} and corrupt_ids {list(corrupt_ids.shape)} must have "
@@ -130,7 +130,8 @@ def _grid_axis(chosen: Sequence[int] | None, size: int, name: str, what: str) ->
     return got  # type: ignore[return-value]
 
 
-def _positions(positions: Sequence[int] | None, seq: int) -> list[int]:
+def grid_positions(positions: Sequence[int] | None, seq: int) -> list[int]:
+    """The positions of a sweep's grid (default all of `0..seq-1`; negative ones count from the end), checked."""
     if positions is None:
         return list(range(seq))
     got = [_index(p) for p in positions]
@@ -225,7 +226,7 @@ class RowEdit(NamedTuple):
     value: Tensor | float
 
 
-def _row_bytes(params: GPTParams, batch: int, seq: int, explicit: bool) -> int:
+def row_bytes(params: GPTParams, batch: int, seq: int, explicit: bool) -> int:
     """An upper estimate of the memory one row adds to a batched run: its logits, one block's intermediates, and
     (on the explicit attention path) one layer's scores and pattern."""
     cfg = params.config
@@ -301,7 +302,7 @@ def batched_runs(params: GPTParams, ids: Int[Tensor, "batch seq"], rows: Sequenc
                 raise ValueError(f"rows[{r}] edits site {e.site!r}; batched_runs edits per-layer sites "
                                  f"blocks.{{i}}.<{', '.join(LAYER_SITES)}> with i in 0..{cfg.n_layers - 1}")
     explicit = any(e.site.endswith((".attn.scores", ".attn.pattern")) for row in rows for e in row)
-    per_row = _row_bytes(params, batch, seq, explicit)
+    per_row = row_bytes(params, batch, seq, explicit)
     limit = chunk_limit(len(rows) or 1, per_row, chunk_size, memory_limit, unit="row",
                         shape=f"batch {batch} x seq {seq}", fewer="fewer tokens")
     starts = [min((_layer_of(e.site) for e in row), default=cfg.n_layers) for row in rows]

@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.utils._pytree as pytree
 from torch import Tensor
 
-__all__ = ["DistInfo", "setup", "teardown", "all_reduce_mean", "any_rank", "barrier"]
+__all__ = ["DistInfo", "setup", "teardown", "all_reduce_mean", "any_rank", "barrier", "grad_reduce"]
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,8 @@ def broadcast_tree(tree: Any, info: DistInfo) -> Any:
     return pytree.tree_unflatten(out, spec)
 
 
-def _grad_reduce(info: DistInfo) -> Any:
+def grad_reduce(info: DistInfo) -> Any:
+    """The train step's `reduce` hook: average `(grads, loss)` over the ranks (one all-reduce)."""
     def reduce(grads: Any, loss: Tensor) -> tuple[Any, Tensor]:
         return all_reduce_mean((grads, loss), info)
     return reduce

@@ -365,7 +365,7 @@ class _Run:
         self.metrics_path, self.plot_path = self.out / METRICS_FILE, self.out / PLOT_FILE
         self.save_every = cfg.eval_every if cfg.save_every is None else cfg.save_every
         self.dtype = compute_dtype(cfg.dtype)
-        self.reduce = D._grad_reduce(info) if info.active else None
+        self.reduce = D.grad_reduce(info) if info.active else None
         self.data_gen = torch.Generator().manual_seed(_data_gen_seed(cfg.seed))
         self.drop_gen = torch.Generator(device=device).manual_seed(cfg.seed * 7919 + 1 + info.rank)
         if "data" in state.rng:
