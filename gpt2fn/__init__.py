@@ -10,8 +10,8 @@ from .beam import beam_search
 from .cache import DonatedCacheError, KVCache, init_cache, rollback, select_rows
 from .checkpoints import Checkpoint, CheckpointError, load, load_checkpoint, save, save_hf
 from .config import PRESETS, GPTConfig, preset
-from .decode import compiled_decode_step, decode_step
-from .generate import default_device, generate, generate_tokens, stream
+from .devices import default_device
+from .generate import generate, generate_tokens, stream
 from .layers import attention, attention_pattern, block, gelu, layer_norm, mlp
 from .model import forward, loss, positions_from_mask
 from .params import (
@@ -31,6 +31,7 @@ from .params import (
 )
 from .scoring import Score, score
 from .shapes import ShapeError, checks_enabled, shape_checks
+from .step import compiled_decode_step, decode_step
 from .study import (
     Activations,
     RowEdit,
@@ -50,26 +51,31 @@ from .study import (
     site_names,
     steer,
 )
+from .tokenizer import decode, encode
 from .transforms import center_unembed, fold_layer_norm
 
 __version__ = "0.1.0"
 
+# The public API, one line per room of the package (tests/test_structure.py checks it names every binding above).
 __all__ = [
-    "GPTConfig", "PRESETS", "preset",
-    "GPTParams", "BlockParams", "AttentionParams", "MLPParams", "LayerNormParams",
+    "GPTConfig", "PRESETS", "preset",                                                     # config
+    "GPTParams", "BlockParams", "AttentionParams", "MLPParams", "LayerNormParams",        # params: the pytree
     "init_params", "count_params", "tree_to", "tree_map", "named_leaves", "params_to_dict", "params_from_dict",
     "validate",
-    "layer_norm", "gelu", "attention", "attention_pattern", "mlp", "block",
-    "forward", "loss", "positions_from_mask",
-    "KVCache", "init_cache", "rollback", "select_rows", "DonatedCacheError",
-    "decode_step", "compiled_decode_step",
-    "generate", "generate_tokens", "stream", "default_device", "beam_search",
-    "score", "Score",
-    "shape_checks", "checks_enabled", "ShapeError",
-    "train",
-    "forward_with", "run_with_capture", "Activations", "site_names", "patch", "ablate_head", "steer",
+    "load", "save", "load_checkpoint", "save_hf", "Checkpoint", "CheckpointError",        # checkpoints
+    "encode", "decode",                                                                   # tokenizer: text <-> ids
+    "layer_norm", "gelu", "attention", "attention_pattern", "mlp", "block",               # layers
+    "forward", "loss", "positions_from_mask",                                             # model
+    "KVCache", "init_cache", "rollback", "select_rows", "DonatedCacheError",              # cache
+    "decode_step", "compiled_decode_step",                                                # step
+    "generate", "generate_tokens", "stream", "beam_search",                               # generate, beam
+    "default_device",                                                                     # devices
+    "score", "Score",                                                                     # scoring
+    "shape_checks", "checks_enabled", "ShapeError",                                       # shapes
+    "train",                                                                              # train (a namespace)
+    "forward_with", "run_with_capture", "Activations", "site_names", "patch", "ablate_head", "steer",  # study
     "patching_sweep", "batched_runs", "RowEdit",
     "site_grads", "per_example_grads", "per_example_grad_norms", "logit_diff",
-    "logit_lens", "direct_logit_attribution", "attention_patterns", "fold_layer_norm", "center_unembed",
-    "load", "save", "load_checkpoint", "save_hf", "Checkpoint", "CheckpointError",
+    "logit_lens", "direct_logit_attribution", "attention_patterns",
+    "fold_layer_norm", "center_unembed",                                                  # transforms
 ]

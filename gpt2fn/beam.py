@@ -22,11 +22,12 @@ import torch
 from torch import Tensor
 
 from .cache import init_cache, select_rows
-from .decode import decode_step
+from .checks import check_prompt_ids
 from .model import trained_vocab_index
-from .params import GPTParams
+from .params import GPTParams, check_params
 from .sampling import mask_vocab
 from .shapes import checks_enabled, shape_checks
+from .step import decode_step
 
 __all__ = ["beam_search"]
 
@@ -79,11 +80,7 @@ def beam_search(params: GPTParams, ids: Tensor, *, pad_mask: Tensor | None = Non
       bool, when given, restricts the ids further (default: a corpus-trained model's own vocabulary).
     - The prompt plus `max_new_tokens` must fit in the context window (no sliding window for beams).
     """
-    from .generate import _check_prompt_ids  # generate.py imports nothing from here; avoid a cycle if it does
-
-    if not isinstance(params, GPTParams):
-        raise TypeError(f"params must be a GPTParams tree (from gpt2fn.load or init_params), got "
-                        f"{type(params).__name__}")
+    check_params(params)
     check_beam_options(num_beams, num_return_sequences, length_penalty, early_stopping, max_new_tokens)
     cfg = params.config
     n_tokens = cfg.n_tokens if n_tokens is None else n_tokens
@@ -92,7 +89,7 @@ def beam_search(params: GPTParams, ids: Tensor, *, pad_mask: Tensor | None = Non
         raise ValueError(f"eos_id must be None or a token id in [0, {n_tokens}), got {eos_id!r}")
     ids = ids.to(params.device)
     pad_mask = None if pad_mask is None else pad_mask.to(params.device)
-    _check_prompt_ids(ids, pad_mask, n_tokens)
+    check_prompt_ids(ids, pad_mask, n_tokens)
     (batch, prompt), k = ids.shape, num_beams
     if max_new_tokens == 0:
         return ids.repeat_interleave(num_return_sequences, dim=0)

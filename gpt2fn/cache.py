@@ -7,7 +7,7 @@
       positions     [batch] int64                                           each row's next position id
 
 Every field is a tensor of a shape fixed at `init_cache`, so a decode step has the same shapes at every position
-and `torch.compile` traces it once (see `gpt2fn.decode.decode_step`). Rows of a left-padded batch share slot
+and `torch.compile` traces it once (see `gpt2fn.step.decode_step`). Rows of a left-padded batch share slot
 indices; `valid` hides the padding slots and `positions` counts only real tokens, so a row decodes exactly as the
 same prompt alone.
 

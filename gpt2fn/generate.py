@@ -4,7 +4,7 @@ Data flow: text -> tokenizer.encode -> left-padded ids + mask -> prefill `decode
 one `decode_step` per new token -> `gpt2fn.sampling.next_token` -> ids -> incremental UTF-8 decode -> text.
 
 - The cache is preallocated to `prompt + max_new_tokens` positions (at most the context length) and donated from
-  step to step (`gpt2fn.decode`: written in place, the previous value consumed); a decode step does no work that
+  step to step (`gpt2fn.step`: written in place, the previous value consumed); a decode step does no work that
   grows with the sequence beyond attention over the capacity.
 - Batches of prompts of different lengths are left-padded; positions are counted from the mask, so a row's
   tokens are those of the same prompt run alone (sampling included: row `i` has its own generator).
@@ -28,26 +28,18 @@ from torch import Tensor
 
 from .beam import beam_search, check_beam_options
 from .cache import init_cache, rollback
-from .decode import compiled_decode_step, decode_step
+from .checks import check_prompt_ids
+from .devices import parse_device
 from .model import positions_from_mask, trained_vocab_index
-from .params import GPTParams, tree_to
+from .params import GPTParams, check_params, tree_to
 from .sampling import SamplingOptions, next_token, row_generators
 from .shapes import checks_enabled, shape_checks
+from .step import compiled_decode_step, decode_step
 from .tokenizer import EOT, encode, tokenizer
 
-__all__ = ["generate", "generate_tokens", "stream", "default_device", "left_pad"]
+__all__ = ["generate", "generate_tokens", "stream", "left_pad"]
 
 Seed = int | torch.Generator | Sequence[int | torch.Generator] | None
-
-
-def default_device() -> torch.device:
-    """The seed's order of preference: CUDA, then Apple's MPS, then the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -106,24 +98,6 @@ def _request(params: GPTParams, max_new_tokens: int, temperature: float, top_k: 
         raise ValueError(f"eos must be True (<|endoftext|>), False/None (never stop early) or a token id in "
                          f"[0, {n_tokens}); got {eos!r}")
     return _Request(max_new_tokens, options, eos_id, tap, bool(compile), bool(logprobs))
-
-
-def _check_prompt_ids(ids: Tensor, mask: Tensor | None, n_tokens: int) -> None:
-    if ids.ndim != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
-        raise ValueError(f"ids must be an integer tensor [batch, seq]; got {ids.dtype} of shape {list(ids.shape)}. "
-                         "For one sequence pass ids[None].")
-    if ids.shape[0] == 0 or ids.shape[1] == 0:
-        raise ValueError(f"ids of shape {list(ids.shape)} hold no prompt; pass at least one token per row")
-    if mask is not None:
-        if mask.shape != ids.shape or mask.dtype != torch.bool:
-            raise ValueError(f"pad_mask must be a bool tensor of the ids' shape {list(ids.shape)}; got "
-                             f"{mask.dtype} {list(mask.shape)}")
-        if not bool(mask[:, -1].all()):
-            raise ValueError("pad_mask must be True on each row's last position: pad on the left, not the right")
-    real = ids if mask is None else ids[mask]
-    if real.numel() and (int(real.min()) < 0 or int(real.max()) >= n_tokens):
-        raise ValueError(f"prompt token ids must be in [0, {n_tokens}) for this model; got ids from {int(real.min())}"
-                         f" to {int(real.max())}. Was the model trained with a different tokenizer?")
 
 
 def _crop_to_window(ids: Tensor, mask: Tensor | None, ctx: int) -> tuple[Tensor, Tensor | None]:
@@ -218,16 +192,9 @@ def _token_steps(params: GPTParams, ids: Tensor, mask: Tensor | None, request: _
 
 
 def _prepare(params: GPTParams, device: torch.device | str | None) -> GPTParams:
-    if not isinstance(params, GPTParams):
-        raise TypeError(f"params must be a GPTParams tree (from gpt2fn.load or init_params), got "
-                        f"{type(params).__name__}")
+    params = check_params(params)
     if device is not None:
-        from .checkpoints import CheckpointError, parse_device
-
-        try:
-            device = parse_device(device)
-        except CheckpointError as exc:  # the same check as load's, reported as a bad argument here
-            raise ValueError(str(exc)) from None
+        device = parse_device(device)
         if device != params.device:
             params = tree_to(params, device=device)
     return params
@@ -294,7 +261,7 @@ def generate_tokens(params: GPTParams, ids: Tensor, *, max_new_tokens: int = 20,
                         "for text use gpt2fn.generate")
     ids = ids.to(params.device)
     pad_mask = None if pad_mask is None else pad_mask.to(params.device)
-    _check_prompt_ids(ids, pad_mask, params.config.n_tokens)
+    check_prompt_ids(ids, pad_mask, params.config.n_tokens)
     if request.max_new_tokens == 0:
         return (ids, torch.zeros(ids.shape[0], 0)) if return_logprobs else ids
     new, logprobs = _continue(params, ids, pad_mask, request, beams, seed)
@@ -389,7 +356,7 @@ def _text_rows(params: GPTParams, prompts: Sequence[str], request: _Request, *, 
     if isinstance(prompts, str) or not prompts:
         raise ValueError("prompts must be a non-empty list of strings")
     ids, mask = left_pad(_encode_prompts(prompts, params.config.n_tokens), device=params.device)
-    _check_prompt_ids(ids, mask, params.config.n_tokens)
+    check_prompt_ids(ids, mask, params.config.n_tokens)
     n_rows = len(prompts) * (1 if beams is None else beams["num_return_sequences"])
     rows = [TextStream(stops) for _ in range(n_rows)]
     if request.max_new_tokens > 0:
@@ -439,7 +406,7 @@ def generate(params: GPTParams, prompt: str | Sequence[str], *, max_new_tokens: 
     - Each row stops at `<|endoftext|>` (`eos=True`; or an id; False: never), at the first `stop` string (not
       included in the text), or after `max_new_tokens`.
     - `device`: where to run (params are moved if elsewhere); None runs where the params are.
-    - `compile`: run the one-token steps through `torch.compile` (`gpt2fn.decode.compiled_decode_step`): the
+    - `compile`: run the one-token steps through `torch.compile` (`gpt2fn.step.compiled_decode_step`): the
       same tokens; the first call compiles (seconds), later ones reuse the graph.
     - `edit={site: fn}`: the edits of `gpt2fn.study` (`steer`, `patch`, `ablate_head`, any `fn(value) -> value`)
       applied at the prefill and at every step; `positions=` of an edit are absolute positions in the sequence.

@@ -105,7 +105,7 @@ def key_visibility(slots: Int[Tensor, " seq"], valid: Bool[Tensor, "batch kv_seq
     its own slot and the slots before it; with `valid` (False on left padding, and on cache slots not yet written)
     only the valid ones among them, and always itself, so a padding query's softmax stays finite (no real token
     ever reads its output). A forward's queries are the last `seq` of `k_len` positions (`causal_mask`); a decode
-    step's are the cache slots its tokens are written to (`gpt2fn.decode`)."""
+    step's are the cache slots its tokens are written to (`gpt2fn.step`)."""
     key = torch.arange(k_len, device=slots.device)[None, :]
     mine = slots[:, None]
     past = key <= mine
@@ -124,7 +124,7 @@ def attend_fast(q: Float[Tensor, "batch heads seq head_dim"], k: Float[Tensor, "
                 v: Float[Tensor, "batch heads kv_seq head_dim"], key_mask: Bool[Tensor, "batch kv_seq"] | None,
                 mask: Bool[Tensor, "batch 1 seq kv_seq"] | None = None) -> Float[Tensor, "batch heads seq head_dim"]:
     """softmax(q k^T / sqrt(head_dim) + causal mask) v through torch's fused scaled-dot-product attention.
-    `mask` (which keys each query sees, from `gpt2fn.decode`) replaces the causal mask built from `key_mask`."""
+    `mask` (which keys each query sees, from `gpt2fn.step`) replaces the causal mask built from `key_mask`."""
     if mask is not None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     q_len, k_len = q.shape[2], k.shape[2]
@@ -195,7 +195,7 @@ def attention(p: AttentionParams, x: Float[Tensor, "batch seq d_model"], *, n_he
     """Causal multi-head self-attention: project to q, k, v; attend over the past (and the cache); project out.
 
     `key_mask`: which keys are real tokens (left padding). Uses fused SDPA unless dropout or a tap needs the
-    explicit pattern. Decoding (`gpt2fn.decode`) passes this layer's cache buffers `kv`, the `slots` `[seq]` where
+    explicit pattern. Decoding (`gpt2fn.step`) passes this layer's cache buffers `kv`, the `slots` `[seq]` where
     `x`'s positions go and the `mask` of keys each query sees; it then returns `(out, (keys, values))`, the buffers
     with the new slots written (in place only when `donate`). `head_shift` (from `block`, for edits of its
     `attn.q_input/k_input/v_input`): per-head changes `[batch heads seq d_model]` of the normalised input the
@@ -212,7 +212,7 @@ def attention(p: AttentionParams, x: Float[Tensor, "batch seq d_model"], *, n_he
     q, k, v = (tap_site(tap, f"{site}.{n}", t) for n, t in (("q", q), ("k", k), ("v", v)))
     if kv is not None:
         if slots is None or mask is None:
-            raise ValueError("attention with cache buffers `kv` needs `slots` and `mask` (see gpt2fn.decode)")
+            raise ValueError("attention with cache buffers `kv` needs `slots` and `mask` (see gpt2fn.step)")
         kv = (write_slots(kv[0], slots, k, donate=donate), write_slots(kv[1], slots, v, donate=donate))
         k, v = kv
     explicit = _wants(tap, f"{site}.scores") or _wants(tap, f"{site}.pattern")

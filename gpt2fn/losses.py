@@ -19,16 +19,27 @@ does by default. When nothing asks for a reverse-mode gradient (evaluation under
 the loss is computed, chunk by chunk, with plain differentiable ops.
 """
 
+import math
+
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-__all__ = ["head_cross_entropy", "CHUNK_ROWS"]
+__all__ = ["head_cross_entropy", "perplexity", "CHUNK_ROWS"]
 
 CHUNK_ROWS = 512
 """Rows per chunk: large enough for efficient products, small enough that a chunk's logits stay modest
 (512 x 50,257 fp32 = 103 MB, one buffer reused by every chunk)."""
+
+
+def perplexity(loss: float) -> float:
+    """The perplexity `exp(loss)` of a mean cross-entropy in nats; inf where that overflows a float (a loss above
+    about 709.78), never an OverflowError. `Score.perplexity`, `gpt2fn eval` and training's `val_ppl` all use it."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
 
 
 def _chunk_loss_(logits: Tensor, targets: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:

@@ -19,6 +19,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from .cache import KVCache
+from .checks import check_ids, check_layer, first_out_of_range
 from .config import GPTConfig
 from .kernels import affine, affine_t
 from .layers import Tap, block, dropout, key_visibility, layer_norm_sites, tap_site
@@ -42,60 +43,9 @@ def positions_from_mask(mask: Bool[Tensor, "batch seq"]) -> Int[Tensor, "batch s
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def _check_ids(params: GPTParams, ids: Tensor, start: int) -> None:
-    """Validate `ids` at the public entry points (`forward`, `loss`), whatever the shape-check switch says:
-    a tensor, `[batch, seq]`, integer, within the context, and every id in `[0, vocab_size)`.
-
-    The range check reads the values, so it runs where values exist: eagerly (on CPU or GPU) and under
-    `torch.func.grad`/`jacrev` (ids are not transformed). It is skipped where no value can be read: while
-    `torch.compile` traces (`torch.compiler.is_compiling()`), under `vmap` over the ids (a batched tensor
-    cannot be turned into a Python bool), during CUDA-graph capture and on the meta device; there the embedding
-    lookup is torch's own check."""
-    cfg = params.config
-    if not isinstance(ids, Tensor):
-        raise TypeError(f"ids must be a torch.Tensor of token ids [batch, seq]; got {type(ids).__name__}. "
-                        "Use torch.tensor(ids) (or gpt2fn.encode(text) for text).")
-    if ids.ndim != 2:
-        hint = (" A residual stream [batch, seq, d_model] is the input of forward(..., start_at_layer=L)."
-                if ids.ndim == 3 and ids.dtype.is_floating_point else " For a single sequence pass ids[None].")
-        raise ValueError(f"ids must be [batch, seq] token ids; got shape {list(ids.shape)}.{hint}")
-    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
-        raise ValueError(f"ids must be an integer tensor of token ids; got dtype {ids.dtype}. Use ids.long().")
-    if ids.shape[1] == 0:
-        raise ValueError("ids has seq = 0 positions; pass at least one token")
-    if start + ids.shape[1] > cfg.context_length:
-        raise ValueError(f"sequence of {start + ids.shape[1]} positions (seq={ids.shape[1]}"
-                         f"{f' after {start} cached' if start else ''}) exceeds context_length "
-                         f"{cfg.context_length}; crop to the last {cfg.context_length} tokens")
-    bad = _out_of_range(ids, 0, cfg.vocab_size)
-    if bad is not None:
-        raise ValueError(f"ids hold token id {bad[1]} at {bad[0]}, outside this model's vocabulary "
-                         f"[0, {cfg.vocab_size}); encode text with the model's tokenizer "
-                         f"(gpt2fn.encode) or clamp/remap the ids")
-
-
-def _out_of_range(t: Tensor, lo: int, hi: int, allowed: int | None = None) -> tuple[list[int], int] | None:
-    """`(index, value)` of the first entry of `t` outside `[lo, hi)` (and not equal to `allowed`), or None;
-    None also where values cannot be read (see `_check_ids`)."""
-    if t.numel() == 0 or t.device.type == "meta" or torch.compiler.is_compiling():
-        return None
-    if t.is_cuda and torch.cuda.is_current_stream_capturing():
-        return None
-    outside = (t < lo) | (t >= hi)
-    if allowed is not None:
-        outside &= t != allowed
-    try:
-        if not bool(outside.any()):
-            return None
-    except RuntimeError:  # a vmap-batched tensor: data-dependent control flow cannot run while transformed
-        return None
-    where = [int(i) for i in outside.nonzero()[0]]
-    return where, int(t[tuple(where)])
-
-
 def _check_targets(params: GPTParams, ids: Tensor, targets: Tensor, ignore_index: int) -> None:
     """`loss`'s targets: a tensor of the ids' shape, integer, each in `[0, vocab_size)` or `ignore_index` (the
-    range check is skipped where values cannot be read, as in `_check_ids`)."""
+    range check is skipped where values cannot be read, see `gpt2fn.checks`)."""
     if not isinstance(targets, Tensor):
         raise TypeError(f"targets must be a torch.Tensor of token ids [batch, seq]; got {type(targets).__name__}")
     if isinstance(ids, Tensor) and targets.shape != ids.shape:
@@ -104,7 +54,7 @@ def _check_targets(params: GPTParams, ids: Tensor, targets: Tensor, ignore_index
         raise ValueError(f"targets must be an integer tensor of token ids; got dtype {targets.dtype}. "
                          "Use targets.long().")
     cfg = params.config
-    bad = _out_of_range(targets, 0, cfg.vocab_size, allowed=ignore_index)
+    bad = first_out_of_range(targets, 0, cfg.vocab_size, allowed=ignore_index)
     if bad is not None:
         raise ValueError(f"targets hold {bad[1]} at {bad[0]}, neither a token id in [0, {cfg.vocab_size}) nor "
                          f"ignore_index={ignore_index}; mark positions to skip with ignore_index")
@@ -112,7 +62,7 @@ def _check_targets(params: GPTParams, ids: Tensor, targets: Tensor, ignore_index
         position = trained_vocab_index(cfg, targets.device)[1]
         skip = targets == ignore_index
         rank = torch.where(skip, 0, position[torch.where(skip, 0, targets).clamp(0, cfg.vocab_size - 1)])
-        bad = _out_of_range(rank, 0, len(cfg.trained_vocab))
+        bad = first_out_of_range(rank, 0, len(cfg.trained_vocab))
         if bad is not None:
             raise ValueError(f"targets hold {int(targets[tuple(bad[0])])} at {bad[0]}, an id outside the "
                              f"{len(cfg.trained_vocab)} ids this model was trained on (config.trained_vocab)")
@@ -154,7 +104,7 @@ def forward(params: GPTParams, ids: Int[Tensor, "batch seq"] | Float[Tensor, "ba
         cache.check_room(ids.shape[0], ids.shape[1])
     start, stop = _layer_span(params.config, start_at_layer, stop_at_layer)
     if start is None:
-        _check_ids(params, ids, 0)
+        check_ids(params.config, ids)
     else:
         _check_resid(params, ids, start_at_layer, positions)
     if stop is not None and last_only:
@@ -249,16 +199,8 @@ def walk(params: GPTParams, inputs: Tensor, *, cache: KVCache | None = None, pos
 def _layer_span(cfg: GPTConfig, start: int | None, stop: int | None) -> tuple[int | None, int | None]:
     """`start_at_layer`/`stop_at_layer` as block indices in 0..n_layers (negative ones counted from the end), or a
     ValueError naming the argument and the valid range."""
-    n = cfg.n_layers
-    span: list[int | None] = []
-    for name, value in (("start_at_layer", start), ("stop_at_layer", stop)):
-        if value is None:
-            span.append(None)
-            continue
-        if not isinstance(value, int) or isinstance(value, bool) or not -n <= value <= n:
-            raise ValueError(f"{name} must be None or an int in 0..{n} (or -{n}..-1, counted from the end) for "
-                             f"this model's {n} layers; got {value!r}")
-        span.append(value + n if value < 0 else value)
+    span = [check_layer(cfg, start, name="start_at_layer", kind="boundary", allow_none=True),
+            check_layer(cfg, stop, name="stop_at_layer", kind="boundary", allow_none=True)]
     if span[0] is not None and span[1] is not None and span[0] > span[1]:
         raise ValueError(f"start_at_layer={start} (block {span[0]}) comes after stop_at_layer={stop} (block "
                          f"{span[1]}); the part run is blocks start..stop-1, so start_at_layer <= stop_at_layer")
@@ -291,7 +233,7 @@ def loss(params: GPTParams, ids: Int[Tensor, "batch seq"], targets: Int[Tensor, 
     are skipped). Computed in fp32 whatever the parameter dtype.
 
     With `config.trained_vocab` (a model trained on a corpus's own vocabulary) the softmax runs over those ids
-    only; a target outside them is a ValueError (where values can be read, see `_check_ids`).
+    only; a target outside them is a ValueError (where values can be read, see `gpt2fn.checks`).
 
     `fused_head=True` computes the unembedding and the cross-entropy together, chunk by chunk, with the
     gradient formed in the same pass (`gpt2fn.losses.head_cross_entropy`): the same values without ever holding
@@ -313,7 +255,7 @@ def loss(params: GPTParams, ids: Int[Tensor, "batch seq"], targets: Int[Tensor, 
         if rows is not None:
             logits = logits.index_select(-1, rows)
         return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index)
-    _check_ids(params, ids, 0)
+    check_ids(params.config, ids)
     check_record(params, "params")
     x, _ = walk(params, ids, generator=as_generator(generator, ids.device), logits=False)
     w = head_matrix(params).T  # [vocab, d_model]: the tied token embedding itself, or the untied head's view

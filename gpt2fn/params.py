@@ -31,7 +31,7 @@ from .config import GPTConfig
 __all__ = [
     "LayerNormParams", "AttentionParams", "MLPParams", "BlockParams", "GPTParams",
     "init_params", "count_params", "tree_to", "named_leaves", "params_to_dict", "params_from_dict",
-    "validate", "head_matrix", "expected_shapes", "key_report",
+    "validate", "check_params", "head_matrix", "expected_shapes", "key_report",
 ]
 
 
@@ -296,10 +296,18 @@ def key_report(header: str, missing: list[str], unexpected: list[str], misshaped
     return "\n".join(lines)
 
 
+def check_params(params: Any, name: str = "params") -> GPTParams:
+    """`params` itself if it is a `GPTParams` tree, else the one TypeError that says where to get one (every entry
+    point that takes a tree asks here)."""
+    if not isinstance(params, GPTParams):
+        raise TypeError(f"{name} must be a GPTParams tree (from gpt2fn.load or init_params), got "
+                        f"{type(params).__name__}")
+    return params
+
+
 def validate(params: GPTParams, *, source: str = "params") -> GPTParams:
     """Check the whole tree against its config once (after loading), naming every wrong leaf; returns it."""
-    if not isinstance(params, GPTParams):
-        raise TypeError(f"{source} must be a GPTParams tree, got {type(params).__name__}")
+    check_params(params, source)
     got = params_to_dict(params)
     params_from_dict(params.config, got, source=source)
     dtypes = {t.dtype for t in got.values()}

@@ -22,16 +22,17 @@ so one long text is scored `batch_size` windows at a time. Log-probabilities are
 """
 
 import dataclasses
-import math
 import sys
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
+from .checks import check_token_range
 from .generate import left_pad
+from .losses import perplexity
 from .model import forward, trained_vocab_index
-from .params import GPTParams
+from .params import GPTParams, check_params
 
 __all__ = ["Score", "score"]
 
@@ -61,7 +62,7 @@ class Score:
 
     @property
     def perplexity(self) -> float:
-        return math.exp(self.mean_loss) if self.mean_loss < 709 else math.inf  # exp overflows past ~709
+        return perplexity(self.mean_loss)
 
 
 def score(params: GPTParams, texts_or_ids: Ids | Sequence[Ids], *, continuation: Ids | Sequence[Ids] | None = None,
@@ -79,7 +80,7 @@ def score(params: GPTParams, texts_or_ids: Ids | Sequence[Ids], *, continuation:
 
     Raises ValueError for a text with nothing to score (fewer than two tokens, or an empty continuation), ids
     outside `[0, vocab_size)`, a scored id outside `config.trained_vocab`, or options out of range."""
-    cfg = params.config
+    cfg = check_params(params).config
     single = _is_single(texts_or_ids)
     prompts = [texts_or_ids] if single else list(texts_or_ids)
     if not prompts:
@@ -108,10 +109,7 @@ def score(params: GPTParams, texts_or_ids: Ids | Sequence[Ids], *, continuation:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     for i, (ids, first) in enumerate(zip(seqs, firsts, strict=True)):
-        bad = next((t for t in ids if not 0 <= t < cfg.vocab_size), None)
-        if bad is not None:
-            raise ValueError(f"texts_or_ids[{i}] has token id {bad}, outside this model's vocabulary "
-                             f"[0, {cfg.vocab_size}); tokenize the text for this model's vocabulary")
+        check_token_range(ids, cfg.vocab_size, what=f"texts_or_ids[{i}]")
         if len(ids) <= first:
             raise ValueError(f"texts_or_ids[{i}] has {len(ids)} token(s) and nothing to score; the first token has "
                              "no prediction, so a text needs at least 2 tokens")

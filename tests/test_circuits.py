@@ -311,7 +311,7 @@ def test_composition_score_of_circuits_pairs_every_left_with_every_right(params)
 # Bad arguments: ValueError naming the argument and its valid values, with shape checks on and off
 
 BAD = [
-    ("layer past the end", lambda p: ov_circuit(p, 4), r"layer must be an int in 0\.\.3 \(or -4\.\.-1\); got 4"),
+    ("layer past the end", lambda p: ov_circuit(p, 4), r"layer must be an int in 0\.\.3 \(a block\), or -4\.\.-1.*4"),
     ("layer before the start", lambda p: qk_circuit(p, -5), r"layer must be an int in 0\.\.3.*got -5"),
     ("layer not an int", lambda p: full_ov_circuit(p, 1.0), r"layer must be an int.*got 1\.0"),
     ("head past the end", lambda p: ov_circuit(p, 0, 3), r"head must be an int in 0\.\.2 \(or -3\.\.-1\).*got 3"),

@@ -450,7 +450,7 @@ def test_bad_decomposition_input_raises_errors_that_name_it(params, run):
         logit_attribution(params, decompose_resid(params, acts, pos=-1), 1)
     with pytest.raises(ValueError, match=r"tokens of shape \[3\] do not match.*\[5\]"):
         logit_attribution(params, normed, torch.tensor([1, 2, 3]))
-    with pytest.raises(ValueError, match=r"tokens 97 outside the vocabulary \[0, 97\)"):
+    with pytest.raises(ValueError, match=r"tokens hold token id 97, outside this model's vocabulary \[0, 97\)"):
         logit_attribution(params, normed, 97)
     with pytest.raises(ValueError, match=r"chunk_size must be an int >= 1"):
         decompose_logit(params, acts, 1, chunk_size=0)

@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 
 import gpt2fn
 from gpt2fn import GPTParams, forward, generate, generate_tokens, init_params, preset, stream
-from gpt2fn.generate import TextStream, default_device, left_pad
+from gpt2fn.devices import default_device
+from gpt2fn.generate import TextStream, left_pad
 from gpt2fn.tokenizer import EOT, decode, encode
 
 
@@ -351,7 +352,7 @@ def test_bad_prompts_raise_clear_value_errors(wordy, sharp):
         generate(wordy, "")
     with pytest.raises(ValueError, match="non-empty list"):
         generate(wordy, [])
-    with pytest.raises(ValueError, match=r"token ids must be in \[0, 97\)"):
+    with pytest.raises(ValueError, match=r"prompt ids hold token id \d+ at \[0, 0\], outside .* vocabulary \[0, 97\)"):
         generate(init_params(preset("tiny")), "Hello")
     with pytest.raises(ValueError, match=r"\[batch, seq\]"):
         generate_tokens(sharp, _ids(0, 1, 5, device=sharp.device)[0])

@@ -148,7 +148,7 @@ def test_texts_are_tokenized_with_the_gpt2_tokenizer():
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [
-    (dict(texts_or_ids=[1, 97]), r"token id 97, outside .*\[0, 97\)"),
+    (dict(texts_or_ids=[1, 97]), r"token id 97 at \[1\], outside .*\[0, 97\)"),
     (dict(texts_or_ids=[5]), "at least 2 tokens"),
     (dict(texts_or_ids=[]), "at least 2 tokens"),
     (dict(texts_or_ids=[[1, 2], [3]]), r"texts_or_ids\[1\] has 1 token"),
@@ -208,7 +208,7 @@ def test_eval_on_random_preset_weights_equals_score(tmp_path, capsys):
     expected = score(init_params(gpt2fn.preset("mini"), seed=2), TEXT)
     assert json.loads(capsys.readouterr().out)["mean_loss"] == pytest.approx(expected.mean_loss, abs=1e-9)
     assert main(["eval", "--preset", "tiny", "--data", str(tmp_path / "t.txt"), "--json"]) == 1
-    assert "vocab_size 97" in capsys.readouterr().err  # GPT-2 ids do not fit the tiny vocabulary
+    assert "vocabulary [0, 97)" in capsys.readouterr().err  # GPT-2 ids do not fit the tiny vocabulary
 
 
 @pytest.mark.parametrize(("content", "flags", "match"), [
@@ -234,7 +234,7 @@ def test_eval_refuses_a_checkpoint_whose_vocabulary_does_not_cover_the_text(tmp_
     (tmp_path / "t.txt").write_text(TEXT, encoding="utf-8")
     assert main(["eval", "--checkpoint", str(tmp_path / "bytes.safetensors"), "--data", str(tmp_path / "t.txt")]) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "vocab_size 256" in err and "does not cover" in err
+    assert err.count("\n") == 1 and "vocabulary [0, 256)" in err and "does not cover" in err
     assert main(["eval", "--checkpoint", str(tmp_path / "bytes.safetensors"), "--data", str(tmp_path / "no")]) == 1
     assert "does not exist" in capsys.readouterr().err
 

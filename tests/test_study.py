@@ -398,7 +398,7 @@ def test_attention_command_writes_a_png_with_token_labels(tmp_path, capsys):
     assert "layer 1, head 3" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("flags,message", [(["--layer", "5"], "--layer 5 is out of range"),
+@pytest.mark.parametrize("flags,message", [(["--layer", "5"], "--layer must be an int in 0.."),
                                            (["--head", "4"], "--head 4 is out of range")])
 def test_attention_command_reports_bad_layer_or_head_in_one_line(tmp_path, capsys, flags, message):
     from gpt2fn.cli import main

@@ -216,7 +216,9 @@ def test_path_patching_rejects_bad_senders_receivers_and_memory_limits():
     params = _params(2, 3, 4)
     clean, corrupt = _pair(params.config, 1, 4, seed=0)
     rec = "blocks.1.resid_pre"
-    for bad in [(2, 0), (0, 3), (0, "attn"), 0]:
+    with pytest.raises(ValueError, match=r"sender \(2, 0\): layer must be an int in 0\.\.1"):
+        path_patching_sweep(params, clean, corrupt, _metric, receivers=rec, senders=[(2, 0)])
+    for bad in [(0, 3), (0, "attn"), 0]:
         with pytest.raises(ValueError, match=r"sender .* must be \(layer, head\) with layer in 0\.\.1"):
             path_patching_sweep(params, clean, corrupt, _metric, receivers=rec, senders=[bad])
     for bad in ["blocks.1.attn.z", "blocks.2.ln1", "resid_pre", "blocks.x.ln2"]:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ..devices import parse_device, parse_dtype
 from ..params import GPTParams, params_from_dict, validate
 from .common import CheckpointError, CheckpointNotFoundError
 from .detect import ADAPTERS, adapter_for, read_source
@@ -24,14 +25,10 @@ from .hf import save_hf
 from .native import save
 
 __all__ = ["load", "load_checkpoint", "save", "save_hf", "Checkpoint", "CheckpointError",
-           "CheckpointNotFoundError", "LAYOUTS", "parse_dtype", "parse_device"]
+           "CheckpointNotFoundError", "LAYOUTS"]
 
 LAYOUTS = {name: module.LAYOUT for name, module in ADAPTERS.items()}
 """Short name -> description of every layout `load` understands."""
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -49,49 +46,13 @@ class Checkpoint:
     """How the config was decided, prefixes stripped, and the like."""
 
 
-def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    """A torch dtype from itself or a name (`float32`, `bf16`, `float16`, ...)."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if not isinstance(dtype, str):
-        raise CheckpointError(f"dtype must be a torch.dtype or a name such as 'float32', got "
-                              f"{type(dtype).__name__} {dtype!r}")
-    key = str(dtype).lower().removeprefix("torch.")
-    if key not in _DTYPES:
-        raise CheckpointError(f"unknown dtype {dtype!r}; choose one of {', '.join(sorted(_DTYPES))}")
-    return _DTYPES[key]
-
-
-def parse_device(device: torch.device | str | None) -> torch.device | None:
-    """A torch device that exists on this machine, from itself or a name (`cpu`, `cuda`, `cuda:1`, `mps`);
-    a CheckpointError naming the choices for a name torch does not know or a device that is not there."""
-    if device is None:
-        return None
-    if not isinstance(device, (str, torch.device)):
-        raise CheckpointError(f"device must be a torch.device or a name such as 'cpu' or 'cuda:0', "
-                              f"got {type(device).__name__} {device!r}")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError) as exc:
-        raise CheckpointError(f"device {device!r} is not a device torch knows ({exc}); "
-                              "use cpu, cuda, cuda:N or mps") from None
-    if dev.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise CheckpointError(f"device {device!r}: this machine (or this torch build) has no CUDA GPU; "
-                                  "use device='cpu'")
-        if dev.index is not None and dev.index >= count:
-            raise CheckpointError(f"device {device!r}: there are {count} CUDA device(s), cuda:0..cuda:{count - 1}")
-    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        raise CheckpointError(f"device {device!r}: MPS is not available on this machine; use device='cpu'")
-    return dev
-
-
 def load_checkpoint(source: str | os.PathLike, device: torch.device | str | None = None,
                     dtype: torch.dtype | str | None = None, *, n_heads: int | None = None) -> Checkpoint:
     """Like :func:`load`, returning also the detected layout, the files read and what was ignored."""
-    dtype = parse_dtype(dtype)
-    device = parse_device(device)
+    try:
+        dtype, device = parse_dtype(dtype), parse_device(device)
+    except ValueError as exc:  # the one device policy and dtype table (gpt2fn.devices), reported as load's error
+        raise CheckpointError(str(exc)) from None
     if dtype is not None and not dtype.is_floating_point:
         raise CheckpointError(f"dtype must be a floating type for weights, got {dtype}")
     raw = read_source(source)

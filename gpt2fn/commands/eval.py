@@ -14,26 +14,19 @@ import math
 import sys
 from pathlib import Path
 
-from ..cli import CLIError
+from ..cli import CLIError, add_model_options, device_option, dtype_option, load_model
 
 HELP = "perplexity and mean loss of a model on a text file or folder (sliding window)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--checkpoint", metavar="PATH", default=None,
-                        help="a checkpoint file or directory: seed .pth, Hugging Face, nanoGPT or gpt2fn safetensors")
-    source.add_argument("--model", metavar="NAME", default=None, help="hub name such as gpt2 (default: gpt2)")
-    source.add_argument("--preset", metavar="NAME", default=None,
-                        help="random weights of a preset config (tiny, mini, gpt2, ...), seeded by --seed")
-    parser.add_argument("--seed", type=int, default=0, metavar="S", help="seed for --preset weights (default 0)")
+    add_model_options(parser)
     parser.add_argument("--data", required=True, metavar="FILE_OR_DIR", help="a text file or a folder of them")
     parser.add_argument("--context", type=int, default=None, metavar="N",
                         help="window length in tokens (default and maximum: the model's context length)")
     parser.add_argument("--stride", type=int, default=None, metavar="S",
                         help="tokens between window starts, 1..context (default context // 2)")
     parser.add_argument("--batch-size", type=int, default=8, metavar="B", help="windows per forward (default 8)")
-    parser.add_argument("--device", default=None, metavar="D", help="cpu, cuda, mps (default: CUDA, MPS, CPU)")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
 
 
@@ -61,24 +54,16 @@ def _scored_text(f: Path) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from ..generate import default_device
+    from ..checks import check_token_range
     from ..scoring import score
 
     if args.batch_size < 1:
         raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
-    try:
-        device = torch.device(args.device) if args.device else default_device()
-    except RuntimeError as exc:
-        raise CLIError(f"--device {args.device!r} is not a device torch knows ({exc})") from None
+    device, dtype = device_option(args), dtype_option(args)
     ids, n_files = read_corpus(args.data)
-    params, name = _model(args, device)
+    params, name = load_model(args, device=device, dtype=dtype)
     cfg = params.config
-    bad = max(ids)
-    if bad >= cfg.vocab_size:
-        raise CLIError(f"--data has GPT-2 token id {bad} but {name} has vocab_size {cfg.vocab_size}: its vocabulary "
-                       "does not cover this text; evaluate a model with GPT-2's vocabulary")
+    check_token_range(ids, cfg.vocab_size, what=f"--data {args.data!r} (GPT-2 tokens, read by {name})")
     context = args.context if args.context is not None else cfg.context_length
     if not 2 <= context <= cfg.context_length:
         raise CLIError(f"--context must be in [2, {cfg.context_length}] (the model's context length), got {context}")
@@ -99,13 +84,3 @@ def run(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     return 0
 
-
-def _model(args: argparse.Namespace, device):  # -> (GPTParams, str)
-    from ..checkpoints import load
-    from ..config import preset
-    from ..params import init_params
-
-    if args.preset is not None:
-        return init_params(preset(args.preset), seed=args.seed, device=device), f"preset {args.preset}"
-    source = args.checkpoint or args.model or "gpt2"
-    return load(source, device=device), source

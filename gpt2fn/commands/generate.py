@@ -9,17 +9,13 @@ Prints the prompt followed by the model's continuation (streamed piece by piece 
 import argparse
 import sys
 
-from ..cli import CLIError
+from ..cli import CLIError, add_model_options, device_option, dtype_option, load_model
 
 HELP = "continue a prompt with a model (greedy by default)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--model", metavar="NAME", default=None,
-                        help="hub name such as gpt2, gpt2-medium, distilgpt2 or org/name (default: gpt2)")
-    source.add_argument("--checkpoint", metavar="PATH", default=None,
-                        help="a checkpoint file or directory: seed .pth, Hugging Face, nanoGPT or gpt2fn safetensors")
+    add_model_options(parser, preset=False)  # --seed seeds the sampling here
     parser.add_argument("--max-new-tokens", type=int, default=20, metavar="N", help="tokens to add (default 20)")
     parser.add_argument("--temperature", type=float, default=0.0, metavar="T",
                         help="0 is greedy (default); above 0 samples")
@@ -41,19 +37,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="stop before this text (repeatable)")
     parser.add_argument("--no-eos", action="store_true", help="do not stop at <|endoftext|>")
     parser.add_argument("--stream", action="store_true", help="print the text as it is generated")
-    parser.add_argument("--device", default=None, metavar="D",
-                        help="cpu, cuda, cuda:1, mps (default: CUDA, then MPS, then CPU)")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                        help="cast the weights (default: as stored)")
     parser.add_argument("--compile", action="store_true",
                         help="run the decode step through torch.compile (same tokens; compiles once, seconds)")
     parser.add_argument("prompt", nargs="+", metavar="PROMPT", help="the prompt (several words are joined by spaces)")
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from ..generate import default_device, generate, stream
+    from ..generate import generate, stream
     from ..sampling import SamplingOptions
 
     prompt = " ".join(args.prompt)
@@ -70,17 +60,7 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError("--stream shows one growing text; beam search (--num-beams > 1) has several: drop one")
     if args.stop is not None and not all(args.stop):
         raise CLIError("--stop needs a non-empty text")
-    from ..checkpoints import CheckpointError, parse_device
-
-    try:
-        device = parse_device(args.device) if args.device else default_device()
-    except CheckpointError as exc:
-        raise CLIError(f"--device: {exc}") from None
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-
-    from ..checkpoints import load
-
-    params = load(args.checkpoint or args.model or "gpt2", device=device, dtype=dtype)
+    params, _ = load_model(args, device=device_option(args), dtype=dtype_option(args))
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
                    eos=not args.no_eos, compile=args.compile, min_p=args.min_p,

@@ -24,6 +24,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def describe(ckpt, *, layouts: dict[str, str], every_block: bool = False) -> str:  # ckpt: Checkpoint
+    from ..devices import dtype_name
     from ..params import count_params, named_leaves
 
     params, cfg = ckpt.params, ckpt.params.config
@@ -38,7 +39,7 @@ def describe(ckpt, *, layouts: dict[str, str], every_block: bool = False) -> str
         if k == "trained_vocab" and v is not None:  # thousands of ids: say how many and where they lie
             v = f"{len(v):,} ids ({v[0]}..{v[-1]}): the model predicts only these"
         lines.append(f"  {k:<17}{v}")
-    lines.append(f"parameters: {total:,} ({str(params.dtype).removeprefix('torch.')}, {nbytes / 1e6:,.1f} MB)"
+    lines.append(f"parameters: {total:,} ({dtype_name(params.dtype)}, {nbytes / 1e6:,.1f} MB)"
                  + ("; head tied to tok_emb" if params.head is None else ""))
     leaves = list(named_leaves(params))
     width = max(len(n) for n, _ in leaves) + 2

@@ -14,7 +14,7 @@ import os
 import sys
 import typing
 
-from ..cli import CLIError
+from ..cli import CLIError, add_model_options, device_option, load_model
 
 HELP = "train or fine-tune a GPT-2 on text files (resumable, data parallel with torchrun)"
 
@@ -22,10 +22,11 @@ HELP = "train or fine-tune a GPT-2 on text files (resumable, data parallel with 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="a text file or a directory of text files")
     p.add_argument("--out", required=True, help="output directory: state, model.safetensors, metrics, loss.png")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--init", metavar="NAME", help="start from loaded weights: a hub name such as gpt2")
-    src.add_argument("--checkpoint", metavar="PATH", help="start from a weights file or directory (gpt2fn.load)")
-    src.add_argument("--preset", metavar="NAME", help="start from random weights of a preset (default: mini)")
+    add_model_options(  # --model (alias --init) and --checkpoint fine-tune loaded weights; --preset starts afresh
+        p, model_aliases=("--init",), default="--preset mini",
+        seed_help="seeds init, data order and dropout (default 0)",
+        dtype_help="compute dtype: fp32 (default), bf16 or fp16 (or float32, bfloat16, float16); master weights "
+                   "and AdamW moments stay fp32, fp16 uses dynamic loss scaling", dtype_default="fp32")
     p.add_argument("--set", metavar="FIELD=VALUE", action="append", default=[],
                    help="override a config field of --preset, e.g. --set n_layers=4 --set emb_dim=192")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out exactly")
@@ -35,9 +36,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grad-accum", type=int, default=1, metavar="K",
                    help="micro-batches per optimiser step (gradient accumulation; default 1): the global batch is "
                         "batch-size x K x processes, the data order depends only on it")
-    p.add_argument("--dtype", default="fp32", metavar="{fp32,bf16,fp16}",
-                   help="compute dtype; master weights and AdamW moments stay fp32, fp16 uses dynamic loss "
-                        "scaling (default fp32)")
     p.add_argument("--context", type=int, help="tokens per window (default: the model's context length)")
     p.add_argument("--lr", type=float, default=6e-4, help="peak learning rate (default 6e-4)")
     p.add_argument("--min-lr", type=float, help="final cosine learning rate (default lr/10)")
@@ -55,8 +53,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vocab", choices=["full", "corpus"], default="full",
                    help="softmax over the whole vocabulary (default) or only the ids in the data: several times "
                         "faster for a small model, which then generates only those ids")
-    p.add_argument("--seed", type=int, default=0, help="seeds init, data order and dropout (default 0)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto (default)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -90,26 +86,20 @@ def _parse_overrides(items: list[str]) -> dict[str, typing.Any]:
     return out
 
 
-def _device(name: str) -> str:
+def _device(args: argparse.Namespace) -> str:
+    """`--device` by the one policy (`gpt2fn.devices`: "auto" is CUDA, then MPS, then CPU); under torchrun an
+    unnumbered "cuda" becomes this process's GPU, `cuda:$LOCAL_RANK`."""
     import torch
 
-    if name != "auto":
-        from ..checkpoints import CheckpointError, parse_device
-
-        try:
-            parse_device(name)
-        except CheckpointError as exc:
-            raise CLIError(f"--device: {exc}") from None
-        return name
-    if torch.cuda.is_available():
-        return f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if "LOCAL_RANK" in os.environ else "cuda"
-    return "cpu"
+    device = device_option(args)
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return str(device)
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from .. import init_params, preset
     from ..train import TrainConfig, train
     from ..train.distributed import setup, teardown
 
@@ -124,12 +114,13 @@ def run(args: argparse.Namespace) -> int:
 
         for path in remove_stale_temps(args.out):
             print(f"removed {path.name}, a temporary file an interrupted run left in {args.out}", file=sys.stderr)
-    device = _device(args.device)
+    device = _device(args)
     if device.startswith("cuda") and "LOCAL_RANK" in os.environ:
         torch.cuda.set_device(torch.device(device))
     overrides = _parse_overrides(args.set)
-    if overrides and (args.init or args.checkpoint):
-        raise CLIError("--set changes a preset's config; it cannot reshape loaded weights from --init/--checkpoint")
+    if overrides and (args.model or args.checkpoint):
+        raise CLIError("--set changes a preset's config; it cannot reshape loaded weights from --model/--init or "
+                       "--checkpoint")
     if args.dropout is not None:
         overrides["drop_rate"] = args.dropout
     cfg = TrainConfig(
@@ -147,17 +138,11 @@ def run(args: argparse.Namespace) -> int:
         from ..train.state import STATE_FILE
         resuming = args.resume and os.path.isfile(os.path.join(args.out, STATE_FILE))
         if not resuming:
-            if args.init or args.checkpoint:
-                from .. import load  # the checkpoints package: hub names and files
-
-                params = load(args.init or args.checkpoint)
-                if args.dropout is not None:
-                    params = params.replace(config=params.config.replace(drop_rate=args.dropout))
-            else:
-                name = args.preset or "mini"
-                if args.context is not None and "context_length" not in overrides:
-                    overrides["context_length"] = args.context  # from scratch: no wider position table than used
-                params = init_params(preset(name, **overrides), seed=args.seed)
+            if args.model is None and args.checkpoint is None and args.context is not None:
+                overrides.setdefault("context_length", args.context)  # from scratch: no wider position table than used
+            params, _ = load_model(args, default_preset="mini", overrides=overrides)  # the loop places it on device
+            if args.dropout is not None and (args.model or args.checkpoint):
+                params = params.replace(config=params.config.replace(drop_rate=args.dropout))
         result = train(params, cfg, resume=args.resume, dist_info=info)
     finally:
         teardown(info)

@@ -35,10 +35,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ..params import GPTParams, head_matrix
+from ..params import GPTParams, check_params, head_matrix
 from ..shapes import checked
 from .factored import FactoredMatrix
-from .weights import _layer, attn_weights
+from .weights import attn_weights
 
 __all__ = ["ov_circuit", "qk_circuit", "full_ov_circuit", "full_qk_circuit", "composition_scores",
            "composition_score"]
@@ -49,13 +49,6 @@ KINDS = ("q", "k", "v")
 
 
 # -- argument checks -----------------------------------------------------------------------------------------------
-
-def _plain(params: GPTParams) -> GPTParams:
-    if not isinstance(params, GPTParams):
-        raise TypeError(f"params must be a GPTParams tree (from gpt2fn.load or init_params), got "
-                        f"{type(params).__name__}")
-    return params
-
 
 def _heads(params: GPTParams, head: int | None) -> int | None:
     n = params.config.n_heads
@@ -84,13 +77,13 @@ def _embed(params: GPTParams, which: str, name: str) -> Float[Tensor, "rows d_mo
 def _weights(params: GPTParams, layer: int | None, head: int | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """`W_Q, W_K, W_V, W_O` of one layer (`[heads, ...]`, views) or every layer (`[layer, heads, ...]`, a copy),
     then of one head when `head` is an int."""
-    params = _plain(params)
+    params = check_params(params)
     h = _heads(params, head)
     if layer is None:
         per_layer = [attn_weights(params, i)[:4] for i in range(params.config.n_layers)]
         ws = [torch.stack(w) for w in zip(*per_layer, strict=True)]
     else:
-        ws = list(attn_weights(params, _layer(params, layer))[:4])
+        ws = list(attn_weights(params, layer)[:4])
     if h is not None:
         ws = [w[..., h, :, :] for w in ws]
     return tuple(ws)  # type: ignore[return-value]
@@ -172,7 +165,7 @@ def composition_scores(params: GPTParams, kind: Kind) -> Float[Tensor, "layer he
     norms first for TransformerLens's processed numbers (module docstring); biases are ignored. At least fp32.
     """
     _kind(kind)
-    params = _plain(params)
+    params = check_params(params)
     return _composition_scores(params, kind)
 
 

@@ -33,7 +33,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from ..model import _out_of_range
+from ..checks import check_layer, check_token_range
 from ..params import GPTParams, Record, head_matrix, record, static
 from ..shapes import checked
 from .run import forward_with
@@ -113,12 +113,8 @@ class _Point:
 
     def __init__(self, params: GPTParams, layer: int | None, mlp_input: bool, fn: str) -> None:
         n = params.config.n_layers
-        if layer is None:
-            layer = n
-        if not isinstance(layer, int) or isinstance(layer, bool) or not -(n + 1) <= layer <= n:
-            raise ValueError(f"{fn}: layer must be None or an int in 0..{n} (the stream entering that block; {n}, "
-                             f"-1 or None: after the last block, read by the final norm); got {layer!r}")
-        layer = layer + n + 1 if layer < 0 else layer
+        layer = check_layer(params.config, layer, name=f"{fn}: layer", kind="point", allow_none=True)
+        layer = n if layer is None else layer  # None: after the last block, read by the final norm
         if mlp_input and layer == n:
             raise ValueError(f"{fn}: mlp_input=True is the stream entering a block's MLP, so layer must be in "
                              f"0..{n - 1}; got {layer} (after the last block there is no MLP)")
@@ -486,15 +482,12 @@ def _directions(params: GPTParams, tokens: Tokens, incorrect: Tokens | None, fn:
 
     def column(t: Tokens, name: str) -> Tensor:
         if isinstance(t, int) and not isinstance(t, bool):
-            if not 0 <= t < vocab:
-                raise ValueError(f"{fn}: {name} {t} outside the vocabulary [0, {vocab})")
+            check_token_range(t, vocab, what=f"{fn}: {name}")
             return unembed[:, t]
         if not isinstance(t, Tensor) or t.dtype.is_floating_point or t.dtype == torch.bool:
             raise TypeError(f"{fn}: {name} must be a token id (int) or an integer tensor [batch] / [batch, pos]; "
                             f"got {type(t).__name__}{'' if not isinstance(t, Tensor) else ' ' + str(t.dtype)}")
-        bad = _out_of_range(t, 0, vocab)
-        if bad is not None:
-            raise ValueError(f"{fn}: {name} hold {bad[1]} at {bad[0]}, outside the vocabulary [0, {vocab})")
+        check_token_range(t, vocab, what=f"{fn}: {name}")
         return unembed.T[t.to(unembed.device)]
 
     raw = column(tokens, "tokens") if incorrect is None else column(tokens, "tokens") - column(incorrect,

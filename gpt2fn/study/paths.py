@@ -38,6 +38,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
+from ..checks import check_layer
 from ..layers import layer_norm, split_qkv
 from ..params import GPTParams
 from .run import forward_with
@@ -109,14 +110,13 @@ def _targets(params: GPTParams, receivers: str | Receiver | Sequence[str | Recei
 def _sender(params: GPTParams, sender: Sender) -> tuple[int, int | None]:
     """`(layer, head)`, head None for an MLP; or a ValueError naming the sender."""
     cfg = params.config
-    ok = isinstance(sender, tuple) and len(sender) == 2 and isinstance(sender[0], int) and (
-        0 <= sender[0] < cfg.n_layers) and (sender[1] == "mlp" or (
-            isinstance(sender[1], int) and not isinstance(sender[1], bool) and 0 <= sender[1] < cfg.n_heads))
+    ok = isinstance(sender, tuple) and len(sender) == 2 and (sender[1] == "mlp" or (
+        isinstance(sender[1], int) and not isinstance(sender[1], bool) and 0 <= sender[1] < cfg.n_heads))
     if not ok:
         raise ValueError(f"sender {sender!r} must be (layer, head) with layer in 0..{cfg.n_layers - 1} and head in "
                          f"0..{cfg.n_heads - 1}, or (layer, 'mlp')")
-    layer, head = sender
-    return layer, None if head == "mlp" else head
+    layer = check_layer(cfg, sender[0], name=f"sender {sender!r}: layer")
+    return layer, None if sender[1] == "mlp" else sender[1]
 
 
 def _writes(layer: int, head: int | None) -> int:

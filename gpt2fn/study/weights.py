@@ -10,6 +10,7 @@ from typing import NamedTuple
 
 from torch import Tensor
 
+from ..checks import check_layer
 from ..params import GPTParams, head_matrix
 
 __all__ = ["HeadWeights", "attn_weights", "W_E", "W_pos", "W_U"]
@@ -26,17 +27,10 @@ class HeadWeights(NamedTuple):
     b_O: Tensor | None
 
 
-def _layer(params: GPTParams, layer: int) -> int:
-    n = params.config.n_layers
-    if not isinstance(layer, int) or not -n <= layer < n:
-        raise ValueError(f"layer must be an int in 0..{n - 1} (or -{n}..-1); got {layer!r}")
-    return layer % n
-
-
 def attn_weights(params: GPTParams, layer: int) -> HeadWeights:
     """Layer `layer`'s attention weights per head, each a view of `w_qkv` / `w_out` / `b_qkv` / `b_out`."""
     cfg = params.config
-    p = params.blocks[_layer(params, layer)].attn
+    p = params.blocks[check_layer(params.config, layer)].attn
     h, hd, d = cfg.n_heads, cfg.head_dim, cfg.emb_dim
     w = [p.w_qkv[:, i * d:(i + 1) * d].view(d, h, hd).permute(1, 0, 2) for i in range(3)]
     b = [None if p.b_qkv is None else p.b_qkv[i * d:(i + 1) * d].view(h, hd) for i in range(3)]

@@ -7,9 +7,10 @@ with checkpoints that lose nothing, and data parallel with torchrun. See `gpt2fn
     result         = T.train(params, T.TrainConfig(data="corpus.txt", out="runs/a", steps=500))
 """
 
+from ..losses import perplexity
 from .data import corpus_files, eval_starts, load_tokens, sample_batch, sample_starts, split_tokens, windows
 from .distributed import DistInfo, all_reduce_mean
-from .loop import TrainConfig, TrainResult, describe_schedule, evaluate, perplexity, train
+from .loop import TrainConfig, TrainResult, describe_schedule, evaluate, train
 from .optim import (
     AdamWHParams,
     AdamWState,

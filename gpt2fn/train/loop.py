@@ -38,6 +38,8 @@ import torch
 from tqdm import tqdm
 
 from ..checkpoints import save as save_weights
+from ..checks import check_token_range
+from ..losses import perplexity
 from ..model import loss as lm_loss
 from ..params import GPTParams, count_params
 from ..tokenizer import EOT
@@ -48,7 +50,7 @@ from .precision import LossScale, compute_dtype, loss_scale_init, loss_scale_upd
 from .state import STATE_FILE, TrainState, load_state, save_state
 from .step import train_step
 
-__all__ = ["TrainConfig", "TrainResult", "train", "evaluate", "perplexity", "describe_schedule", "MODEL_FILE",
+__all__ = ["TrainConfig", "TrainResult", "train", "evaluate", "describe_schedule", "MODEL_FILE",
            "METRICS_FILE", "PLOT_FILE"]
 
 MODEL_FILE = "model.safetensors"
@@ -72,8 +74,8 @@ class TrainConfig:
     """Micro-batches per optimiser step (gradient accumulation, nanoGPT's gradient_accumulation_steps): each step
     draws one global batch of windows, so the data order depends on the global batch, not on how it is split."""
     dtype: str = "fp32"
-    """Compute dtype: "fp32", "bf16" or "fp16" (fp32 master weights and AdamW moments either way; fp16 with
-    dynamic loss scaling). Validation runs on the fp32 master weights."""
+    """Compute dtype: "fp32", "bf16" or "fp16" (or another name of `gpt2fn.devices.DTYPES`); fp32 master weights
+    and AdamW moments either way, fp16 with dynamic loss scaling. Validation runs on the fp32 master weights."""
     context: int | None = None
     """Tokens per window; None: the model's context_length."""
     lr: float = 6e-4
@@ -164,11 +166,6 @@ class TrainResult:
     def val_perplexity(self) -> float | None:
         """exp(validation loss): the perplexity of the validation text."""
         return None if self.val_loss is None else perplexity(self.val_loss)
-
-
-def perplexity(loss: float) -> float:
-    """exp(mean cross-entropy in nats): inf where that overflows a float."""
-    return math.exp(loss) if loss < 709.0 else math.inf
 
 
 def describe_schedule(s: dict[str, Any]) -> str:
@@ -312,7 +309,9 @@ def _note_resume_changes(saved: dict[str, Any], cfg: TrainConfig, info: D.DistIn
               "the run continues, but not identically", file=sys.stderr)
     old = saved.get("train_config") or {}
     for name in ("grad_accum", "dtype"):
-        if name in old and old[name] != getattr(cfg, name):
+        same = (compute_dtype(old[name]) == compute_dtype(cfg.dtype) if name == "dtype" and name in old
+                else old.get(name) == getattr(cfg, name))
+        if name in old and not same:
             print(f"note: {name} changed from {old[name]!r} to {getattr(cfg, name)!r} on --resume; the run "
                   "continues on the same windows, with different rounding", file=sys.stderr)
     keys = ("steps", "lr", "min_lr", "warmup")
@@ -336,10 +335,7 @@ def _corpus_and_vocabulary(state: TrainState, cfg: TrainConfig, tokens: np.ndarr
     if context > config.context_length:
         raise ValueError(f"--context {context} exceeds the model's context_length {config.context_length}; "
                          f"use --context {config.context_length} or less")
-    top = int(tokens.max())
-    if top >= config.vocab_size:
-        raise ValueError(f"training data {cfg.data!r} holds token id {top}, but the model's vocab_size is "
-                         f"{config.vocab_size}; train a model with the GPT-2 vocabulary (vocab_size=50257)")
+    check_token_range(tokens, config.vocab_size, what=f"training data {cfg.data!r}")
     if cfg.vocab == "corpus" and state.step == 0 and config.trained_vocab is None:
         present = np.zeros(config.vocab_size, dtype=bool)
         for i in range(0, len(tokens), 1 << 24):  # in slices: a large memory-mapped corpus is never copied whole
@@ -372,8 +368,8 @@ class _Run:
             self.data_gen.set_state(state.rng["data"])
         if f"dropout.{info.rank}" in state.rng:
             self.drop_gen.set_state(state.rng[f"dropout.{info.rank}"])
-        saved_scale = state.meta.get("loss_scale") if cfg.dtype == "fp16" else None
-        self.scale: LossScale | None = (None if cfg.dtype != "fp16" else
+        saved_scale = state.meta.get("loss_scale") if self.dtype == torch.float16 else None
+        self.scale: LossScale | None = (None if self.dtype != torch.float16 else
                                         loss_scale_init() if saved_scale is None else
                                         loss_scale_init()._replace(scale=saved_scale[0], good_steps=saved_scale[1]))
         self.step = state.step
@@ -399,7 +395,7 @@ class _Run:
                  if config.trained_vocab is not None else "")
               + f", context {c.context}, global batch {_global_batch(cfg, self.info)}{accum}, "
               f"{self.info.world_size} process(es), steps {self.step}->{cfg.steps}"
-              + (f", compute {cfg.dtype} (fp32 master weights)" if cfg.dtype != "fp32" else ""),
+              + (f", compute {cfg.dtype} (fp32 master weights)" if self.dtype is not None else ""),
               file=sys.stderr)
         print(f"learning rate: {describe_schedule(cfg.schedule())}", file=sys.stderr)
 

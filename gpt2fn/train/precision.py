@@ -20,17 +20,18 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor
 
-__all__ = ["DTYPES", "compute_dtype", "cast_tree", "LossScale", "loss_scale_init", "unscale", "loss_scale_update"]
+from ..devices import parse_dtype
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-"""The compute dtypes `--dtype` accepts."""
+__all__ = ["compute_dtype", "cast_tree", "LossScale", "loss_scale_init", "unscale", "loss_scale_update"]
 
 
-def compute_dtype(name: str) -> torch.dtype | None:
-    """The torch dtype of `--dtype NAME`, or None for fp32 (no cast); a clear ValueError for anything else."""
-    if name not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}; e.g. --dtype bf16")
-    return None if name == "fp32" else DTYPES[name]
+def compute_dtype(name: str | torch.dtype) -> torch.dtype | None:
+    """The torch dtype of `--dtype NAME` (any name of `gpt2fn.devices.DTYPES`: fp32, bf16, fp16, float32, ...), or
+    None for fp32 (no cast); a ValueError listing the names for anything else."""
+    dtype = parse_dtype(name)
+    if dtype is None:
+        raise ValueError("dtype must be a name such as fp32, bf16 or fp16, got None")
+    return None if dtype == torch.float32 else dtype
 
 
 def cast_tree(tree: Any, dtype: torch.dtype | None) -> Any:

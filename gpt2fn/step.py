@@ -24,8 +24,9 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from .cache import KVCache
+from .checks import check_ids
 from .layers import Tap
-from .model import _check_ids, walk
+from .model import walk
 from .params import GPTParams
 from .shapes import check_record, checked
 
@@ -48,7 +49,7 @@ def decode_step(params: GPTParams, cache: KVCache, ids: Int[Tensor, "batch seq"]
     """
     cache.check_room(ids.shape[0], ids.shape[1])
     if not torch.compiler.is_compiling():
-        _check_ids(params, ids, 0)
+        check_ids(params.config, ids)
         check_record(params, "params")
     logits, new = walk(params, ids, cache=cache, positions=positions, pad_mask=pad_mask, donate=donate, tap=tap,
                        last_only=last_only)
