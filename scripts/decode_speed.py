@@ -41,7 +41,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype)
+    dtype = gpt2fn.devices.parse_dtype(args.dtype)
     cfg = preset(args.preset)
     params = init_params(cfg, seed=0, dtype=dtype)
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.prompt), generator=torch.Generator().manual_seed(0))

@@ -1,7 +1,7 @@
 """`gpt2fn train`: train from scratch (a preset) or fine-tune loaded weights on text files; resumable.
 
     gpt2fn train --data corpus.txt --out runs/a --preset mini --steps 500
-    gpt2fn train --data docs/ --out runs/ft --init gpt2 --context 256 --lr 1e-4
+    gpt2fn train --data docs/ --out runs/ft --model gpt2 --context 256 --lr 1e-4   # --init is an alias
     gpt2fn train --data corpus.txt --out runs/a --steps 1000 --resume
     gpt2fn train --data corpus.txt --out runs/v --preset mini --vocab corpus    # softmax over the corpus's ids
     gpt2fn train --data corpus.txt --out runs/b --batch-size 4 --grad-accum 8 --dtype bf16   # 32 windows a step
