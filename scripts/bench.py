@@ -45,7 +45,7 @@ import gpt2fn  # noqa: E402
 from gpt2fn import GPTParams  # noqa: E402
 
 WORKLOADS = ("limits", "products", "default", "decode", "formats", "beam", "prefill", "checks", "train", "load",
-             "score", "patching")
+             "score", "patching", "memory")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8}
 """Decode formats: a floating dtype of every weight, or int8 (`gpt2fn.quantize`: int8 matrices, fp32 scales)."""
 GPT2FN, HF, SEED = "gpt2fn", "transformers", "seed loop (no cache)"
@@ -613,6 +613,12 @@ def child_load(kind: str, path: str, n_heads: str = "0") -> dict[str, Any]:
         obj = safetensors.torch.load_file(path)
     elif kind == "torch.load":
         obj = torch.load(path, weights_only=True, map_location="cpu")
+    elif kind.startswith("gpt2fn.generate_tokens"):  # the user's path: load, then decode (8 tokens, batch 1)
+        obj = gpt2fn.load(path)
+        if kind.endswith("int8"):
+            obj = gpt2fn.quantize(obj)
+        ids = torch.randint(0, obj.config.n_tokens, (1, 16), generator=torch.Generator().manual_seed(0))
+        gpt2fn.generate_tokens(obj, ids, max_new_tokens=8, eos=False)
     else:
         raise ValueError(f"unknown load kind {kind!r}")
     loaded = time.perf_counter() - t0
@@ -679,6 +685,26 @@ def bench_load(*, config: gpt2fn.GPTConfig, seed_config: gpt2fn.GPTConfig, repea
                               [(r["peak_rss"] - r["rss_before"]) / weight_bytes for r in rs],
                               higher_is_better=False, extra={"weight_bytes": weight_bytes}))
     return results
+
+
+def bench_memory(*, config: gpt2fn.GPTConfig, directory: Path | None = None) -> list[Result]:
+    """Peak resident memory of the default decode on the params `load` returns, in a fresh process, over the bytes
+    of the weights: `gpt2fn.generate_tokens(gpt2fn.load(path), ids, max_new_tokens=8)` (1.0: the weights and
+    nothing else; the KV cache, activations and torch's own libraries come on top)."""
+    with contextlib.ExitStack() as stack:
+        if directory is None:
+            directory = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="gpt2fn-bench-")))
+        path = directory / "model.safetensors"
+        params = gpt2fn.init_params(config, seed=0)
+        gpt2fn.save(params, path)
+        del params
+        gc.collect()
+        run = _spawn_load("gpt2fn.generate_tokens", path)
+    weight_bytes = run["weight_bytes"]
+    return [Result("memory", f"generate_tokens {weight_bytes / 1e9:.2f} GB weights", GPT2FN, "x weights",
+                   [run["peak_rss"] / weight_bytes], higher_is_better=False,
+                   extra={"weight_bytes": weight_bytes, "peak_rss": run["peak_rss"], "rss_before": run["rss_before"],
+                          "peak_over_start": (run["peak_rss"] - run["rss_before"]) / weight_bytes})]
 
 
 def _spawn_load(kind: str, path: Path, n_heads: int = 0) -> dict[str, Any]:
@@ -945,6 +971,7 @@ class Plan:
     preset: str = "gpt2"
     train_preset: str = "small"
     seed_preset: str = "seed"
+    memory_preset: str = "gpt2-xl"  # the model whose decode peak RSS the memory workload measures
     batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
     dtypes: tuple[str, ...] | None = None  # None: every format of DTYPES
     prompt_len: int = 16
@@ -975,6 +1002,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="skip the torch.compile decode rows (they compile for tens of seconds first)")
     p.add_argument("--preset", default="gpt2", help="model for decode/prefill/checks/load (default gpt2, 124M)")
     p.add_argument("--train-preset", default="small", help="model for the train step (default small)")
+    p.add_argument("--memory-preset", default="gpt2-xl",
+                   help="model whose decode peak RSS the memory workload measures (default gpt2-xl, 1.5B)")
     p.add_argument("--seed-preset", default="seed", help="model for the seed-format .pth load (default seed)")
     p.add_argument("--child-load", nargs=3, metavar=("KIND", "PATH", "N_HEADS"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -985,7 +1014,8 @@ def plan_from(args: argparse.Namespace) -> Plan:
     unknown = sorted(set(only) - set(WORKLOADS))
     if unknown:
         raise SystemExit(f"error: --only got unknown workloads {unknown}; choose from {WORKLOADS}")
-    plan = Plan(only=only, preset=args.preset, train_preset=args.train_preset, seed_preset=args.seed_preset)
+    plan = Plan(only=only, preset=args.preset, train_preset=args.train_preset, seed_preset=args.seed_preset,
+                memory_preset=args.memory_preset)
     if args.quick:
         plan.repeats, plan.new_tokens, plan.prefill_len, plan.limit_mb, plan.gemm_n = 2, 16, 256, 256, 1024
     plan.repeats = args.repeats or plan.repeats
@@ -1071,6 +1101,9 @@ def run(plan: Plan, device: torch.device) -> tuple[list[Result], list[str]]:
         with _stage("train"):
             results += bench_train(gpt2fn.preset(plan.train_preset), batch=plan.train_batch, device=device,
                                    repeats=plan.repeats)
+    if "memory" in plan.only:
+        with _stage(f"memory ({plan.memory_preset})"):
+            results += bench_memory(config=gpt2fn.preset(plan.memory_preset))
     if "load" in plan.only:
         with _stage("load"):
             results += bench_load(config=cfg, seed_config=gpt2fn.preset(plan.seed_preset), repeats=plan.repeats)
