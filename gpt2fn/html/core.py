@@ -11,7 +11,7 @@ import json
 import math
 import uuid
 from collections.abc import Iterable
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -116,7 +116,7 @@ def text_colour(value: float | None, vmin: float, vmax: float, *, signed: bool =
     return "#fff" if t > 0.6 else "#111"
 
 
-@lru_cache(maxsize=None)
+@cache
 def _asset(name: str) -> str:
     return (_ASSETS / name).read_text(encoding="utf-8")
 

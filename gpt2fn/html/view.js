@@ -51,7 +51,7 @@
         }
         for (let a = 0; a < rows * cols; a++) {
           const r = Math.floor(a / cols), c = a % cols;
-          const masked = c * N / cols > (r + 1) * Q / rows + (N - Q); // above the causal diagonal
+          const masked = c * N / cols > Math.ceil((r + 1) * Q / rows) - 1 + (N - Q); // above the causal diagonal
           const [R, G, B] = masked ? [243, 244, 246] : blue(acc[a] / 255);
           px[4 * a] = R; px[4 * a + 1] = G; px[4 * a + 2] = B; px[4 * a + 3] = 255;
         }

@@ -196,7 +196,7 @@ def bars(labels: Sequence[str], values: Any, *, title: str = "bars", sort: bool 
     out = []
     for label, v in items:
         w = 0.0 if v is None or not math.isfinite(v) else min(abs(v) / m, 1.0) * 50
-        side = "left:50%" if (v or 0) >= 0 else f"right:50%"
+        side = "left:50%" if (v or 0) >= 0 else "right:50%"
         cls = "g2f-pos" if (v or 0) >= 0 else "g2f-neg"
         out.append(f'<div class="g2f-bar" title="{escape(f"{label}: {fmt(v, 6)}")}"><span class="g2f-barlabel">'
                    f'{escape(label)}</span><span class="g2f-track"><span class="g2f-fill {cls}" style="{side};'
@@ -212,7 +212,7 @@ def bars(labels: Sequence[str], values: Any, *, title: str = "bars", sort: bool 
 
 
 def attention_topk(pattern: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """One layer's `[heads, q, kv]` pattern reduced to each query's `k` largest weights: key indices `uint16`,
+    """One layer's `[heads, q, kv]` pattern reduced to each query's `k` largest weights: key indices (int32),
     weights quantised to `uint8` (`round(255 w)`), and the mass those entries keep (`uint8`, of 255)."""
     p = pattern.detach().float()
     k = min(k, p.shape[-1])
@@ -237,9 +237,12 @@ def attention_view(tokens: Sequence[str], layers: Sequence[Tensor] | Tensor, *, 
     by the attention it pays (`query -> keys`) or receives (`key <- queries`), and lists its top keys.
 
     `layers`: one `[heads, q, kv]` pattern per layer (a sequence, reduced one at a time, or a stacked `[layer,
-    heads, q, kv]` tensor). Size is bounded: each query keeps its `top_k` largest weights (default: as many as fit
-    `budget` bytes, all of them for short texts), quantised to 1/255, with the share of attention they hold; the
-    view says how many were kept. A 1024-token, 12 x 12-head view keeps 6 keys per query in about 2.8 MB before
+    heads, q, kv]` tensor), or per layer the `attention_topk(pattern, k)` of one with `k = top_k` (what
+    `gpt2fn.study.views.view_attention` passes, so no more than one layer's pattern is ever held).
+
+    Size is bounded: each query keeps its `top_k` largest weights (default: as many as fit `budget` bytes, all
+    of them for short texts), quantised to 1/255, with the share of attention they hold; the view says how many
+    were kept. A 1024-token, 12 x 12-head view keeps 6 keys per query in about 2.8 MB before
     compression (deflate, decoded by the browser's `DecompressionStream`).
     """
     tokens = _strings(tokens, "tokens")
@@ -247,19 +250,29 @@ def attention_view(tokens: Sequence[str], layers: Sequence[Tensor] | Tensor, *, 
     layers = list(layers.unbind(0)) if isinstance(layers, Tensor) else list(layers)
     if not layers:
         raise ValueError("attention_view needs at least one layer's pattern")
-    heads = layers[0].shape[0] if layers[0].ndim == 3 else 0
-    for i, p in enumerate(layers):
-        if not isinstance(p, Tensor) or p.ndim != 3 or p.shape != (heads, len(tokens), len(keys)):
-            got = list(p.shape) if isinstance(p, Tensor) else type(p).__name__
-            raise ValueError(f"layer {i}'s pattern is {got}; expected [heads={heads}, queries={len(tokens)}, "
-                             f"keys={len(keys)}] (one per layer, with the batch axis selected)")
     if len(keys) > 65535:
         raise ValueError(f"{len(keys)} keys do not fit the view's 16-bit key indices (at most 65535)")
+    first = layers[0][0] if isinstance(layers[0], tuple) else layers[0]
+    heads = first.shape[0] if isinstance(first, Tensor) and first.ndim == 3 else 0
     k = choose_k(len(layers), heads, len(tokens), len(keys), budget) if top_k is None else top_k
     if k < 1:
         raise ValueError(f"top_k must be >= 1, got {k}")
     k = min(k, len(keys))
-    idx, w, mass = zip(*(attention_topk(p, k) for p in layers), strict=True)
+    reduced = []
+    for i, p in enumerate(layers):
+        if isinstance(p, tuple):  # already reduced by attention_topk
+            p_idx = p[0] if len(p) == 3 and isinstance(p[0], Tensor) else None
+            ok = p_idx is not None and p_idx.shape == (heads, len(tokens), k)
+            got = list(p_idx.shape) if p_idx is not None else "a malformed tuple"
+        else:
+            ok = isinstance(p, Tensor) and p.ndim == 3 and p.shape == (heads, len(tokens), len(keys))
+            got = list(p.shape) if isinstance(p, Tensor) else type(p).__name__
+        if not ok:
+            raise ValueError(f"layer {i}'s pattern is {got}; expected [heads={heads}, queries={len(tokens)}, "
+                             f"keys={len(keys)}] (one per layer, batch axis selected), or attention_topk(pattern, "
+                             f"{k}) of one")
+        reduced.append(p if isinstance(p, tuple) else attention_topk(p, k))
+    idx, w, mass = zip(*reduced, strict=True)
     raw = (torch.stack(idx).to(torch.int32).numpy().astype("<u2").tobytes()
            + torch.stack(w).numpy().tobytes() + torch.stack(mass).numpy().tobytes())
     layer_labels = [f"layer {i}" for i in range(len(layers))] if layer_labels is None else _strings(
