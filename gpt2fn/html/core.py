@@ -9,7 +9,6 @@ Content-Security-Policy that forbids every network load (defence in depth: escap
 import html
 import json
 import math
-import uuid
 from collections.abc import Iterable
 from functools import cache
 from pathlib import Path
@@ -160,7 +159,7 @@ class View:
 
     def fragment(self) -> str:
         """The view's own HTML: a `div.g2f` holding a heading and the body (no CSS or script)."""
-        return (f'<div class="g2f" id="g2f-{uuid.uuid4().hex[:12]}">'
+        return (f'<div class="g2f">'
                 f'<h3 class="g2f-title">{escape(self.title)}</h3>{self.body}</div>')
 
     def _repr_html_(self) -> str:
