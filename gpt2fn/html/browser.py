@@ -236,9 +236,12 @@ class Page:
             self.browser.pump(0.05)
 
     def hover(self, selector: str) -> None:
-        """Move the mouse to the centre of the first element matching `selector` (a real pointer event)."""
-        box = self.evaluate(f"(() => {{ const r = document.querySelector({json.dumps(selector)})"
-                            ".getBoundingClientRect(); return [r.left + r.width / 2, r.top + r.height / 2]; })()")
+        """Scroll the first element matching `selector` into view and move the mouse to its centre (a real pointer
+        event, as a person's hover)."""
+        box = self.evaluate(f"(() => {{ const e = document.querySelector({json.dumps(selector)}); "
+                            "e.scrollIntoView({block: 'center', inline: 'center'}); "
+                            "const r = e.getBoundingClientRect(); "
+                            "return [r.left + r.width / 2, r.top + r.height / 2]; })()")
         self.send("Input.dispatchMouseEvent", {"type": "mouseMoved", "x": box[0], "y": box[1]})
         self.browser.pump(0.05)
 
