@@ -27,6 +27,7 @@ from jaxtyping import Float, Float32, Int8
 from torch import Tensor
 
 from .config import GPTConfig
+from .html import tree_view
 
 __all__ = [
     "LayerNormParams", "AttentionParams", "MLPParams", "BlockParams", "GPTParams",
@@ -88,6 +89,10 @@ class _Record:
             return repr(v)
         inner = ", ".join(f"{n}={show(getattr(self, n))}" for n in self._fields)  # type: ignore[attr-defined]
         return f"{type(self).__name__}({inner})"
+
+    def _repr_html_(self) -> str:
+        """A notebook's picture: the tree as a collapsible outline with shapes, dtypes and statistics."""
+        return tree_view(self)._repr_html_()
 
 
 @record

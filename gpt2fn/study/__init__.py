@@ -47,7 +47,10 @@ own and through that head's columns of `w_qkv`, so only that head's queries (key
 into one head. An edit is `fn(value) -> value` of the same shape; a captured site holds the value after its edit.
 The positions (query) axis of every site is the second to last, except `attn.result` (axis 1).
 
-Views: `logit_lens`, `direct_logit_attribution`, `attention_patterns`, `save_attention_map` (PNG).
+Views: `logit_lens`, `direct_logit_attribution`, `attention_patterns`, `save_attention_map` (PNG); as HTML
+(`gpt2fn.html`, drawn from the data): `view_attention`, `view_logit_lens`, `view_logprobs`, `view_score`,
+`view_dla`, `view_sweep`, `view_report`, written with `save_html(view, path)`. Results show themselves in a notebook
+(`_repr_html_`): `Activations`, `FactoredMatrix`, `HeadScores`, `LogitAttribution`, `Components`.
 Decomposition (`gpt2fn.study.decompose`, over `(params, acts)`; `run_for_decompose` captures what it reads):
 `accumulated_resid`, `decompose_resid` (embeddings, attention/MLP outputs, or heads/neurons; sums to the stream),
 `stack_head_results`, `stack_neuron_results`, `apply_ln_to_stack` (frozen-scale norm), `logit_attribution`,
@@ -115,7 +118,16 @@ from .views import (
     lens_labels,
     logit_lens,
     save_attention_map,
+    save_html,
     token_labels,
+    token_strings,
+    view_attention,
+    view_dla,
+    view_logit_lens,
+    view_logprobs,
+    view_report,
+    view_score,
+    view_sweep,
 )
 from .weights import W_E, W_U, HeadWeights, W_pos, attn_weights
 
@@ -128,7 +140,8 @@ __all__ = [
     "duplicate_token_score", "induction_score",
     "site_grads", "per_example_grads", "per_example_grad_norms",
     "logit_lens", "lens_labels", "LogitAttribution", "direct_logit_attribution", "attention_patterns",
-    "token_labels", "save_attention_map",
+    "token_labels", "save_attention_map", "token_strings", "save_html", "view_attention", "view_logit_lens",
+    "view_logprobs", "view_score", "view_dla", "view_sweep", "view_report",
     "HeadWeights", "attn_weights", "W_E", "W_pos", "W_U",
     "FactoredMatrix", "ov_circuit", "qk_circuit", "full_ov_circuit", "full_qk_circuit",
     "composition_scores", "composition_score",

@@ -92,6 +92,16 @@ class Components(_Record):
         """`{label: component}` in stack order."""
         return dict(zip(self.labels, self.stack.unbind(0), strict=True))
 
+    def _repr_html_(self) -> str:
+        """Logit attributions of one position as signed bars (example 0 of the batch); other stacks as the tree."""
+        if self.space == "logit" and self.stack.ndim == 2 and self.stack.device.type != "meta":
+            from ..html import bars
+
+            return bars(self.labels, self.stack[:, 0], title=f"logit attribution (read by {self.norm})", sort=True,
+                        top=40, note=f"{len(self.labels)} components, example 0 of {self.stack.shape[1]}; total "
+                                     f"{float(self.stack[:, 0].sum()):.4g}")._repr_html_()
+        return super()._repr_html_()
+
     def __repr__(self) -> str:
         shown = ", ".join(self.labels[:4]) + (f", ... ({len(self.labels)})" if len(self.labels) > 4 else "")
         return (f"Components({self.space}, {list(self.stack.shape)}, read by {self.norm}, pos={self.pos}, "
