@@ -64,6 +64,7 @@ Head detectors: `head_detector_scores` (previous-token, duplicate-token, inducti
 Weight transforms: `gpt2fn.transforms`.
 """
 
+from .attribution import EdgeScores, attribution_dims, attribution_patching, edge_attribution_patching
 from .circuits import (
     composition_score,
     composition_scores,
@@ -127,6 +128,7 @@ __all__ = [
     "HeadScores", "head_detector_scores", "repeated_tokens", "offset_attention", "previous_token_score",
     "duplicate_token_score", "induction_score",
     "site_grads", "per_example_grads", "per_example_grad_norms",
+    "attribution_patching", "attribution_dims", "edge_attribution_patching", "EdgeScores",
     "logit_lens", "lens_labels", "LogitAttribution", "direct_logit_attribution", "attention_patterns",
     "token_labels", "save_attention_map",
     "HeadWeights", "attn_weights", "W_E", "W_pos", "W_U",
