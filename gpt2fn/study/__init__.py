@@ -97,6 +97,24 @@ from .detectors import (
 from .factored import FactoredMatrix
 from .paths import RECEIVER_SITES, Receiver, Sender, path_patch, path_patching_sweep
 from .run import Edit, ablate_head, forward_with, patch, run_with_capture, steer
+from .sae import (
+    SAEConfig,
+    SAEError,
+    SAEParams,
+    ablate_features,
+    clamp_features,
+    hook_to_site,
+    load_sae,
+    prepare_for_sae,
+    run_with_saes,
+    sae_decode,
+    sae_encode,
+    sae_forward,
+    sae_site_value,
+    save_sae,
+    splice_sae,
+    steer_features,
+)
 from .sites import LAYER_SITES, SITE_DIMS, Activations, resolve_sites, site_dims, site_names
 from .sweeps import (
     HEAD_SITES,
@@ -129,6 +147,9 @@ __all__ = [
     "duplicate_token_score", "induction_score",
     "site_grads", "per_example_grads", "per_example_grad_norms",
     "attribution_patching", "attribution_dims", "edge_attribution_patching", "EdgeScores",
+    "SAEConfig", "SAEParams", "SAEError", "load_sae", "save_sae", "sae_encode", "sae_decode", "sae_forward",
+    "hook_to_site", "sae_site_value", "splice_sae", "run_with_saes", "ablate_features", "steer_features",
+    "clamp_features", "prepare_for_sae",
     "logit_lens", "lens_labels", "LogitAttribution", "direct_logit_attribution", "attention_patterns",
     "token_labels", "save_attention_map",
     "HeadWeights", "attn_weights", "W_E", "W_pos", "W_U",
