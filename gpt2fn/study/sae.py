@@ -54,8 +54,8 @@ from .run import Edit, forward_with, resolve_edits
 from .sites import Activations, resolve_sites
 
 __all__ = ["SAEConfig", "SAEParams", "SAEError", "load_sae", "save_sae", "sae_encode", "sae_decode", "sae_forward",
-           "hook_to_site", "sae_site_value", "splice_sae", "run_with_saes", "ablate_features", "steer_features",
-           "clamp_features", "prepare_for_sae"]
+           "sae_from_dict", "hook_to_site", "sae_site_value", "splice_sae", "run_with_saes", "ablate_features",
+           "steer_features", "clamp_features", "prepare_for_sae"]
 
 CFG_FILE, WEIGHTS_FILE = "cfg.json", "sae_weights.safetensors"
 ARCHITECTURES = ("standard", "jumprelu", "topk")
@@ -390,22 +390,22 @@ def _config_from(raw: dict[str, Any], path: Path) -> SAEConfig:
     meta = raw.get("metadata") or {}
     hook = meta.get("hook_name") or raw.get("hook_name") or raw.get("hook_point")
     if not hook:
-        raise SAEError(f"{path / CFG_FILE} names no hook (metadata.hook_name, hook_name or hook_point)")
+        raise SAEError(f"{path} names no hook (metadata.hook_name, hook_name or hook_point)")
     arch = raw.get("architecture", "standard")
     if arch not in ARCHITECTURES:
-        raise SAEError(f"{path / CFG_FILE}: architecture {arch!r} is not supported; gpt2fn reads "
+        raise SAEError(f"{path}: architecture {arch!r} is not supported; gpt2fn reads "
                        f"{', '.join(ARCHITECTURES)} SAEs")
     norm = raw.get("normalize_activations") or "none"
     norm = {True: "expected_average_only_in", False: "none"}.get(norm, norm)
     if norm not in NORMALIZATIONS and norm != "expected_average_only_in":
-        raise SAEError(f"{path / CFG_FILE}: normalize_activations {norm!r} is not supported (gpt2fn computes "
+        raise SAEError(f"{path}: normalize_activations {norm!r} is not supported (gpt2fn computes "
                        f"{', '.join(NORMALIZATIONS)}, and folds expected_average_only_in given its scaling factor)")
     if raw.get("reshape_activations", "none") not in ("none", "hook_z"):
-        raise SAEError(f"{path / CFG_FILE}: reshape_activations {raw['reshape_activations']!r} is not supported")
+        raise SAEError(f"{path}: reshape_activations {raw['reshape_activations']!r} is not supported")
     head = meta.get("hook_head_index", raw.get("hook_head_index", raw.get("hook_point_head_index")))
     k = raw.get("k", (raw.get("activation_fn_kwargs") or {}).get("k"))
     if arch == "topk" and not isinstance(k, int):
-        raise SAEError(f"{path / CFG_FILE}: a topk SAE needs an integer k; got {k!r}")
+        raise SAEError(f"{path}: a topk SAE needs an integer k; got {k!r}")
     try:
         return SAEConfig(d_in=int(raw["d_in"]), d_sae=int(raw["d_sae"]), architecture=arch, hook_name=hook,
                          site=hook_to_site(hook), head=head, k=k if arch == "topk" else None,
@@ -413,7 +413,7 @@ def _config_from(raw: dict[str, Any], path: Path) -> SAEConfig:
                          apply_b_dec_to_input=bool(raw.get("apply_b_dec_to_input", True)),
                          normalize_activations=norm, cfg=json.dumps(raw, sort_keys=True))
     except KeyError as e:
-        raise SAEError(f"{path / CFG_FILE} has no {e.args[0]!r}; an SAE-Lens cfg.json names d_in and d_sae") from None
+        raise SAEError(f"{path} has no {e.args[0]!r}; an SAE-Lens cfg.json names d_in and d_sae") from None
 
 
 def load_sae(path: str | os.PathLike[str], *, device: torch.device | str | None = None,
@@ -428,8 +428,17 @@ def load_sae(path: str | os.PathLike[str], *, device: torch.device | str | None 
     if not (path / CFG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
         raise FileNotFoundError(f"{path} is not an SAE-Lens SAE directory: it needs {CFG_FILE} and {WEIGHTS_FILE}")
     raw = json.loads((path / CFG_FILE).read_text())
-    config = _config_from(raw, path)
     weights = load_file(str(path / WEIGHTS_FILE), device=str(device or "cpu"))
+    return sae_from_dict(raw, weights, dtype=dtype, norm_scaling_factor=norm_scaling_factor, where=str(path))
+
+
+def sae_from_dict(cfg: Mapping[str, Any], weights: Mapping[str, Tensor], *, dtype: torch.dtype | None = None,
+                  norm_scaling_factor: float | None = None, where: str = "the SAE") -> SAEParams:
+    """An SAE from an SAE-Lens config dict (what `cfg.json` holds) and its state dict (`W_enc`, `b_enc`,
+    `W_dec`, `b_dec`, `threshold`): `load_sae` without the files."""
+    raw = dict(cfg)
+    config = _config_from(raw, Path(where))
+    weights = dict(weights)
     if "finetuning_scaling_factor" in weights or "scaling_factor" in weights:  # pre-6 files: scale on the features
         scale = weights.pop("finetuning_scaling_factor", None)
         scale = weights.pop("scaling_factor", None) if scale is None else scale
@@ -442,14 +451,14 @@ def load_sae(path: str | os.PathLike[str], *, device: torch.device | str | None 
         f"{k} has shape {list(weights[k].shape)}, expected {list(s)}" for k, s in want.items()
         if k in weights and tuple(weights[k].shape) != s] + [f"unexpected {k}" for k in weights if k not in want]
     if problems:
-        raise SAEError(f"{path / WEIGHTS_FILE} does not match its {config.architecture} config (d_in {config.d_in}, "
+        raise SAEError(f"{where}: the weights do not match the {config.architecture} config (d_in {config.d_in}, "
                        f"d_sae {config.d_sae}): {'; '.join(problems)}")
     w = {k: v if dtype is None else v.to(dtype) for k, v in weights.items()}
     sae = SAEParams(w["W_enc"], w["b_enc"], w["W_dec"], w["b_dec"], w.get("threshold"), config)
     if config.normalize_activations == "expected_average_only_in":
         if norm_scaling_factor is None:
-            raise SAEError(f"{path / CFG_FILE}: normalize_activations is expected_average_only_in, whose scaling "
-                           "factor (sqrt(d_in) / the dataset's mean activation norm) is not in the file; pass "
+            raise SAEError(f"{where}: normalize_activations is expected_average_only_in, whose scaling factor "
+                           "(sqrt(d_in) / the dataset's mean activation norm) is not in the file; pass "
                            "load_sae(..., norm_scaling_factor=s) to fold it in")
         sae = _fold_scaling(sae, float(norm_scaling_factor))
     return sae
