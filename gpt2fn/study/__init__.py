@@ -95,6 +95,7 @@ from .detectors import (
     repeated_tokens,
 )
 from .factored import FactoredMatrix
+from .interventions import ablation_sweep, steering_sweep, vmap_edits
 from .paths import RECEIVER_SITES, Receiver, Sender, path_patch, path_patching_sweep
 from .run import Edit, ablate_head, forward_with, patch, run_with_capture, steer
 from .sae import (
@@ -151,6 +152,7 @@ __all__ = [
     "SAEConfig", "SAEParams", "SAEError", "load_sae", "save_sae", "sae_encode", "sae_decode", "sae_forward",
     "sae_from_dict", "hook_to_site", "sae_site_value", "splice_sae", "run_with_saes", "ablate_features",
     "steer_features", "clamp_features", "prepare_for_sae",
+    "vmap_edits", "steering_sweep", "ablation_sweep",
     "logit_lens", "lens_labels", "LogitAttribution", "direct_logit_attribution", "attention_patterns",
     "token_labels", "save_attention_map",
     "HeadWeights", "attn_weights", "W_E", "W_pos", "W_U",
