@@ -57,6 +57,11 @@ Transforms: `patching_sweep` (layers x positions as one batch on fused attention
 `head_patching_sweep` (layer x head [x position] at `attn.z/q/k/v/pattern/scores/result`), `path_patching_sweep` /
 `path_patch` (sender head or MLP -> `Receiver`s through the residual stream only, Wang et al. 2022),
 `site_grads` (`grad`/`jacrev` w.r.t. sites), `per_example_grads` / `per_example_grad_norms` (`vmap(grad)`).
+Attribution (`gpt2fn.study.attribution`): `attribution_patching` (AtP, any sites, `attribution_dims`),
+`edge_attribution_patching` (EAP and, with `steps=`, EAP-IG) -> `EdgeScores`: two forwards and one backward.
+SAEs (`gpt2fn.study.sae`): `load_sae`/`save_sae` in SAE-Lens's format, `sae_encode`/`sae_decode`, `run_with_saes`
+/ `splice_sae` (error term kept), `ablate_features`, `steer_features`, `clamp_features`, `prepare_for_sae`.
+Interventions as one `vmap` call (`gpt2fn.study.interventions`): `vmap_edits`, `steering_sweep`, `ablation_sweep`.
 Circuits: `ov_circuit`, `qk_circuit`, `full_ov_circuit`, `full_qk_circuit` as `FactoredMatrix` values,
 `composition_scores(params, "q" | "k" | "v")` `[layer, heads, layer, heads]`, `composition_score` (one pair).
 Head detectors: `head_detector_scores` (previous-token, duplicate-token, induction `[layer, head]` on
