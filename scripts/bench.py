@@ -46,9 +46,10 @@ import bench_peers as peers  # noqa: E402
 import gpt2fn  # noqa: E402
 from gpt2fn import GPTParams  # noqa: E402
 
-WORKLOADS = ("limits", "products", "default", "decode", "beam", "prefill", "checks", "train", "load", "score",
-             "patching", "attribution", "sae")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+WORKLOADS = ("limits", "products", "default", "decode", "formats", "beam", "prefill", "checks", "train", "load",
+             "score", "patching", "attribution", "sae")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8}
+"""Decode formats: a floating dtype of every weight, or int8 (`gpt2fn.quantize`: int8 matrices, fp32 scales)."""
 GPT2FN, HF, SEED = "gpt2fn", "transformers", "seed loop (no cache)"
 COMPILED = "gpt2fn compile=True"
 
@@ -252,6 +253,7 @@ def bench_decode(params: GPTParams, *, batch: int, prompt_len: int = 16, new_tok
     included) and time to first token, each contender on the same weights and prompt."""
     device, dtype = params.device, params.dtype
     case = f"{_dtype_name(dtype)} b{batch}"
+    with_hf = with_hf and dtype != torch.int8  # transformers has no int8 weight-only CPU path of its own
     ids = torch.randint(0, params.config.n_tokens, (batch, prompt_len),
                         generator=torch.Generator().manual_seed(batch)).to(device)
     name, gen = gpt2fn_decoder(params)
@@ -284,6 +286,7 @@ def bench_decode(params: GPTParams, *, batch: int, prompt_len: int = 16, new_tok
         got = outputs[(n, new_tokens)][:, prompt_len:]
         agree = float((got == ref).float().mean()) if got.shape == ref.shape else 0.0
         extra = {"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "dtype": _dtype_name(dtype),
+                 "weight_bytes": weight_bytes(params), "kv_itemsize": params.compute_dtype.itemsize,
                  "ids_agree_with_gpt2fn": agree,
                  "ms_per_step": [1e3 * (t - statistics.median(first[n])) / max(1, new_tokens - 1)
                                  for t in full[n]]}
@@ -291,6 +294,31 @@ def bench_decode(params: GPTParams, *, batch: int, prompt_len: int = 16, new_tok
         results.append(Result("ttft", case, n, "ms", [1e3 * t for t in first[n]], higher_is_better=False,
                               extra={"batch": batch, "prompt_len": prompt_len}))
     return results
+
+
+def format_params(params: GPTParams, name: str) -> GPTParams:
+    """The tree of a decode format (`DTYPES`): int8 through `gpt2fn.quantize`, a floating dtype through `tree_to`."""
+    if name == "int8":
+        return gpt2fn.quantize(params)
+    return params if DTYPES[name] == params.dtype else gpt2fn.tree_to(params, dtype=DTYPES[name])
+
+
+def bench_formats(params: GPTParams, *, batch: int = 4, seq: int = 64) -> list[Result]:
+    """The accuracy of each stored format: max and mean absolute logit error against the fp32 model on the same
+    weights (one forward of `batch` x `seq` random ids), with the logits' standard deviation for scale."""
+    seq = min(seq, params.config.context_length)
+    ids = torch.randint(0, params.config.n_tokens, (batch, seq), generator=torch.Generator().manual_seed(7))
+    ids = ids.to(params.device)
+    with torch.inference_mode():
+        ref = gpt2fn.forward(params, ids).float()
+        out = []
+        for name in ("bf16", "fp16", "int8"):
+            err = (gpt2fn.forward(format_params(params, name), ids).float() - ref).abs()
+            out.append(Result("formats", name, GPT2FN, "max abs logit error", [float(err.max())],
+                              higher_is_better=False,
+                              extra={"mean_abs_error": float(err.mean()), "logit_std": float(ref.std()),
+                                     "batch": batch, "seq": seq}))
+    return out
 
 
 def bench_default(params: GPTParams, *, prompt: str = "Hello, it is time", repeats: int = 5) -> list[Result]:
@@ -668,17 +696,26 @@ def _spawn_load(kind: str, path: Path, n_heads: int = 0) -> dict[str, Any]:
 # The roofline, ratios, targets
 
 
+def weight_bytes(params: GPTParams) -> int:
+    """Bytes of the weights one decode step reads: every leaf (int8 values and their fp32 scales, for an int8 tree)
+    but the position embedding, of which a step reads one row."""
+    return sum(t.numel() * t.element_size() for name, t in gpt2fn.named_leaves(params) if name != "pos_emb")
+
+
 def decode_bytes_per_step(config: gpt2fn.GPTConfig, *, dtype: torch.dtype, batch: int, prompt_len: int,
-                          new_tokens: int) -> tuple[float, float]:
+                          new_tokens: int, weights: int | None = None, kv_itemsize: int | None = None
+                          ) -> tuple[float, float]:
     """(bytes read, matmul FLOPs) per decode step, averaged over the decode: every weight once (the token
-    embedding as the tied head; one row of each embedding is negligible) plus the KV cache so far."""
+    embedding as the tied head; one row of each embedding is negligible) plus the KV cache so far. `weights`
+    and `kv_itemsize` (as measured on the tree: `weight_bytes`, `compute_dtype`) override the estimate from
+    `dtype`, which assumes every weight and the cache in it."""
     size = torch.empty((), dtype=dtype).element_size()
     d, layers = config.emb_dim, config.n_layers
     block = layers * (d * 3 * d + 3 * d + d * d + d + 2 * d * config.d_mlp + config.d_mlp + d + 4 * d)
     head = config.vocab_size * d
-    weights = (block + head + 2 * d) * size
+    weights = (block + head + 2 * d) * size if weights is None else weights
     avg_len = prompt_len + new_tokens / 2
-    kv = batch * 2 * layers * d * avg_len * size
+    kv = batch * 2 * layers * d * avg_len * (size if kv_itemsize is None else kv_itemsize)
     flops = 2 * batch * (block + head) + batch * 4 * layers * d * avg_len
     return weights + kv, flops
 
@@ -697,8 +734,11 @@ def roofline(results: list[Result], config: gpt2fn.GPTConfig) -> list[dict[str, 
         e = r.extra
         dtype = DTYPES[e["dtype"]]
         nbytes, flops = decode_bytes_per_step(config, dtype=dtype, batch=e["batch"], prompt_len=e["prompt_len"],
-                                              new_tokens=e["new_tokens"])
-        t_mem, t_flop = nbytes / (bw * 1e9), flops / (gemm.get(e["dtype"], float("inf")) * 1e9)
+                                              new_tokens=e["new_tokens"], weights=e.get("weight_bytes"),
+                                              kv_itemsize=e.get("kv_itemsize"))
+        # on CPU gpt2fn's products run in fp32 whatever the storage (GPTParams.compute_dtype)
+        rate = gemm.get("fp32" if r.extra.get("kv_itemsize") == 4 else e["dtype"], float("inf"))
+        t_mem, t_flop = nbytes / (bw * 1e9), flops / (rate * 1e9)
         limit = e["batch"] / max(t_mem, t_flop)
         rows.append({"case": r.case, "contender": r.contender, "bytes_per_step": nbytes, "flops_per_step": flops,
                      "bandwidth_gbs": bw,
@@ -961,7 +1001,7 @@ class Plan:
     train_preset: str = "small"
     seed_preset: str = "seed"
     batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
-    dtypes: tuple[str, ...] | None = None  # None: fp32, plus bf16 where the device has fast bf16 kernels
+    dtypes: tuple[str, ...] | None = None  # None: every format of DTYPES
     prompt_len: int = 16
     new_tokens: int = 128
     prefill_len: int = 1024
@@ -985,7 +1025,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=None, help="timed rounds per case (default 3, --quick 2)")
     p.add_argument("--new-tokens", type=int, default=None, help="decoded tokens (default 128, --quick 16)")
     p.add_argument("--batches", default=None, help="decode batch sizes, comma separated (default 1,2,4,8,16,32)")
-    p.add_argument("--dtypes", default=None, help="decode dtypes of fp32,bf16 (default both)")
+    p.add_argument("--dtypes", default=None, help="decode formats of fp32,bf16,fp16,int8 (default all)")
     p.add_argument("--no-compiled", action="store_true",
                    help="skip the torch.compile decode rows (they compile for tens of seconds first)")
     p.add_argument("--preset", default="gpt2", help="model for decode/prefill/checks/load (default gpt2, 124M)")
@@ -1028,7 +1068,7 @@ def run(plan: Plan, device: torch.device) -> tuple[list[Result], list[str]]:
     results: list[Result] = []
     notes: list[str] = []
     cfg = gpt2fn.preset(plan.preset)
-    needs_model = {"default", "decode", "beam", "prefill", "checks", "score", "patching", "attribution",
+    needs_model = {"default", "decode", "formats", "beam", "prefill", "checks", "score", "patching", "attribution",
                    "sae"} & set(plan.only)
     params = gpt2fn.init_params(cfg, seed=0, device=device) if needs_model else None
     if "limits" in plan.only:
@@ -1044,20 +1084,24 @@ def run(plan: Plan, device: torch.device) -> tuple[list[Result], list[str]]:
         with _stage("default call"):
             results += bench_default(params, repeats=plan.repeats + 2)
     if "decode" in plan.only:
-        dtypes = plan.dtypes
-        if dtypes is None:
-            dtypes = ("fp32", "bf16") if bf16_is_fast(device) else ("fp32",)
-            if "bf16" not in dtypes:
-                notes.append(f"bf16 decode skipped: bf16 matrix products on this {device.type} run at under half "
-                             "the fp32 rate (no native bf16 kernels; see the GEMM rows); force with --dtypes")
+        dtypes = plan.dtypes or ("fp32", "bf16", "fp16", "int8")
+        # transformers computes in the weights' dtype: beside gpt2fn's 16-bit rows only where that is fast
+        hf_half = bf16_is_fast(device)
+        if not hf_half:
+            notes.append(f"transformers' 16-bit decode rows skipped: bf16 matrix products on this {device.type} run "
+                         "at under half the fp32 rate (gpt2fn's 16-bit weights compute in fp32 on CPU)")
         for dt in dtypes:
-            p = params if dt == "fp32" else gpt2fn.tree_to(params, dtype=DTYPES[dt])
+            p = format_params(params, dt)
             for b in plan.batches:
                 with _stage(f"decode {dt} b{b}"):
                     results += bench_decode(p, batch=b, prompt_len=plan.prompt_len, new_tokens=plan.new_tokens,
                                             repeats=plan.repeats, with_seed=(dt == "fp32" and b == 1),
-                                            with_compiled=plan.compiled and b in (1, 8))
+                                            with_hf=dt == "fp32" or hf_half,
+                                            with_compiled=plan.compiled and b in (1, 8) and dt == "fp32")
             del p
+    if "formats" in plan.only:
+        with _stage("formats"):
+            results += bench_formats(params)
     if "beam" in plan.only:
         with _stage("beam fp32 k4"):
             results += bench_beam(params, prompt_len=plan.prompt_len, new_tokens=min(64, plan.new_tokens),
