@@ -52,7 +52,7 @@ from .study import (
     site_names,
     steer,
 )
-from .transforms import center_unembed, fold_layer_norm
+from .transforms import center_unembed, center_writing_weights, fold_layer_norm, fold_value_biases
 
 __version__ = "0.1.0"
 
@@ -73,5 +73,6 @@ __all__ = [
     "patching_sweep", "batched_runs", "RowEdit",
     "site_grads", "per_example_grads", "per_example_grad_norms", "logit_diff",
     "logit_lens", "direct_logit_attribution", "attention_patterns", "fold_layer_norm", "center_unembed",
+    "center_writing_weights", "fold_value_biases",
     "load", "save", "load_checkpoint", "save_hf", "Checkpoint", "CheckpointError",
 ]

@@ -9,7 +9,9 @@ prompt + 128 new; batch 1 and 8; fp32 and bf16; new tokens/s and time to first t
 over 1024 tokens, last-position and all logits), `checks` (shape checks on vs off), `train` (one optimizer step
 of the small config), `load` (seconds and peak resident memory of a 124M checkpoint, a child process each),
 `score` (`gpt2fn.score` over a batch of 8 texts of different lengths against a left-padded `transformers`
-forward computing the same per-token losses).
+forward computing the same per-token losses), `patching` (activation patching of resid_pre), `attribution`
+(attribution patching of every head against exact head patching), `sae` (an SAE spliced in against the unedited
+forward).
 The roofline (bandwidth / bytes read per decoded token) is derived when `limits` and `decode` both run.
 
 Method: random weights (speed does not depend on the values); every contender of a case holds the same weights
@@ -45,7 +47,7 @@ import gpt2fn  # noqa: E402
 from gpt2fn import GPTParams  # noqa: E402
 
 WORKLOADS = ("limits", "products", "default", "decode", "formats", "beam", "prefill", "checks", "train", "load",
-             "score", "patching", "memory")
+             "score", "patching", "attribution", "sae", "memory")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8}
 """Decode formats: a floating dtype of every weight, or int8 (`gpt2fn.quantize`: int8 matrices, fp32 scales)."""
 GPT2FN, HF, SEED = "gpt2fn", "transformers", "seed loop (no cache)"
@@ -960,6 +962,59 @@ def bench_patching(params: GPTParams, *, seq: int = 12, repeats: int = 3) -> tup
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Study: attribution patching over every head; SAE splice overhead
+
+
+def bench_attribution(params: GPTParams, *, seq: int = 12, repeats: int = 3) -> tuple[list[Result], list[str]]:
+    """Every head of every layer (`attn.z`, summed over positions), one prompt pair of `seq` tokens: attribution
+    patching (two forwards, one backward) against exact activation patching (`head_patching_sweep`, batched) and
+    EAP over every edge. TransformerLens has no attribution-patching function (its tutorials write the hooks by
+    hand), so it has no row here."""
+    from gpt2fn.study import attribution_patching, edge_attribution_patching, head_patching_sweep, logit_diff
+    cfg, device = params.config, params.device
+    g = torch.Generator().manual_seed(0)
+    clean = torch.randint(0, cfg.n_tokens, (1, seq), generator=g).to(device)
+    corrupt = clean.clone()
+    corrupt[:, seq // 2] = (clean[:, seq // 2] + 1) % cfg.n_tokens
+
+    def metric(lg: torch.Tensor) -> torch.Tensor:
+        return logit_diff(lg, 5, 11).mean()
+
+    t = interleaved({"gpt2fn AtP": lambda: attribution_patching(params, clean, corrupt, metric, "blocks.*.attn.z"),
+                     "gpt2fn EAP (all edges)": lambda: edge_attribution_patching(params, clean, corrupt, metric),
+                     "gpt2fn head_patching_sweep": lambda: head_patching_sweep(params, clean, corrupt, metric)},
+                    repeats=repeats, device=device, at_most={"gpt2fn head_patching_sweep": max(1, repeats - 1)})
+    case = f"attn.z {cfg.n_layers} layers x {cfg.n_heads} heads, {seq} tok"
+    notes = ["attribution: TransformerLens has no attribution-patching function to time (hand-written hooks only)"]
+    return [Result("attribution", case, n, "s", ts, higher_is_better=False) for n, ts in t.items()], notes
+
+
+def bench_sae(params: GPTParams, *, seq: int = 128, expansion: int = 32, repeats: int = 5) -> list[Result]:
+    """One forward of `seq` tokens with a random standard SAE (`expansion x d_model` features, as SAE-Lens's
+    `gpt2-small-res-jb`) spliced into the middle layer's `resid_pre` with its error term, and with one feature
+    ablated, against the unedited forward."""
+    from gpt2fn.study import ablate_features, forward_with, run_with_saes, sae_from_dict
+    cfg, device = params.config, params.device
+    d, n = cfg.emb_dim, expansion * cfg.emb_dim
+    g = torch.Generator().manual_seed(0)
+    w = {"W_enc": torch.randn(d, n, generator=g) / d ** 0.5, "b_enc": torch.zeros(n),
+         "W_dec": torch.randn(n, d, generator=g) / d ** 0.5, "b_dec": torch.zeros(d)}
+    layer = cfg.n_layers // 2
+    sae = sae_from_dict({"d_in": d, "d_sae": n, "metadata": {"hook_name": f"blocks.{layer}.hook_resid_pre"}},
+                        {k: v.to(device=device, dtype=params.dtype) for k, v in w.items()})
+    ids = torch.randint(0, cfg.n_tokens, (1, seq), generator=g).to(device)
+    site = sae.config.site
+    with torch.no_grad():
+        t = interleaved({GPT2FN: lambda: forward_with(params, ids),
+                         "gpt2fn + SAE (error term)": lambda: run_with_saes(params, ids, sae),
+                         "gpt2fn + SAE, 1 feature ablated": lambda: run_with_saes(
+                             params, ids, sae, features={site: ablate_features(0)})},
+                        repeats=repeats, device=device)
+    case = f"{seq} tok, SAE {d}->{n} at {site}"
+    return [Result("sae", case, name, "s", ts, higher_is_better=False) for name, ts in t.items()]
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Main
 
 
@@ -1043,7 +1098,8 @@ def run(plan: Plan, device: torch.device) -> tuple[list[Result], list[str]]:
     results: list[Result] = []
     notes: list[str] = []
     cfg = gpt2fn.preset(plan.preset)
-    needs_model = {"default", "decode", "formats", "beam", "prefill", "checks", "score", "patching"} & set(plan.only)
+    needs_model = {"default", "decode", "formats", "beam", "prefill", "checks", "score", "patching", "attribution",
+                   "sae"} & set(plan.only)
     params = gpt2fn.init_params(cfg, seed=0, device=device) if needs_model else None
     if "limits" in plan.only:
         with _stage("limits"):
@@ -1095,6 +1151,13 @@ def run(plan: Plan, device: torch.device) -> tuple[list[Result], list[str]]:
         with _stage("patching"):
             found, why = bench_patching(params, repeats=plan.repeats)
             results, notes = results + found, notes + why
+    if "attribution" in plan.only:
+        with _stage("attribution"):
+            found, why = bench_attribution(params, repeats=plan.repeats)
+            results, notes = results + found, notes + why
+    if "sae" in plan.only:
+        with _stage("sae"):
+            results += bench_sae(params, seq=min(128, plan.prefill_len), repeats=plan.repeats + 2)
     del params
     gc.collect()
     if "train" in plan.only:
