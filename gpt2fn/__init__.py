@@ -18,6 +18,7 @@ from .params import (
     AttentionParams,
     BlockParams,
     GPTParams,
+    Int8Matrix,
     LayerNormParams,
     MLPParams,
     count_params,
@@ -29,6 +30,7 @@ from .params import (
     tree_to,
     validate,
 )
+from .quantize import QuantizedWeightsError, dequantize, quantize
 from .scoring import Score, score
 from .shapes import ShapeError, checks_enabled, shape_checks
 from .step import compiled_decode_step, decode_step
@@ -52,7 +54,7 @@ from .study import (
     steer,
 )
 from .tokenizer import decode, encode
-from .transforms import center_unembed, fold_layer_norm
+from .transforms import center_unembed, center_writing_weights, fold_layer_norm, fold_value_biases
 
 __version__ = "0.1.0"
 
@@ -61,7 +63,7 @@ __all__ = [
     "GPTConfig", "PRESETS", "preset",                                                     # config
     "GPTParams", "BlockParams", "AttentionParams", "MLPParams", "LayerNormParams",        # params: the pytree
     "init_params", "count_params", "tree_to", "tree_map", "named_leaves", "params_to_dict", "params_from_dict",
-    "validate",
+    "validate", "quantize", "dequantize", "Int8Matrix", "QuantizedWeightsError",         # quantize: int8 weights
     "load", "save", "load_checkpoint", "save_hf", "Checkpoint", "CheckpointError",        # checkpoints
     "encode", "decode",                                                                   # tokenizer: text <-> ids
     "layer_norm", "gelu", "attention", "attention_pattern", "mlp", "block",               # layers
@@ -77,5 +79,5 @@ __all__ = [
     "patching_sweep", "batched_runs", "RowEdit",
     "site_grads", "per_example_grads", "per_example_grad_norms", "logit_diff",
     "logit_lens", "direct_logit_attribution", "attention_patterns",
-    "fold_layer_norm", "center_unembed",                                                  # transforms
+    "fold_layer_norm", "center_unembed", "center_writing_weights", "fold_value_biases",   # transforms
 ]

@@ -9,7 +9,9 @@ prompt + 128 new; batch 1 and 8; fp32 and bf16; new tokens/s and time to first t
 over 1024 tokens, last-position and all logits), `checks` (shape checks on vs off), `train` (one optimizer step
 of the small config), `load` (seconds and peak resident memory of a 124M checkpoint, a child process each),
 `score` (`gpt2fn.score` over a batch of 8 texts of different lengths against a left-padded `transformers`
-forward computing the same per-token losses).
+forward computing the same per-token losses), `patching` (activation patching of resid_pre), `attribution`
+(attribution patching of every head against exact head patching), `sae` (an SAE spliced in against the unedited
+forward).
 The roofline (bandwidth / bytes read per decoded token) is derived when `limits` and `decode` both run.
 
 Method: random weights (speed does not depend on the values); every contender of a case holds the same weights
@@ -44,9 +46,10 @@ import bench_peers as peers  # noqa: E402
 import gpt2fn  # noqa: E402
 from gpt2fn import GPTParams  # noqa: E402
 
-WORKLOADS = ("limits", "products", "default", "decode", "beam", "prefill", "checks", "train", "load", "score",
-             "patching")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+WORKLOADS = ("limits", "products", "default", "decode", "formats", "beam", "prefill", "checks", "train", "load",
+             "score", "patching", "attribution", "sae", "memory")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8}
+"""Decode formats: a floating dtype of every weight, or int8 (`gpt2fn.quantize`: int8 matrices, fp32 scales)."""
 GPT2FN, HF, SEED = "gpt2fn", "transformers", "seed loop (no cache)"
 COMPILED = "gpt2fn compile=True"
 
@@ -250,6 +253,7 @@ def bench_decode(params: GPTParams, *, batch: int, prompt_len: int = 16, new_tok
     included) and time to first token, each contender on the same weights and prompt."""
     device, dtype = params.device, params.dtype
     case = f"{_dtype_name(dtype)} b{batch}"
+    with_hf = with_hf and dtype != torch.int8  # transformers has no int8 weight-only CPU path of its own
     ids = torch.randint(0, params.config.n_tokens, (batch, prompt_len),
                         generator=torch.Generator().manual_seed(batch)).to(device)
     name, gen = gpt2fn_decoder(params)
@@ -282,6 +286,7 @@ def bench_decode(params: GPTParams, *, batch: int, prompt_len: int = 16, new_tok
         got = outputs[(n, new_tokens)][:, prompt_len:]
         agree = float((got == ref).float().mean()) if got.shape == ref.shape else 0.0
         extra = {"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "dtype": _dtype_name(dtype),
+                 "weight_bytes": weight_bytes(params), "kv_itemsize": params.compute_dtype.itemsize,
                  "ids_agree_with_gpt2fn": agree,
                  "ms_per_step": [1e3 * (t - statistics.median(first[n])) / max(1, new_tokens - 1)
                                  for t in full[n]]}
@@ -289,6 +294,31 @@ def bench_decode(params: GPTParams, *, batch: int, prompt_len: int = 16, new_tok
         results.append(Result("ttft", case, n, "ms", [1e3 * t for t in first[n]], higher_is_better=False,
                               extra={"batch": batch, "prompt_len": prompt_len}))
     return results
+
+
+def format_params(params: GPTParams, name: str) -> GPTParams:
+    """The tree of a decode format (`DTYPES`): int8 through `gpt2fn.quantize`, a floating dtype through `tree_to`."""
+    if name == "int8":
+        return gpt2fn.quantize(params)
+    return params if DTYPES[name] == params.dtype else gpt2fn.tree_to(params, dtype=DTYPES[name])
+
+
+def bench_formats(params: GPTParams, *, batch: int = 4, seq: int = 64) -> list[Result]:
+    """The accuracy of each stored format: max and mean absolute logit error against the fp32 model on the same
+    weights (one forward of `batch` x `seq` random ids), with the logits' standard deviation for scale."""
+    seq = min(seq, params.config.context_length)
+    ids = torch.randint(0, params.config.n_tokens, (batch, seq), generator=torch.Generator().manual_seed(7))
+    ids = ids.to(params.device)
+    with torch.inference_mode():
+        ref = gpt2fn.forward(params, ids).float()
+        out = []
+        for name in ("bf16", "fp16", "int8"):
+            err = (gpt2fn.forward(format_params(params, name), ids).float() - ref).abs()
+            out.append(Result("formats", name, GPT2FN, "max abs logit error", [float(err.max())],
+                              higher_is_better=False,
+                              extra={"mean_abs_error": float(err.mean()), "logit_std": float(ref.std()),
+                                     "batch": batch, "seq": seq}))
+    return out
 
 
 def bench_default(params: GPTParams, *, prompt: str = "Hello, it is time", repeats: int = 5) -> list[Result]:
@@ -585,6 +615,12 @@ def child_load(kind: str, path: str, n_heads: str = "0") -> dict[str, Any]:
         obj = safetensors.torch.load_file(path)
     elif kind == "torch.load":
         obj = torch.load(path, weights_only=True, map_location="cpu")
+    elif kind.startswith("gpt2fn.generate_tokens"):  # the user's path: load, then decode (8 tokens, batch 1)
+        obj = gpt2fn.load(path)
+        if kind.endswith("int8"):
+            obj = gpt2fn.quantize(obj)
+        ids = torch.randint(0, obj.config.n_tokens, (1, 16), generator=torch.Generator().manual_seed(0))
+        gpt2fn.generate_tokens(obj, ids, max_new_tokens=8, eos=False)
     else:
         raise ValueError(f"unknown load kind {kind!r}")
     loaded = time.perf_counter() - t0
@@ -653,6 +689,26 @@ def bench_load(*, config: gpt2fn.GPTConfig, seed_config: gpt2fn.GPTConfig, repea
     return results
 
 
+def bench_memory(*, config: gpt2fn.GPTConfig, directory: Path | None = None) -> list[Result]:
+    """Peak resident memory of the default decode on the params `load` returns, in a fresh process, over the bytes
+    of the weights: `gpt2fn.generate_tokens(gpt2fn.load(path), ids, max_new_tokens=8)` (1.0: the weights and
+    nothing else; the KV cache, activations and torch's own libraries come on top)."""
+    with contextlib.ExitStack() as stack:
+        if directory is None:
+            directory = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="gpt2fn-bench-")))
+        path = directory / "model.safetensors"
+        params = gpt2fn.init_params(config, seed=0)
+        gpt2fn.save(params, path)
+        del params
+        gc.collect()
+        run = _spawn_load("gpt2fn.generate_tokens", path)
+    weight_bytes = run["weight_bytes"]
+    return [Result("memory", f"generate_tokens {weight_bytes / 1e9:.2f} GB weights", GPT2FN, "x weights",
+                   [run["peak_rss"] / weight_bytes], higher_is_better=False,
+                   extra={"weight_bytes": weight_bytes, "peak_rss": run["peak_rss"], "rss_before": run["rss_before"],
+                          "peak_over_start": (run["peak_rss"] - run["rss_before"]) / weight_bytes})]
+
+
 def _spawn_load(kind: str, path: Path, n_heads: int = 0) -> dict[str, Any]:
     proc = subprocess.run([sys.executable, __file__, "--child-load", kind, str(path), str(n_heads)],
                           capture_output=True,
@@ -666,17 +722,26 @@ def _spawn_load(kind: str, path: Path, n_heads: int = 0) -> dict[str, Any]:
 # The roofline, ratios, targets
 
 
+def weight_bytes(params: GPTParams) -> int:
+    """Bytes of the weights one decode step reads: every leaf (int8 values and their fp32 scales, for an int8 tree)
+    but the position embedding, of which a step reads one row."""
+    return sum(t.numel() * t.element_size() for name, t in gpt2fn.named_leaves(params) if name != "pos_emb")
+
+
 def decode_bytes_per_step(config: gpt2fn.GPTConfig, *, dtype: torch.dtype, batch: int, prompt_len: int,
-                          new_tokens: int) -> tuple[float, float]:
+                          new_tokens: int, weights: int | None = None, kv_itemsize: int | None = None
+                          ) -> tuple[float, float]:
     """(bytes read, matmul FLOPs) per decode step, averaged over the decode: every weight once (the token
-    embedding as the tied head; one row of each embedding is negligible) plus the KV cache so far."""
+    embedding as the tied head; one row of each embedding is negligible) plus the KV cache so far. `weights`
+    and `kv_itemsize` (as measured on the tree: `weight_bytes`, `compute_dtype`) override the estimate from
+    `dtype`, which assumes every weight and the cache in it."""
     size = torch.empty((), dtype=dtype).element_size()
     d, layers = config.emb_dim, config.n_layers
     block = layers * (d * 3 * d + 3 * d + d * d + d + 2 * d * config.d_mlp + config.d_mlp + d + 4 * d)
     head = config.vocab_size * d
-    weights = (block + head + 2 * d) * size
+    weights = (block + head + 2 * d) * size if weights is None else weights
     avg_len = prompt_len + new_tokens / 2
-    kv = batch * 2 * layers * d * avg_len * size
+    kv = batch * 2 * layers * d * avg_len * (size if kv_itemsize is None else kv_itemsize)
     flops = 2 * batch * (block + head) + batch * 4 * layers * d * avg_len
     return weights + kv, flops
 
@@ -695,8 +760,11 @@ def roofline(results: list[Result], config: gpt2fn.GPTConfig) -> list[dict[str, 
         e = r.extra
         dtype = DTYPES[e["dtype"]]
         nbytes, flops = decode_bytes_per_step(config, dtype=dtype, batch=e["batch"], prompt_len=e["prompt_len"],
-                                              new_tokens=e["new_tokens"])
-        t_mem, t_flop = nbytes / (bw * 1e9), flops / (gemm.get(e["dtype"], float("inf")) * 1e9)
+                                              new_tokens=e["new_tokens"], weights=e.get("weight_bytes"),
+                                              kv_itemsize=e.get("kv_itemsize"))
+        # on CPU gpt2fn's products run in fp32 whatever the storage (GPTParams.compute_dtype)
+        rate = gemm.get("fp32" if r.extra.get("kv_itemsize") == 4 else e["dtype"], float("inf"))
+        t_mem, t_flop = nbytes / (bw * 1e9), flops / (rate * 1e9)
         limit = e["batch"] / max(t_mem, t_flop)
         rows.append({"case": r.case, "contender": r.contender, "bytes_per_step": nbytes, "flops_per_step": flops,
                      "bandwidth_gbs": bw,
@@ -894,6 +962,59 @@ def bench_patching(params: GPTParams, *, seq: int = 12, repeats: int = 3) -> tup
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Study: attribution patching over every head; SAE splice overhead
+
+
+def bench_attribution(params: GPTParams, *, seq: int = 12, repeats: int = 3) -> tuple[list[Result], list[str]]:
+    """Every head of every layer (`attn.z`, summed over positions), one prompt pair of `seq` tokens: attribution
+    patching (two forwards, one backward) against exact activation patching (`head_patching_sweep`, batched) and
+    EAP over every edge. TransformerLens has no attribution-patching function (its tutorials write the hooks by
+    hand), so it has no row here."""
+    from gpt2fn.study import attribution_patching, edge_attribution_patching, head_patching_sweep, logit_diff
+    cfg, device = params.config, params.device
+    g = torch.Generator().manual_seed(0)
+    clean = torch.randint(0, cfg.n_tokens, (1, seq), generator=g).to(device)
+    corrupt = clean.clone()
+    corrupt[:, seq // 2] = (clean[:, seq // 2] + 1) % cfg.n_tokens
+
+    def metric(lg: torch.Tensor) -> torch.Tensor:
+        return logit_diff(lg, 5, 11).mean()
+
+    t = interleaved({"gpt2fn AtP": lambda: attribution_patching(params, clean, corrupt, metric, "blocks.*.attn.z"),
+                     "gpt2fn EAP (all edges)": lambda: edge_attribution_patching(params, clean, corrupt, metric),
+                     "gpt2fn head_patching_sweep": lambda: head_patching_sweep(params, clean, corrupt, metric)},
+                    repeats=repeats, device=device, at_most={"gpt2fn head_patching_sweep": max(1, repeats - 1)})
+    case = f"attn.z {cfg.n_layers} layers x {cfg.n_heads} heads, {seq} tok"
+    notes = ["attribution: TransformerLens has no attribution-patching function to time (hand-written hooks only)"]
+    return [Result("attribution", case, n, "s", ts, higher_is_better=False) for n, ts in t.items()], notes
+
+
+def bench_sae(params: GPTParams, *, seq: int = 128, expansion: int = 32, repeats: int = 5) -> list[Result]:
+    """One forward of `seq` tokens with a random standard SAE (`expansion x d_model` features, as SAE-Lens's
+    `gpt2-small-res-jb`) spliced into the middle layer's `resid_pre` with its error term, and with one feature
+    ablated, against the unedited forward."""
+    from gpt2fn.study import ablate_features, forward_with, run_with_saes, sae_from_dict
+    cfg, device = params.config, params.device
+    d, n = cfg.emb_dim, expansion * cfg.emb_dim
+    g = torch.Generator().manual_seed(0)
+    w = {"W_enc": torch.randn(d, n, generator=g) / d ** 0.5, "b_enc": torch.zeros(n),
+         "W_dec": torch.randn(n, d, generator=g) / d ** 0.5, "b_dec": torch.zeros(d)}
+    layer = cfg.n_layers // 2
+    sae = sae_from_dict({"d_in": d, "d_sae": n, "metadata": {"hook_name": f"blocks.{layer}.hook_resid_pre"}},
+                        {k: v.to(device=device, dtype=params.dtype) for k, v in w.items()})
+    ids = torch.randint(0, cfg.n_tokens, (1, seq), generator=g).to(device)
+    site = sae.config.site
+    with torch.no_grad():
+        t = interleaved({GPT2FN: lambda: forward_with(params, ids),
+                         "gpt2fn + SAE (error term)": lambda: run_with_saes(params, ids, sae),
+                         "gpt2fn + SAE, 1 feature ablated": lambda: run_with_saes(
+                             params, ids, sae, features={site: ablate_features(0)})},
+                        repeats=repeats, device=device)
+    case = f"{seq} tok, SAE {d}->{n} at {site}"
+    return [Result("sae", case, name, "s", ts, higher_is_better=False) for name, ts in t.items()]
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Main
 
 
@@ -905,8 +1026,9 @@ class Plan:
     preset: str = "gpt2"
     train_preset: str = "small"
     seed_preset: str = "seed"
+    memory_preset: str = "gpt2-xl"  # the model whose decode peak RSS the memory workload measures
     batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
-    dtypes: tuple[str, ...] | None = None  # None: fp32, plus bf16 where the device has fast bf16 kernels
+    dtypes: tuple[str, ...] | None = None  # None: every format of DTYPES
     prompt_len: int = 16
     new_tokens: int = 128
     prefill_len: int = 1024
@@ -930,11 +1052,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=None, help="timed rounds per case (default 3, --quick 2)")
     p.add_argument("--new-tokens", type=int, default=None, help="decoded tokens (default 128, --quick 16)")
     p.add_argument("--batches", default=None, help="decode batch sizes, comma separated (default 1,2,4,8,16,32)")
-    p.add_argument("--dtypes", default=None, help="decode dtypes of fp32,bf16 (default both)")
+    p.add_argument("--dtypes", default=None, help="decode formats of fp32,bf16,fp16,int8 (default all)")
     p.add_argument("--no-compiled", action="store_true",
                    help="skip the torch.compile decode rows (they compile for tens of seconds first)")
     p.add_argument("--preset", default="gpt2", help="model for decode/prefill/checks/load (default gpt2, 124M)")
     p.add_argument("--train-preset", default="small", help="model for the train step (default small)")
+    p.add_argument("--memory-preset", default="gpt2-xl",
+                   help="model whose decode peak RSS the memory workload measures (default gpt2-xl, 1.5B)")
     p.add_argument("--seed-preset", default="seed", help="model for the seed-format .pth load (default seed)")
     p.add_argument("--child-load", nargs=3, metavar=("KIND", "PATH", "N_HEADS"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -945,7 +1069,8 @@ def plan_from(args: argparse.Namespace) -> Plan:
     unknown = sorted(set(only) - set(WORKLOADS))
     if unknown:
         raise SystemExit(f"error: --only got unknown workloads {unknown}; choose from {WORKLOADS}")
-    plan = Plan(only=only, preset=args.preset, train_preset=args.train_preset, seed_preset=args.seed_preset)
+    plan = Plan(only=only, preset=args.preset, train_preset=args.train_preset, seed_preset=args.seed_preset,
+                memory_preset=args.memory_preset)
     if args.quick:
         plan.repeats, plan.new_tokens, plan.prefill_len, plan.limit_mb, plan.gemm_n = 2, 16, 256, 256, 1024
     plan.repeats = args.repeats or plan.repeats
@@ -973,7 +1098,8 @@ def run(plan: Plan, device: torch.device) -> tuple[list[Result], list[str]]:
     results: list[Result] = []
     notes: list[str] = []
     cfg = gpt2fn.preset(plan.preset)
-    needs_model = {"default", "decode", "beam", "prefill", "checks", "score", "patching"} & set(plan.only)
+    needs_model = {"default", "decode", "formats", "beam", "prefill", "checks", "score", "patching", "attribution",
+                   "sae"} & set(plan.only)
     params = gpt2fn.init_params(cfg, seed=0, device=device) if needs_model else None
     if "limits" in plan.only:
         with _stage("limits"):
@@ -988,20 +1114,24 @@ def run(plan: Plan, device: torch.device) -> tuple[list[Result], list[str]]:
         with _stage("default call"):
             results += bench_default(params, repeats=plan.repeats + 2)
     if "decode" in plan.only:
-        dtypes = plan.dtypes
-        if dtypes is None:
-            dtypes = ("fp32", "bf16") if bf16_is_fast(device) else ("fp32",)
-            if "bf16" not in dtypes:
-                notes.append(f"bf16 decode skipped: bf16 matrix products on this {device.type} run at under half "
-                             "the fp32 rate (no native bf16 kernels; see the GEMM rows); force with --dtypes")
+        dtypes = plan.dtypes or ("fp32", "bf16", "fp16", "int8")
+        # transformers computes in the weights' dtype: beside gpt2fn's 16-bit rows only where that is fast
+        hf_half = bf16_is_fast(device)
+        if not hf_half:
+            notes.append(f"transformers' 16-bit decode rows skipped: bf16 matrix products on this {device.type} run "
+                         "at under half the fp32 rate (gpt2fn's 16-bit weights compute in fp32 on CPU)")
         for dt in dtypes:
-            p = params if dt == "fp32" else gpt2fn.tree_to(params, dtype=DTYPES[dt])
+            p = format_params(params, dt)
             for b in plan.batches:
                 with _stage(f"decode {dt} b{b}"):
                     results += bench_decode(p, batch=b, prompt_len=plan.prompt_len, new_tokens=plan.new_tokens,
                                             repeats=plan.repeats, with_seed=(dt == "fp32" and b == 1),
-                                            with_compiled=plan.compiled and b in (1, 8))
+                                            with_hf=dt == "fp32" or hf_half,
+                                            with_compiled=plan.compiled and b in (1, 8) and dt == "fp32")
             del p
+    if "formats" in plan.only:
+        with _stage("formats"):
+            results += bench_formats(params)
     if "beam" in plan.only:
         with _stage("beam fp32 k4"):
             results += bench_beam(params, prompt_len=plan.prompt_len, new_tokens=min(64, plan.new_tokens),
@@ -1021,12 +1151,22 @@ def run(plan: Plan, device: torch.device) -> tuple[list[Result], list[str]]:
         with _stage("patching"):
             found, why = bench_patching(params, repeats=plan.repeats)
             results, notes = results + found, notes + why
+    if "attribution" in plan.only:
+        with _stage("attribution"):
+            found, why = bench_attribution(params, repeats=plan.repeats)
+            results, notes = results + found, notes + why
+    if "sae" in plan.only:
+        with _stage("sae"):
+            results += bench_sae(params, seq=min(128, plan.prefill_len), repeats=plan.repeats + 2)
     del params
     gc.collect()
     if "train" in plan.only:
         with _stage("train"):
             results += bench_train(gpt2fn.preset(plan.train_preset), batch=plan.train_batch, device=device,
                                    repeats=plan.repeats)
+    if "memory" in plan.only:
+        with _stage(f"memory ({plan.memory_preset})"):
+            results += bench_memory(config=gpt2fn.preset(plan.memory_preset))
     if "load" in plan.only:
         with _stage("load"):
             results += bench_load(config=cfg, seed_config=gpt2fn.preset(plan.seed_preset), repeats=plan.repeats)

@@ -119,3 +119,15 @@ def test_main_writes_json_with_the_table_targets_and_machine(tmp_path):
 def test_unknown_workload_is_refused():
     with pytest.raises(SystemExit, match="unknown workloads"):
         bench.plan_from(bench.parse_args(["--only", "decode,bogus"]))
+
+
+def test_attribution_and_sae_workloads_time_every_contender(tiny_config):
+    params = gpt2fn.init_params(tiny_config, seed=2)
+    found, notes = bench.bench_attribution(params, seq=6, repeats=1)
+    sae = bench.bench_sae(params, seq=8, expansion=2, repeats=1)
+    for r in found + sae:
+        _check_result(r)
+    assert {r.contender for r in found} == {"gpt2fn AtP", "gpt2fn EAP (all edges)", "gpt2fn head_patching_sweep"}
+    assert [r.contender for r in sae][0] == bench.GPT2FN and len(sae) == 3
+    assert notes and "attribution" in notes[0]
+    assert {"attribution", "sae"} <= set(bench.WORKLOADS)

@@ -36,6 +36,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..params import GPTParams, check_params, head_matrix
+from ..quantize import refuse_quantized
 from ..shapes import checked
 from .factored import FactoredMatrix
 from .weights import attn_weights
@@ -49,6 +50,12 @@ KINDS = ("q", "k", "v")
 
 
 # -- argument checks -----------------------------------------------------------------------------------------------
+
+def _plain(params: GPTParams) -> GPTParams:
+    check_params(params)
+    refuse_quantized(params, "the weight circuits (gpt2fn.study.circuits)")
+    return params
+
 
 def _heads(params: GPTParams, head: int | None) -> int | None:
     n = params.config.n_heads
@@ -77,7 +84,7 @@ def _embed(params: GPTParams, which: str, name: str) -> Float[Tensor, "rows d_mo
 def _weights(params: GPTParams, layer: int | None, head: int | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """`W_Q, W_K, W_V, W_O` of one layer (`[heads, ...]`, views) or every layer (`[layer, heads, ...]`, a copy),
     then of one head when `head` is an int."""
-    params = check_params(params)
+    params = _plain(params)
     h = _heads(params, head)
     if layer is None:
         per_layer = [attn_weights(params, i)[:4] for i in range(params.config.n_layers)]
@@ -165,7 +172,7 @@ def composition_scores(params: GPTParams, kind: Kind) -> Float[Tensor, "layer he
     norms first for TransformerLens's processed numbers (module docstring); biases are ignored. At least fp32.
     """
     _kind(kind)
-    params = check_params(params)
+    params = _plain(params)
     return _composition_scores(params, kind)
 
 

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from ..checks import check_layer
 from ..params import GPTParams, head_matrix
+from ..quantize import refuse_quantized
 
 __all__ = ["HeadWeights", "attn_weights", "W_E", "W_pos", "W_U"]
 
@@ -29,6 +30,7 @@ class HeadWeights(NamedTuple):
 
 def attn_weights(params: GPTParams, layer: int) -> HeadWeights:
     """Layer `layer`'s attention weights per head, each a view of `w_qkv` / `w_out` / `b_qkv` / `b_out`."""
+    refuse_quantized(params, "attn_weights")
     cfg = params.config
     p = params.blocks[check_layer(params.config, layer)].attn
     h, hd, d = cfg.n_heads, cfg.head_dim, cfg.emb_dim
@@ -39,6 +41,7 @@ def attn_weights(params: GPTParams, layer: int) -> HeadWeights:
 
 def W_E(params: GPTParams) -> Tensor:
     """The token embedding `[vocab, d_model]` (the stored tensor itself)."""
+    refuse_quantized(params, "W_E")
     return params.tok_emb
 
 
@@ -49,4 +52,5 @@ def W_pos(params: GPTParams) -> Tensor:
 
 def W_U(params: GPTParams) -> Tensor:
     """The unembedding `[d_model, vocab]`: the untied head, or a transposed view of the token embedding."""
+    refuse_quantized(params, "W_U")
     return head_matrix(params)
