@@ -5,12 +5,20 @@
     .venv/bin/python scripts/bench.py --only decode,prefill --out bench.json
 
 Workloads (`--only`, comma separated): `limits` (memory bandwidth, GEMM throughput), `decode` (greedy, 16-token
-prompt + 128 new; batch 1 and 8; fp32 and bf16; new tokens/s and time to first token), `prefill` (one forward
+prompt + 128 new; batch 1 and 8; fp32 and bf16; new tokens/s and time to first token; on the CPU also CTranslate2
+fp32/int8 and llama.cpp F32/F16 where their environments exist, with each format's logit error), `prefill` (one forward
 over 1024 tokens, last-position and all logits), `checks` (shape checks on vs off), `train` (one optimizer step
 of the small config), `load` (seconds and peak resident memory of a 124M checkpoint, a child process each),
 `score` (`gpt2fn.score` over a batch of 8 texts of different lengths against a left-padded `transformers`
 forward computing the same per-token losses).
 The roofline (bandwidth / bytes read per decoded token) is derived when `limits` and `decode` both run.
+
+CTranslate2 and llama.cpp run in environments of their own (`scripts/setup_peers.sh` makes them under
+`GPT2FN_PEERS_DIR`, default `.peers/`; or name their Pythons with GPT2FN_CT2_PYTHON / GPT2FN_LLAMACPP_PYTHON), each
+format in a child process (scripts/peer_worker.py) that converts the saved random `GPT2LMHeadModel` and then
+decodes on request, interleaved with the in-process contenders; its time is its own clock around the engine's
+call. They join the fp32 cases (their 16- and 8-bit formats included, so the ratios say what the bytes buy) and
+need GPT-2's vocabulary: `--preset tiny --vocab-size 50257` for a fast look. Absent ones are skipped with a note.
 
 Method: random weights (speed does not depend on the values); every contender of a case holds the same weights
 (greedy ids are compared as a sanity check); contenders run interleaved, in alternating order, after a warm-up;
@@ -85,12 +93,13 @@ def sync(device: torch.device) -> None:
 
 
 def interleaved(contenders: dict[str, Callable[[], Any]], *, repeats: int, device: torch.device,
-                warmup: dict[str, Callable[[], Any]] | None = None, at_most: dict[str, int] | None = None
-                ) -> dict[str, list[float]]:
+                warmup: dict[str, Callable[[], Any]] | None = None, at_most: dict[str, int] | None = None,
+                clocks: dict[str, Callable[[], float]] | None = None) -> dict[str, list[float]]:
     """Seconds per call of each contender: warm-ups first, then `repeats` rounds, the order alternating per round
     so that drift (thermal, other load) falls on everyone alike. The garbage collector is off while timing (as in
     `timeit`): a collection of this process's large heap would land on whichever contender happened to run.
-    `at_most` caps the rounds of slow contenders (they then run in the first rounds only)."""
+    `at_most` caps the rounds of slow contenders (they then run in the first rounds only). A contender in another
+    process reports its own seconds of the last call through `clocks` (its clock, without the pipe)."""
     for fn in (warmup or contenders).values():
         fn()
     sync(device)
@@ -108,7 +117,8 @@ def interleaved(contenders: dict[str, Callable[[], Any]], *, repeats: int, devic
                 t0 = time.perf_counter()
                 contenders[name]()
                 sync(device)
-                times[name].append(time.perf_counter() - t0)
+                elapsed = time.perf_counter() - t0
+                times[name].append(clocks[name]() if clocks is not None and name in clocks else elapsed)
     finally:
         if enabled:
             gc.enable()
@@ -245,9 +255,12 @@ def seed_decoder(model: torch.nn.Module, ctx: int) -> Callable[[torch.Tensor, in
 
 def bench_decode(params: GPTParams, *, batch: int, prompt_len: int = 16, new_tokens: int = 128,
                  repeats: int = 3, ttft_repeats: int = 5, with_seed: bool = False, with_hf: bool = True,
-                 with_compiled: bool = False) -> list[Result]:
+                 with_compiled: bool = False, engines: dict[str, peers.EngineWorker] | None = None
+                 ) -> list[Result]:
     """Greedy decoding of `new_tokens` after a `prompt_len` prompt: new tokens/s (all rows of the batch, prefill
-    included) and time to first token, each contender on the same weights and prompt."""
+    included) and time to first token, each contender on the same weights and prompt. `engines` (started by
+    `bench_peers.start_engines` on the same weights) join under their labels; each result's `first_mismatch` is
+    the first (row, step) where its ids leave gpt2fn's, or None."""
     device, dtype = params.device, params.dtype
     case = f"{_dtype_name(dtype)} b{batch}"
     ids = torch.randint(0, params.config.n_tokens, (batch, prompt_len),
@@ -261,6 +274,10 @@ def bench_decode(params: GPTParams, *, batch: int, prompt_len: int = 16, new_tok
     if with_compiled:  # the same steps through torch.compile (one graph per batch and capacity)
         decoders[COMPILED] = lambda ids, new: gpt2fn.generate_tokens(params, ids, max_new_tokens=new, eos=False,
                                                                      compile=True)
+    clocks = {}
+    for label, worker in (engines or {}).items():
+        decoders[label] = worker.generate
+        clocks[label] = lambda w=worker: w.last_seconds
 
     outputs: dict[tuple[str, int], torch.Tensor] = {}
 
@@ -274,21 +291,55 @@ def bench_decode(params: GPTParams, *, batch: int, prompt_len: int = 16, new_tok
         warm[COMPILED] = runner(COMPILED, new_tokens)
     # the seed's loop is an order of magnitude slower and its spread matters little: two rounds at most
     full = interleaved({n: runner(n, new_tokens) for n in decoders}, repeats=repeats, device=device, warmup=warm,
-                       at_most={SEED: 2})
-    first = interleaved({n: runner(n, 1) for n in decoders}, repeats=ttft_repeats, device=device, warmup=warm)
+                       at_most={SEED: 2}, clocks=clocks)
+    first = interleaved({n: runner(n, 1) for n in decoders}, repeats=ttft_repeats, device=device, warmup=warm,
+                        clocks=clocks)
     ref = outputs[(name, new_tokens)][:, prompt_len:]
     results = []
     for n in decoders:
         got = outputs[(n, new_tokens)][:, prompt_len:]
         agree = float((got == ref).float().mean()) if got.shape == ref.shape else 0.0
         extra = {"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "dtype": _dtype_name(dtype),
-                 "ids_agree_with_gpt2fn": agree,
+                 "ids_agree_with_gpt2fn": agree, "first_mismatch": first_mismatch(got, ref),
                  "ms_per_step": [1e3 * (t - statistics.median(first[n])) / max(1, new_tokens - 1)
                                  for t in full[n]]}
         results.append(Result("decode", case, n, "tok/s", [batch * new_tokens / t for t in full[n]], extra=extra))
         results.append(Result("ttft", case, n, "ms", [1e3 * t for t in first[n]], higher_is_better=False,
                               extra={"batch": batch, "prompt_len": prompt_len}))
     return results
+
+
+def first_mismatch(got: torch.Tensor, ref: torch.Tensor) -> dict[str, int] | None:
+    """The first step (then row) where `got`'s new ids leave `ref`'s, or None when they agree. Random weights give
+    flat logits, so two correct fp32 implementations may split at a near-tie and differ from there on."""
+    if got.shape != ref.shape:
+        return {"row": -1, "step": -1, "gpt2fn": -1, "peer": -1}
+    diff = (got.cpu() != ref.cpu()).nonzero()
+    if len(diff) == 0:
+        return None
+    row, step = min(diff.tolist(), key=lambda rs: (rs[1], rs[0]))
+    return {"row": row, "step": step, "gpt2fn": int(ref[row, step]), "peer": int(got[row, step])}
+
+
+def bench_logit_error(params: GPTParams, engines: dict[str, peers.EngineWorker], *, batch: int = 2,
+                      prompt_len: int = 16) -> list[Result]:
+    """Each format's max abs logit error over one forward of `batch` random prompts against the fp32
+    `transformers` model on the same weights (issue 21's accuracy column): gpt2fn fp32 and bf16, then every
+    engine. `mean_abs` and the reference logits' std ride along."""
+    fp32 = gpt2fn.tree_to(params, dtype=torch.float32)
+    ids = torch.randint(0, params.config.n_tokens, (batch, prompt_len),
+                        generator=torch.Generator().manual_seed(7)).to(params.device)
+    with torch.inference_mode():
+        ref = peers.hf_from_params(fp32)(ids).logits.float().cpu()
+        got = {f"{GPT2FN} fp32": gpt2fn.forward(fp32, ids),
+               f"{GPT2FN} bf16": gpt2fn.forward(gpt2fn.tree_to(fp32, dtype=torch.bfloat16), ids)}
+    got = {n: t.float().cpu()[..., :ref.shape[-1]] for n, t in got.items()}
+    for label, worker in engines.items():
+        got[label] = worker.logits(ids.cpu())[..., :ref.shape[-1]]
+    case = f"{batch}x{prompt_len} tok vs transformers fp32"
+    return [Result("logit error", case, n, "max abs", [float((t - ref).abs().max())], higher_is_better=False,
+                   extra={"mean_abs": float((t - ref).abs().mean()), "logit_std": float(ref.std())})
+            for n, t in got.items()]
 
 
 def bench_default(params: GPTParams, *, prompt: str = "Hello, it is time", repeats: int = 5) -> list[Result]:
@@ -749,6 +800,13 @@ TARGETS = (
     Target("decode", "fp32 b8", GPT2FN, HF, 2.5, "ratio>="),
     Target("beam", "fp32 k4", GPT2FN, HF, 1.5, "ratio>="),
     Target("decode", "fp32 b32", GPT2FN, HF, 1.7, "ratio>="),
+    # issue 20: the CPU engines (rows absent, so targets unevaluated, where their environments are not installed)
+    Target("decode", "fp32 b1", GPT2FN, "ctranslate2 fp32", 1.15, "ratio>="),
+    Target("decode", "fp32 b1", GPT2FN, "llama.cpp F32", 1.15, "ratio>="),
+    Target("decode", "fp32 b8", GPT2FN, "ctranslate2 fp32", 1.5, "ratio>="),
+    Target("decode", "fp32 b8", GPT2FN, "llama.cpp F32", 1.5, "ratio>="),
+    Target("decode", "fp32 b32", GPT2FN, "ctranslate2 fp32", 1.3, "ratio>="),
+    Target("decode", "fp32 b32", GPT2FN, "llama.cpp F32", 1.3, "ratio>="),
     Target("prefill", "1024 tok last", GPT2FN, HF, 1.0, "ratio>="),
     Target("train", "", GPT2FN, "nn.Module", 1.0, "ratio>="),
     Target("score", "", GPT2FN, HF, 1.0, "ratio>="),
@@ -767,7 +825,7 @@ def peer_ratios(results: list[Result]) -> list[dict[str, Any]]:
     for r in results:
         groups.setdefault((r.workload, r.case), []).append(r)
     for (workload, case), rs in groups.items():
-        if workload in ("limits", "load", "load memory"):
+        if workload in ("limits", "load", "load memory", "logit error"):
             continue
         base = rs[0]
         for r in rs[1:]:
@@ -913,6 +971,8 @@ class Plan:
     train_batch: int = 8
     repeats: int = 3
     compiled: bool = True
+    engines: bool = True  # CTranslate2 and llama.cpp in the fp32 decode cases, where their environments exist
+    vocab_size: int | None = None  # overrides the preset's (the engines need GPT-2's 50257)
     limit_mb: int = 1024
     gemm_n: int = 2048
 
@@ -933,7 +993,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtypes", default=None, help="decode dtypes of fp32,bf16 (default both)")
     p.add_argument("--no-compiled", action="store_true",
                    help="skip the torch.compile decode rows (they compile for tens of seconds first)")
+    p.add_argument("--no-engines", action="store_true",
+                   help="skip the CTranslate2 and llama.cpp decode rows (they convert the model first)")
     p.add_argument("--preset", default="gpt2", help="model for decode/prefill/checks/load (default gpt2, 124M)")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="override the preset's vocabulary (the CTranslate2/llama.cpp rows need GPT-2's 50257)")
     p.add_argument("--train-preset", default="small", help="model for the train step (default small)")
     p.add_argument("--seed-preset", default="seed", help="model for the seed-format .pth load (default seed)")
     p.add_argument("--child-load", nargs=3, metavar=("KIND", "PATH", "N_HEADS"), help=argparse.SUPPRESS)
@@ -950,6 +1014,8 @@ def plan_from(args: argparse.Namespace) -> Plan:
         plan.repeats, plan.new_tokens, plan.prefill_len, plan.limit_mb, plan.gemm_n = 2, 16, 256, 256, 1024
     plan.repeats = args.repeats or plan.repeats
     plan.compiled = not (args.no_compiled or args.quick)
+    plan.engines = not args.no_engines
+    plan.vocab_size = args.vocab_size
     plan.new_tokens = args.new_tokens or plan.new_tokens
     if args.batches:
         plan.batches = tuple(int(b) for b in args.batches.split(","))
@@ -958,6 +1024,34 @@ def plan_from(args: argparse.Namespace) -> Plan:
         if set(plan.dtypes) - set(DTYPES):
             raise SystemExit(f"error: --dtypes must be of {sorted(DTYPES)}, got {args.dtypes!r}")
     return plan
+
+
+def plan_config(plan: Plan) -> gpt2fn.GPTConfig:
+    cfg = gpt2fn.preset(plan.preset)
+    return cfg if plan.vocab_size is None else cfg.replace(vocab_size=plan.vocab_size)
+
+
+def start_engines(params: GPTParams, stack: contextlib.ExitStack) -> tuple[dict[str, peers.EngineWorker], list[str]]:
+    """The CTranslate2 / llama.cpp workers on `params` (converted in a temporary folder that `stack` removes, after
+    it has closed them), or notes on why none run."""
+    if params.device.type != "cpu":
+        return {}, [f"decode: CTranslate2 and llama.cpp skipped: they run on the CPU, this run on {params.device}"]
+    work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="gpt2fn-engines-")))
+    with _stage("engines: convert and load"):
+        workers, notes = peers.start_engines(params, work, threads=torch.get_num_threads())
+    for w in workers.values():
+        stack.callback(w.close)
+    return workers, notes
+
+
+def mismatch_notes(results: list[Result]) -> list[str]:
+    """A note for every fp32 engine whose greedy ids left gpt2fn's (near-tied logits can do that; the logit-error
+    rows say whether the two compute the same function)."""
+    fp32 = {p.label for p in peers.ENGINE_PEERS if p.fp32}
+    return [f"decode {r.case}: {r.contender} ids differ from gpt2fn's from step {m['step']} of row {m['row']} "
+            f"(gpt2fn {m['gpt2fn']}, {r.contender} {m['peer']})"
+            for r in results if r.workload == "decode" and r.contender in fp32
+            and (m := r.extra.get("first_mismatch")) is not None]
 
 
 @contextlib.contextmanager
@@ -972,7 +1066,7 @@ def run(plan: Plan, device: torch.device) -> tuple[list[Result], list[str]]:
     """Every workload of the plan, in order; returns the results and notes on what was skipped and why."""
     results: list[Result] = []
     notes: list[str] = []
-    cfg = gpt2fn.preset(plan.preset)
+    cfg = plan_config(plan)
     needs_model = {"default", "decode", "beam", "prefill", "checks", "score", "patching"} & set(plan.only)
     params = gpt2fn.init_params(cfg, seed=0, device=device) if needs_model else None
     if "limits" in plan.only:
@@ -994,14 +1088,24 @@ def run(plan: Plan, device: torch.device) -> tuple[list[Result], list[str]]:
             if "bf16" not in dtypes:
                 notes.append(f"bf16 decode skipped: bf16 matrix products on this {device.type} run at under half "
                              "the fp32 rate (no native bf16 kernels; see the GEMM rows); force with --dtypes")
-        for dt in dtypes:
-            p = params if dt == "fp32" else gpt2fn.tree_to(params, dtype=DTYPES[dt])
-            for b in plan.batches:
-                with _stage(f"decode {dt} b{b}"):
-                    results += bench_decode(p, batch=b, prompt_len=plan.prompt_len, new_tokens=plan.new_tokens,
-                                            repeats=plan.repeats, with_seed=(dt == "fp32" and b == 1),
-                                            with_compiled=plan.compiled and b in (1, 8))
-            del p
+        with contextlib.ExitStack() as stack:
+            engines = {}
+            if "fp32" in dtypes and plan.engines:
+                found, why = start_engines(params, stack)
+                engines, notes = found, notes + why
+                if engines:
+                    results += bench_logit_error(params, engines, prompt_len=plan.prompt_len)
+            for dt in dtypes:
+                p = params if dt == "fp32" else gpt2fn.tree_to(params, dtype=DTYPES[dt])
+                for b in plan.batches:
+                    with _stage(f"decode {dt} b{b}"):
+                        got = bench_decode(p, batch=b, prompt_len=plan.prompt_len, new_tokens=plan.new_tokens,
+                                           repeats=plan.repeats, with_seed=(dt == "fp32" and b == 1),
+                                           with_compiled=plan.compiled and b in (1, 8),
+                                           engines=engines if dt == "fp32" else None)
+                    results += got
+                    notes += mismatch_notes(got)
+                del p
     if "beam" in plan.only:
         with _stage("beam fp32 k4"):
             results += bench_beam(params, prompt_len=plan.prompt_len, new_tokens=min(64, plan.new_tokens),
@@ -1036,7 +1140,7 @@ def run(plan: Plan, device: torch.device) -> tuple[list[Result], list[str]]:
 def report(results: list[Result], notes: list[str], plan: Plan, device: torch.device, argv: Sequence[str]
            ) -> dict[str, Any]:
     """Everything a run found, as one JSON-ready dict (the markdown table included)."""
-    cfg = gpt2fn.preset(plan.preset)
+    cfg = plan_config(plan)
     ratios = peer_ratios(results)
     targets = [row for t in TARGETS if (row := t.evaluate(results)) is not None]
     roof = roofline(results, cfg)

@@ -405,6 +405,10 @@ def save_hf_dir(params: GPTParams, directory: Path) -> Path:
                          f"config has vocab_size {cfg.vocab_size} (use e.g. --vocab-size {GPT2_VOCAB})")
     fp32 = gpt2fn.tree_to(params, device="cpu", dtype=torch.float32)
     hf_from_params(fp32).save_pretrained(directory)
+    # OpenAI's released config.json names the context twice; convert_hf_to_gguf.py reads `n_ctx`, which
+    # transformers 5 no longer writes
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "n_ctx": config["n_positions"]}, indent=2))
     gpt2_tokenizer_files(directory)
     return directory
 
@@ -486,12 +490,13 @@ def start_engines(params: GPTParams, work_dir: Path, *, threads: int,
     each one skipped and why). The caller closes the workers."""
     notes: list[str] = []
     pythons = {}
-    for peer in peers:
-        py, why = engine_python(peer.engine)
+    for engine in dict.fromkeys(p.engine for p in peers):
+        labels = [p.label for p in peers if p.engine == engine]
+        py, why = engine_python(engine)
         if py is None:
-            notes.append(f"decode: {peer.label} skipped: {why}")
+            notes.append(f"decode: {', '.join(labels)} skipped: {why}")
         else:
-            pythons[peer.label] = py
+            pythons.update(dict.fromkeys(labels, py))
     if not pythons:
         return {}, notes
     hf_dir = work_dir / "hf"
