@@ -25,7 +25,8 @@ Decoding is greedy and never stops early: the end-of-text id is generated like a
   and runs a sampler chain per token; the C API is what serves several rows. The KV cache has the weights' type
   (F32 -> F32 cache, the fp32 contender; F16 -> F16, llama.cpp's default); flash attention is llama.cpp's default
   (auto); with several rows each sequence keeps its own cache (`kv_unified=False`, llama.h's advice when the
-  sequences share no prefix).
+  sequences share no prefix). To try other settings: GPT2FN_LLAMACPP_KV_TYPE=f16|f32 (the cache's type) and
+  GPT2FN_LLAMACPP_FLASH_ATTN=auto|on|off; both pass through bench.py to its workers.
 """
 
 import argparse
@@ -139,7 +140,11 @@ class LlamaCpp:
         cp.n_batch = max(cp.n_batch, rows * length)
         cp.n_ubatch = min(cp.n_ubatch, cp.n_batch)
         cp.n_threads = cp.n_threads_batch = self.threads
-        cp.type_k = cp.type_v = L.GGML_TYPE_F32 if self.fmt == "F32" else L.GGML_TYPE_F16
+        kv = os.environ.get("GPT2FN_LLAMACPP_KV_TYPE", self.fmt).upper()
+        cp.type_k = cp.type_v = {"F32": L.GGML_TYPE_F32, "F16": L.GGML_TYPE_F16}[kv]
+        flash = os.environ.get("GPT2FN_LLAMACPP_FLASH_ATTN", "auto")
+        cp.flash_attn_type = {"auto": L.LLAMA_FLASH_ATTN_TYPE_AUTO, "on": L.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+                              "off": L.LLAMA_FLASH_ATTN_TYPE_DISABLED}[flash]
         cp.no_perf = True
         self.ctx = L.llama_init_from_model(self.model, cp)
         if not self.ctx:
