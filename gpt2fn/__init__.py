@@ -18,6 +18,7 @@ from .params import (
     AttentionParams,
     BlockParams,
     GPTParams,
+    Int8Matrix,
     LayerNormParams,
     MLPParams,
     count_params,
@@ -29,6 +30,7 @@ from .params import (
     tree_to,
     validate,
 )
+from .quantize import QuantizedWeightsError, dequantize, quantize
 from .scoring import Score, score
 from .shapes import ShapeError, checks_enabled, shape_checks
 from .study import (
@@ -58,7 +60,7 @@ __all__ = [
     "GPTConfig", "PRESETS", "preset",
     "GPTParams", "BlockParams", "AttentionParams", "MLPParams", "LayerNormParams",
     "init_params", "count_params", "tree_to", "tree_map", "named_leaves", "params_to_dict", "params_from_dict",
-    "validate",
+    "validate", "quantize", "dequantize", "Int8Matrix", "QuantizedWeightsError",
     "layer_norm", "gelu", "attention", "attention_pattern", "mlp", "block",
     "forward", "loss", "positions_from_mask",
     "KVCache", "init_cache", "rollback", "select_rows", "DonatedCacheError",

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .params import BlockParams, GPTParams, LayerNormParams, head_matrix
+from .quantize import refuse_quantized
 
 __all__ = ["fold_layer_norm", "center_unembed"]
 
@@ -47,6 +48,7 @@ def fold_layer_norm(params: GPTParams, *, final: bool = True) -> GPTParams:
     `config.qkv_bias` becomes True). The model has no unembedding bias, so the final norm keeps its shift
     expressed as `shift / scale` (exact while no scale entry is 0; a ValueError names them otherwise).
     """
+    refuse_quantized(params, "fold_layer_norm")
     cfg = params.config
     qkv_bias = cfg.qkv_bias
     blocks = []
@@ -75,6 +77,7 @@ def fold_layer_norm(params: GPTParams, *, final: bool = True) -> GPTParams:
 def center_unembed(params: GPTParams) -> GPTParams:
     """Subtract from each row of the unembedding `[d_model, vocab]` its mean over the vocabulary: logits shift by a
     per-position constant, so softmax(logits) is unchanged. Unties a tied head (the embedding keeps its values)."""
+    refuse_quantized(params, "center_unembed")
     unembed = head_matrix(params)
     dt = _work_dtype(unembed)
     u = unembed.to(dt)

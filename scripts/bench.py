@@ -6,7 +6,7 @@
 
 Workloads (`--only`, comma separated): `limits` (memory bandwidth, GEMM throughput), `decode` (greedy, 16-token
 prompt + 128 new; batch 1 and 8; fp32 and bf16; new tokens/s and time to first token; on the CPU also CTranslate2
-fp32/int8 and llama.cpp F32/F16 where their environments exist, with each format's logit error), `prefill` (one forward
+fp32/int8 and llama.cpp F32/F16 where their environments exist), `prefill` (one forward
 over 1024 tokens, last-position and all logits), `checks` (shape checks on vs off), `train` (one optimizer step
 of the small config), `load` (seconds and peak resident memory of a 124M checkpoint, a child process each),
 `score` (`gpt2fn.score` over a batch of 8 texts of different lengths against a left-padded `transformers`
@@ -17,8 +17,9 @@ CTranslate2 and llama.cpp run in environments of their own (`scripts/setup_peers
 `GPT2FN_PEERS_DIR`, default `.peers/`; or name their Pythons with GPT2FN_CT2_PYTHON / GPT2FN_LLAMACPP_PYTHON), each
 format in a child process (scripts/peer_worker.py) that converts the saved random `GPT2LMHeadModel` and then
 decodes on request, interleaved with the in-process contenders; its time is its own clock around the engine's
-call. They join the fp32 cases (their 16- and 8-bit formats included, so the ratios say what the bytes buy) and
-need GPT-2's vocabulary: `--preset tiny --vocab-size 50257` for a fast look. Absent ones are skipped with a note.
+call. Each joins the decode cases of gpt2fn's formats it is set against (CTranslate2 fp32 and llama.cpp F32: fp32;
+llama.cpp F16: bf16 and fp16; CTranslate2 int8: int8) and the `formats` accuracy rows. They need GPT-2's
+vocabulary: `--preset tiny --vocab-size 50257` for a fast look. Absent ones are skipped with a note.
 
 Method: random weights (speed does not depend on the values); every contender of a case holds the same weights
 (greedy ids are compared as a sanity check); contenders run interleaved, in alternating order, after a warm-up;
@@ -52,9 +53,10 @@ import bench_peers as peers  # noqa: E402
 import gpt2fn  # noqa: E402
 from gpt2fn import GPTParams  # noqa: E402
 
-WORKLOADS = ("limits", "products", "default", "decode", "beam", "prefill", "checks", "train", "load", "score",
-             "patching")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+WORKLOADS = ("limits", "products", "default", "decode", "formats", "beam", "prefill", "checks", "train", "load",
+             "score", "patching")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8}
+"""Decode formats: a floating dtype of every weight, or int8 (`gpt2fn.quantize`: int8 matrices, fp32 scales)."""
 GPT2FN, HF, SEED = "gpt2fn", "transformers", "seed loop (no cache)"
 COMPILED = "gpt2fn compile=True"
 
@@ -263,6 +265,7 @@ def bench_decode(params: GPTParams, *, batch: int, prompt_len: int = 16, new_tok
     the first (row, step) where its ids leave gpt2fn's, or None."""
     device, dtype = params.device, params.dtype
     case = f"{_dtype_name(dtype)} b{batch}"
+    with_hf = with_hf and dtype != torch.int8  # transformers has no int8 weight-only CPU path of its own
     ids = torch.randint(0, params.config.n_tokens, (batch, prompt_len),
                         generator=torch.Generator().manual_seed(batch)).to(device)
     name, gen = gpt2fn_decoder(params)
@@ -300,6 +303,7 @@ def bench_decode(params: GPTParams, *, batch: int, prompt_len: int = 16, new_tok
         got = outputs[(n, new_tokens)][:, prompt_len:]
         agree = float((got == ref).float().mean()) if got.shape == ref.shape else 0.0
         extra = {"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "dtype": _dtype_name(dtype),
+                 "weight_bytes": weight_bytes(params), "kv_itemsize": params.compute_dtype.itemsize,
                  "ids_agree_with_gpt2fn": agree, "first_mismatch": first_mismatch(got, ref),
                  "ms_per_step": [1e3 * (t - statistics.median(first[n])) / max(1, new_tokens - 1)
                                  for t in full[n]]}
@@ -321,25 +325,44 @@ def first_mismatch(got: torch.Tensor, ref: torch.Tensor) -> dict[str, int] | Non
     return {"row": row, "step": step, "gpt2fn": int(ref[row, step]), "peer": int(got[row, step])}
 
 
-def bench_logit_error(params: GPTParams, engines: dict[str, peers.EngineWorker], *, batch: int = 2,
-                      prompt_len: int = 16) -> list[Result]:
-    """Each format's max abs logit error over one forward of `batch` random prompts against the fp32
-    `transformers` model on the same weights (issue 21's accuracy column): gpt2fn fp32 and bf16, then every
-    engine. `mean_abs` and the reference logits' std ride along."""
-    fp32 = gpt2fn.tree_to(params, dtype=torch.float32)
-    ids = torch.randint(0, params.config.n_tokens, (batch, prompt_len),
-                        generator=torch.Generator().manual_seed(7)).to(params.device)
+def format_params(params: GPTParams, name: str) -> GPTParams:
+    """The tree of a decode format (`DTYPES`): int8 through `gpt2fn.quantize`, a floating dtype through `tree_to`."""
+    if name == "int8":
+        return gpt2fn.quantize(params)
+    return params if DTYPES[name] == params.dtype else gpt2fn.tree_to(params, dtype=DTYPES[name])
+
+
+def bench_formats(params: GPTParams, *, batch: int = 4, seq: int = 64,
+                  engines: dict[str, peers.EngineWorker] | None = None) -> list[Result]:
+    """The accuracy of each stored format: max and mean absolute logit error against the fp32 model on the same
+    weights (one forward of `batch` x `seq` random ids), with the logits' standard deviation for scale.
+
+    Case `fp32` holds the fp32 implementations that are not the reference (transformers, CTranslate2 fp32,
+    llama.cpp F32); each 8- and 16-bit engine joins the case of gpt2fn's format it is set against (`EnginePeer`'s
+    `error_case`: llama.cpp F16 -> fp16, CTranslate2 int8 -> int8)."""
+    seq = min(seq, params.config.context_length)
+    ids = torch.randint(0, params.config.n_tokens, (batch, seq), generator=torch.Generator().manual_seed(7))
+    ids = ids.to(params.device)
     with torch.inference_mode():
-        ref = peers.hf_from_params(fp32)(ids).logits.float().cpu()
-        got = {f"{GPT2FN} fp32": gpt2fn.forward(fp32, ids),
-               f"{GPT2FN} bf16": gpt2fn.forward(gpt2fn.tree_to(fp32, dtype=torch.bfloat16), ids)}
-    got = {n: t.float().cpu()[..., :ref.shape[-1]] for n, t in got.items()}
-    for label, worker in engines.items():
-        got[label] = worker.logits(ids.cpu())[..., :ref.shape[-1]]
-    case = f"{batch}x{prompt_len} tok vs transformers fp32"
-    return [Result("logit error", case, n, "max abs", [float((t - ref).abs().max())], higher_is_better=False,
-                   extra={"mean_abs": float((t - ref).abs().mean()), "logit_std": float(ref.std())})
-            for n, t in got.items()]
+        ref = gpt2fn.forward(params, ids).float()
+        out = []
+        for name in ("bf16", "fp16", "int8"):
+            err = (gpt2fn.forward(format_params(params, name), ids).float() - ref).abs()
+            out.append(Result("formats", name, GPT2FN, "max abs logit error", [float(err.max())],
+                              higher_is_better=False,
+                              extra={"mean_abs_error": float(err.mean()), "logit_std": float(ref.std()),
+                                     "batch": batch, "seq": seq}))
+        others = {HF: peers.hf_from_params(gpt2fn.tree_to(params, dtype=torch.float32))(ids).logits}
+    by_label = {e.label: e for e in peers.ENGINE_PEERS}
+    others.update({label: w.logits(ids.cpu()) for label, w in (engines or {}).items()})
+    for label, logits in others.items():
+        err = (logits.float().to(ref.device)[..., :ref.shape[-1]] - ref).abs()
+        case = by_label[label].error_case if label in by_label else "fp32"
+        out.append(Result("formats", case, label, "max abs logit error", [float(err.max())], higher_is_better=False,
+                          extra={"mean_abs_error": float(err.mean()), "logit_std": float(ref.std()),
+                                 "batch": batch, "seq": seq}))
+    order = ("fp32", "bf16", "fp16", "int8")
+    return sorted(out, key=lambda r: order.index(r.case))  # stable: gpt2fn first within each format
 
 
 def bench_default(params: GPTParams, *, prompt: str = "Hello, it is time", repeats: int = 5) -> list[Result]:
@@ -717,17 +740,26 @@ def _spawn_load(kind: str, path: Path, n_heads: int = 0) -> dict[str, Any]:
 # The roofline, ratios, targets
 
 
+def weight_bytes(params: GPTParams) -> int:
+    """Bytes of the weights one decode step reads: every leaf (int8 values and their fp32 scales, for an int8 tree)
+    but the position embedding, of which a step reads one row."""
+    return sum(t.numel() * t.element_size() for name, t in gpt2fn.named_leaves(params) if name != "pos_emb")
+
+
 def decode_bytes_per_step(config: gpt2fn.GPTConfig, *, dtype: torch.dtype, batch: int, prompt_len: int,
-                          new_tokens: int) -> tuple[float, float]:
+                          new_tokens: int, weights: int | None = None, kv_itemsize: int | None = None
+                          ) -> tuple[float, float]:
     """(bytes read, matmul FLOPs) per decode step, averaged over the decode: every weight once (the token
-    embedding as the tied head; one row of each embedding is negligible) plus the KV cache so far."""
+    embedding as the tied head; one row of each embedding is negligible) plus the KV cache so far. `weights`
+    and `kv_itemsize` (as measured on the tree: `weight_bytes`, `compute_dtype`) override the estimate from
+    `dtype`, which assumes every weight and the cache in it."""
     size = torch.empty((), dtype=dtype).element_size()
     d, layers = config.emb_dim, config.n_layers
     block = layers * (d * 3 * d + 3 * d + d * d + d + 2 * d * config.d_mlp + config.d_mlp + d + 4 * d)
     head = config.vocab_size * d
-    weights = (block + head + 2 * d) * size
+    weights = (block + head + 2 * d) * size if weights is None else weights
     avg_len = prompt_len + new_tokens / 2
-    kv = batch * 2 * layers * d * avg_len * size
+    kv = batch * 2 * layers * d * avg_len * (size if kv_itemsize is None else kv_itemsize)
     flops = 2 * batch * (block + head) + batch * 4 * layers * d * avg_len
     return weights + kv, flops
 
@@ -746,8 +778,11 @@ def roofline(results: list[Result], config: gpt2fn.GPTConfig) -> list[dict[str, 
         e = r.extra
         dtype = DTYPES[e["dtype"]]
         nbytes, flops = decode_bytes_per_step(config, dtype=dtype, batch=e["batch"], prompt_len=e["prompt_len"],
-                                              new_tokens=e["new_tokens"])
-        t_mem, t_flop = nbytes / (bw * 1e9), flops / (gemm.get(e["dtype"], float("inf")) * 1e9)
+                                              new_tokens=e["new_tokens"], weights=e.get("weight_bytes"),
+                                              kv_itemsize=e.get("kv_itemsize"))
+        # on CPU gpt2fn's products run in fp32 whatever the storage (GPTParams.compute_dtype)
+        rate = gemm.get("fp32" if r.extra.get("kv_itemsize") == 4 else e["dtype"], float("inf"))
+        t_mem, t_flop = nbytes / (bw * 1e9), flops / (rate * 1e9)
         limit = e["batch"] / max(t_mem, t_flop)
         rows.append({"case": r.case, "contender": r.contender, "bytes_per_step": nbytes, "flops_per_step": flops,
                      "bandwidth_gbs": bw,
@@ -807,6 +842,15 @@ TARGETS = (
     Target("decode", "fp32 b8", GPT2FN, "llama.cpp F32", 1.5, "ratio>="),
     Target("decode", "fp32 b32", GPT2FN, "ctranslate2 fp32", 1.3, "ratio>="),
     Target("decode", "fp32 b32", GPT2FN, "llama.cpp F32", 1.3, "ratio>="),
+    # issue 21: 16- and 8-bit decoding against the engines' own formats, and accuracy no worse than theirs
+    Target("decode", "bf16 b1", GPT2FN, "llama.cpp F16", 1.1, "ratio>="),
+    Target("decode", "bf16 b8", GPT2FN, "llama.cpp F16", 1.1, "ratio>="),
+    Target("decode", "fp16 b1", GPT2FN, "llama.cpp F16", 1.1, "ratio>="),
+    Target("decode", "fp16 b8", GPT2FN, "llama.cpp F16", 1.1, "ratio>="),
+    Target("decode", "int8 b1", GPT2FN, "ctranslate2 int8", 1.2, "ratio>="),
+    Target("decode", "int8 b8", GPT2FN, "ctranslate2 int8", 1.2, "ratio>="),
+    Target("formats", "fp16", GPT2FN, "llama.cpp F16", 1.0, "ratio>="),
+    Target("formats", "int8", GPT2FN, "ctranslate2 int8", 1.0, "ratio>="),
     Target("prefill", "1024 tok last", GPT2FN, HF, 1.0, "ratio>="),
     Target("train", "", GPT2FN, "nn.Module", 1.0, "ratio>="),
     Target("score", "", GPT2FN, HF, 1.0, "ratio>="),
@@ -825,7 +869,7 @@ def peer_ratios(results: list[Result]) -> list[dict[str, Any]]:
     for r in results:
         groups.setdefault((r.workload, r.case), []).append(r)
     for (workload, case), rs in groups.items():
-        if workload in ("limits", "load", "load memory", "logit error"):
+        if workload in ("limits", "load", "load memory", "formats"):  # formats: errors, set against by TARGETS
             continue
         base = rs[0]
         for r in rs[1:]:
@@ -964,7 +1008,7 @@ class Plan:
     train_preset: str = "small"
     seed_preset: str = "seed"
     batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
-    dtypes: tuple[str, ...] | None = None  # None: fp32, plus bf16 where the device has fast bf16 kernels
+    dtypes: tuple[str, ...] | None = None  # None: every format of DTYPES
     prompt_len: int = 16
     new_tokens: int = 128
     prefill_len: int = 1024
@@ -990,7 +1034,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=None, help="timed rounds per case (default 3, --quick 2)")
     p.add_argument("--new-tokens", type=int, default=None, help="decoded tokens (default 128, --quick 16)")
     p.add_argument("--batches", default=None, help="decode batch sizes, comma separated (default 1,2,4,8,16,32)")
-    p.add_argument("--dtypes", default=None, help="decode dtypes of fp32,bf16 (default both)")
+    p.add_argument("--dtypes", default=None, help="decode formats of fp32,bf16,fp16,int8 (default all)")
     p.add_argument("--no-compiled", action="store_true",
                    help="skip the torch.compile decode rows (they compile for tens of seconds first)")
     p.add_argument("--no-engines", action="store_true",
@@ -1031,14 +1075,15 @@ def plan_config(plan: Plan) -> gpt2fn.GPTConfig:
     return cfg if plan.vocab_size is None else cfg.replace(vocab_size=plan.vocab_size)
 
 
-def start_engines(params: GPTParams, stack: contextlib.ExitStack) -> tuple[dict[str, peers.EngineWorker], list[str]]:
-    """The CTranslate2 / llama.cpp workers on `params` (converted in a temporary folder that `stack` removes, after
-    it has closed them), or notes on why none run."""
+def start_engines(params: GPTParams, stack: contextlib.ExitStack, wanted: tuple[peers.EnginePeer, ...]
+                  ) -> tuple[dict[str, peers.EngineWorker], list[str]]:
+    """The `wanted` CTranslate2 / llama.cpp workers on `params` (converted in a temporary folder that `stack`
+    removes, after it has closed them), and notes on those that do not run."""
     if params.device.type != "cpu":
         return {}, [f"decode: CTranslate2 and llama.cpp skipped: they run on the CPU, this run on {params.device}"]
     work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="gpt2fn-engines-")))
     with _stage("engines: convert and load"):
-        workers, notes = peers.start_engines(params, work, threads=torch.get_num_threads())
+        workers, notes = peers.start_engines(params, work, threads=torch.get_num_threads(), peers=wanted)
     for w in workers.values():
         stack.callback(w.close)
     return workers, notes
@@ -1047,7 +1092,7 @@ def start_engines(params: GPTParams, stack: contextlib.ExitStack) -> tuple[dict[
 def mismatch_notes(results: list[Result]) -> list[str]:
     """A note for every fp32 engine whose greedy ids left gpt2fn's (near-tied logits can do that; the logit-error
     rows say whether the two compute the same function)."""
-    fp32 = {p.label for p in peers.ENGINE_PEERS if p.fp32}
+    fp32 = {p.label for p in peers.ENGINE_PEERS if "fp32" in p.cases}
     return [f"decode {r.case}: {r.contender} ids differ from gpt2fn's from step {m['step']} of row {m['row']} "
             f"(gpt2fn {m['gpt2fn']}, {r.contender} {m['peer']})"
             for r in results if r.workload == "decode" and r.contender in fp32
@@ -1067,7 +1112,7 @@ def run(plan: Plan, device: torch.device) -> tuple[list[Result], list[str]]:
     results: list[Result] = []
     notes: list[str] = []
     cfg = plan_config(plan)
-    needs_model = {"default", "decode", "beam", "prefill", "checks", "score", "patching"} & set(plan.only)
+    needs_model = {"default", "decode", "formats", "beam", "prefill", "checks", "score", "patching"} & set(plan.only)
     params = gpt2fn.init_params(cfg, seed=0, device=device) if needs_model else None
     if "limits" in plan.only:
         with _stage("limits"):
@@ -1081,31 +1126,38 @@ def run(plan: Plan, device: torch.device) -> tuple[list[Result], list[str]]:
     if "default" in plan.only:
         with _stage("default call"):
             results += bench_default(params, repeats=plan.repeats + 2)
-    if "decode" in plan.only:
-        dtypes = plan.dtypes
-        if dtypes is None:
-            dtypes = ("fp32", "bf16") if bf16_is_fast(device) else ("fp32",)
-            if "bf16" not in dtypes:
-                notes.append(f"bf16 decode skipped: bf16 matrix products on this {device.type} run at under half "
-                             "the fp32 rate (no native bf16 kernels; see the GEMM rows); force with --dtypes")
-        with contextlib.ExitStack() as stack:
-            engines = {}
-            if "fp32" in dtypes and plan.engines:
-                found, why = start_engines(params, stack)
-                engines, notes = found, notes + why
-                if engines:
-                    results += bench_logit_error(params, engines, prompt_len=plan.prompt_len)
+    dtypes = plan.dtypes or ("fp32", "bf16", "fp16", "int8")
+    with contextlib.ExitStack() as stack:
+        # CTranslate2 / llama.cpp: converted once, alive for the decode cases of their formats and the formats rows
+        wanted = tuple(e for e in peers.ENGINE_PEERS if "formats" in plan.only
+                       or ("decode" in plan.only and set(e.cases) & set(dtypes)))
+        engines: dict[str, peers.EngineWorker] = {}
+        if plan.engines and wanted:
+            engines, why = start_engines(params, stack, wanted)
+            notes += why
+        if "decode" in plan.only:
+            # transformers computes in the weights' dtype: beside gpt2fn's 16-bit rows only where that is fast
+            hf_half = bf16_is_fast(device)
+            if not hf_half:
+                notes.append(f"transformers' 16-bit decode rows skipped: bf16 matrix products on this {device.type} "
+                             "run at under half the fp32 rate (gpt2fn's 16-bit weights compute in fp32 on CPU)")
             for dt in dtypes:
-                p = params if dt == "fp32" else gpt2fn.tree_to(params, dtype=DTYPES[dt])
+                p = format_params(params, dt)
+                joining = {e.label: engines[e.label] for e in peers.ENGINE_PEERS
+                           if e.label in engines and dt in e.cases}
                 for b in plan.batches:
                     with _stage(f"decode {dt} b{b}"):
                         got = bench_decode(p, batch=b, prompt_len=plan.prompt_len, new_tokens=plan.new_tokens,
                                            repeats=plan.repeats, with_seed=(dt == "fp32" and b == 1),
-                                           with_compiled=plan.compiled and b in (1, 8),
-                                           engines=engines if dt == "fp32" else None)
+                                           with_hf=dt == "fp32" or hf_half,
+                                           with_compiled=plan.compiled and b in (1, 8) and dt == "fp32",
+                                           engines=joining)
                     results += got
                     notes += mismatch_notes(got)
                 del p
+        if "formats" in plan.only:
+            with _stage("formats"):
+                results += bench_formats(params, engines=engines)
     if "beam" in plan.only:
         with _stage("beam fp32 k4"):
             results += bench_beam(params, prompt_len=plan.prompt_len, new_tokens=min(64, plan.new_tokens),

@@ -313,19 +313,21 @@ GPT2_VOCAB = 50257
 
 @dataclass(frozen=True)
 class EnginePeer:
-    """One contender served by peer_worker.py: its label in the tables, the engine and its stored format.
-    `fp32` contenders compute what gpt2fn's fp32 decoding does, so their greedy ids are compared with it."""
+    """One contender served by peer_worker.py: its label in the tables, the engine and its stored format, the
+    gpt2fn decode formats whose cases it joins (bench.py's DTYPES) and the accuracy case it is set against. The
+    fp32 ones compute what gpt2fn's fp32 decoding does, so their greedy ids are held against gpt2fn's."""
 
     label: str
     engine: str  # "ctranslate2" | "llama.cpp"
     format: str  # ctranslate2: "float32" | "int8_float32"; llama.cpp: "F32" | "F16"
-    fp32: bool
+    cases: tuple[str, ...]
+    error_case: str
 
 
-ENGINE_PEERS = (EnginePeer("ctranslate2 fp32", "ctranslate2", "float32", True),
-                EnginePeer("ctranslate2 int8", "ctranslate2", "int8_float32", False),
-                EnginePeer("llama.cpp F32", "llama.cpp", "F32", True),
-                EnginePeer("llama.cpp F16", "llama.cpp", "F16", False))
+ENGINE_PEERS = (EnginePeer("ctranslate2 fp32", "ctranslate2", "float32", ("fp32",), "fp32"),
+                EnginePeer("ctranslate2 int8", "ctranslate2", "int8_float32", ("int8",), "int8"),
+                EnginePeer("llama.cpp F32", "llama.cpp", "F32", ("fp32",), "fp32"),
+                EnginePeer("llama.cpp F16", "llama.cpp", "F16", ("bf16", "fp16"), "fp16"))
 # engine -> (the variable naming its Python, its environment's folder under the peers directory)
 _ENGINE_ENV = {"ctranslate2": ("GPT2FN_CT2_PYTHON", "ct2"), "llama.cpp": ("GPT2FN_LLAMACPP_PYTHON", "llamacpp")}
 

@@ -168,15 +168,16 @@ def test_gpt2_tokenizer_files_tokenize_as_gpt2fn_does(tmp_path):
 
 @pytest.mark.slow
 def test_engines_decode_gpt2fns_ids_and_its_logits_on_a_tiny_model(tiny_config, tmp_path):
-    chosen = tuple(p for p in peers.ENGINE_PEERS if p.fp32 and peers.engine_python(p.engine)[0] is not None)
+    chosen = tuple(p for p in peers.ENGINE_PEERS if "fp32" in p.cases and peers.engine_python(p.engine)[0])
     if not chosen:
         pytest.skip("no CTranslate2 / llama.cpp environment (scripts/setup_peers.sh; GPT2FN_PEERS_DIR)")
     params = gpt2fn.init_params(tiny_config.replace(vocab_size=50257), seed=1)
     workers, notes = peers.start_engines(params, tmp_path, threads=1, peers=chosen)
     try:
         assert set(workers) == {p.label for p in chosen}, notes
-        errors = {r.contender: r for r in bench.bench_logit_error(params, workers, prompt_len=5)}
-        for label in workers:
+        errors = {r.contender: r for r in bench.bench_formats(params, batch=2, seq=5, engines=workers)
+                  if r.case == "fp32"}
+        for label in (*workers, bench.HF):
             assert errors[label].median < 1e-3, errors[label]
         results = bench.bench_decode(params, batch=2, prompt_len=5, new_tokens=4, repeats=1, ttft_repeats=1,
                                      with_hf=False, engines=workers)
