@@ -15,10 +15,10 @@
 #
 # Layout:
 #   $GPT2FN_PEERS_DIR/ct2/          ctranslate2 + transformers + torch
-#   $GPT2FN_PEERS_DIR/llamacpp/     llama-cpp-python, built here for this CPU (-DGGML_NATIVE=ON), with gguf-py and
-#                                   torch + transformers (pinned to the converter's requirements file) for
+#   $GPT2FN_PEERS_DIR/llamacpp/     llama-cpp-python, built here for this CPU (-DGGML_NATIVE=ON), with the sdist's
+#                                   gguf-py and the converter's requirements (transformers pinned as its file says)
 #   $GPT2FN_PEERS_DIR/llamacpp-src/ the unpacked llama-cpp-python sdist: vendor/llama.cpp/convert_hf_to_gguf.py
-#                                   is the converter matching the built library
+#                                   is the converter matching the built library (peer_worker.py finds it here)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 dir="${GPT2FN_PEERS_DIR:-$root/.peers}"
@@ -28,13 +28,13 @@ CT2_TRANSFORMERS="transformers==5.25.0"   # the version gpt2fn's dev environment
 LLAMA_VERSION="0.3.36"
 # convert_hf_to_gguf.py's own requirements (vendor/llama.cpp/requirements/requirements-convert_legacy_llama.txt)
 LLAMA_CONVERT_DEPS=("transformers==4.57.6" "numpy~=2.2.6" "sentencepiece>=0.1.98,<0.3.0" "protobuf>=4.21.0,<5.0.0")
-mkdir -p "$dir"
 say() { echo "setup_peers: $*" >&2; }
 pip_in() { local venv="$1"; shift; nice -n 10 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "$@"; }
 
 make_venv() {
     if [ ! -x "$1/bin/python" ]; then
         say "creating $1"
+        mkdir -p "$dir"
         "${PYTHON:-python3}" -m venv "$1"
     fi
 }
