@@ -5,7 +5,8 @@
     .venv/bin/python scripts/bench.py --only decode,prefill --out bench.json
 
 Workloads (`--only`, comma separated): `limits` (memory bandwidth, GEMM throughput), `decode` (greedy, 16-token
-prompt + 128 new; batch 1 and 8; fp32 and bf16; new tokens/s and time to first token), `prefill` (one forward
+prompt + 128 new; batch 1 and 8; fp32 and bf16; new tokens/s and time to first token; on the CPU also CTranslate2
+fp32/int8 and llama.cpp F32/F16 where their environments exist), `prefill` (one forward
 over 1024 tokens, last-position and all logits), `checks` (shape checks on vs off), `train` (one optimizer step
 of the small config), `load` (seconds and peak resident memory of a 124M checkpoint, a child process each),
 `score` (`gpt2fn.score` over a batch of 8 texts of different lengths against a left-padded `transformers`
@@ -13,6 +14,14 @@ forward computing the same per-token losses), `patching` (activation patching of
 (attribution patching of every head against exact head patching), `sae` (an SAE spliced in against the unedited
 forward).
 The roofline (bandwidth / bytes read per decoded token) is derived when `limits` and `decode` both run.
+
+CTranslate2 and llama.cpp run in environments of their own (`scripts/setup_peers.sh` makes them under
+`GPT2FN_PEERS_DIR`, default `.peers/`; or name their Pythons with GPT2FN_CT2_PYTHON / GPT2FN_LLAMACPP_PYTHON), each
+format in a child process (scripts/peer_worker.py) that converts the saved random `GPT2LMHeadModel` and then
+decodes on request, interleaved with the in-process contenders; its time is its own clock around the engine's
+call. Each joins the decode cases of gpt2fn's formats it is set against (CTranslate2 fp32 and llama.cpp F32: fp32;
+llama.cpp F16: bf16 and fp16; CTranslate2 int8: int8) and the `formats` accuracy rows. They need GPT-2's
+vocabulary: `--preset tiny --vocab-size 50257` for a fast look. Absent ones are skipped with a note.
 
 Method: random weights (speed does not depend on the values); every contender of a case holds the same weights
 (greedy ids are compared as a sanity check); contenders run interleaved, in alternating order, after a warm-up;
@@ -88,12 +97,13 @@ def sync(device: torch.device) -> None:
 
 
 def interleaved(contenders: dict[str, Callable[[], Any]], *, repeats: int, device: torch.device,
-                warmup: dict[str, Callable[[], Any]] | None = None, at_most: dict[str, int] | None = None
-                ) -> dict[str, list[float]]:
+                warmup: dict[str, Callable[[], Any]] | None = None, at_most: dict[str, int] | None = None,
+                clocks: dict[str, Callable[[], float]] | None = None) -> dict[str, list[float]]:
     """Seconds per call of each contender: warm-ups first, then `repeats` rounds, the order alternating per round
     so that drift (thermal, other load) falls on everyone alike. The garbage collector is off while timing (as in
     `timeit`): a collection of this process's large heap would land on whichever contender happened to run.
-    `at_most` caps the rounds of slow contenders (they then run in the first rounds only)."""
+    `at_most` caps the rounds of slow contenders (they then run in the first rounds only). A contender in another
+    process reports its own seconds of the last call through `clocks` (its clock, without the pipe)."""
     for fn in (warmup or contenders).values():
         fn()
     sync(device)
@@ -111,7 +121,8 @@ def interleaved(contenders: dict[str, Callable[[], Any]], *, repeats: int, devic
                 t0 = time.perf_counter()
                 contenders[name]()
                 sync(device)
-                times[name].append(time.perf_counter() - t0)
+                elapsed = time.perf_counter() - t0
+                times[name].append(clocks[name]() if clocks is not None and name in clocks else elapsed)
     finally:
         if enabled:
             gc.enable()
@@ -248,9 +259,12 @@ def seed_decoder(model: torch.nn.Module, ctx: int) -> Callable[[torch.Tensor, in
 
 def bench_decode(params: GPTParams, *, batch: int, prompt_len: int = 16, new_tokens: int = 128,
                  repeats: int = 3, ttft_repeats: int = 5, with_seed: bool = False, with_hf: bool = True,
-                 with_compiled: bool = False) -> list[Result]:
+                 with_compiled: bool = False, engines: dict[str, peers.EngineWorker] | None = None
+                 ) -> list[Result]:
     """Greedy decoding of `new_tokens` after a `prompt_len` prompt: new tokens/s (all rows of the batch, prefill
-    included) and time to first token, each contender on the same weights and prompt."""
+    included) and time to first token, each contender on the same weights and prompt. `engines` (started by
+    `bench_peers.start_engines` on the same weights) join under their labels; each result's `first_mismatch` is
+    the first (row, step) where its ids leave gpt2fn's, or None."""
     device, dtype = params.device, params.dtype
     case = f"{_dtype_name(dtype)} b{batch}"
     with_hf = with_hf and dtype != torch.int8  # transformers has no int8 weight-only CPU path of its own
@@ -265,6 +279,10 @@ def bench_decode(params: GPTParams, *, batch: int, prompt_len: int = 16, new_tok
     if with_compiled:  # the same steps through torch.compile (one graph per batch and capacity)
         decoders[COMPILED] = lambda ids, new: gpt2fn.generate_tokens(params, ids, max_new_tokens=new, eos=False,
                                                                      compile=True)
+    clocks = {}
+    for label, worker in (engines or {}).items():
+        decoders[label] = worker.generate
+        clocks[label] = lambda w=worker: w.last_seconds
 
     outputs: dict[tuple[str, int], torch.Tensor] = {}
 
@@ -278,8 +296,9 @@ def bench_decode(params: GPTParams, *, batch: int, prompt_len: int = 16, new_tok
         warm[COMPILED] = runner(COMPILED, new_tokens)
     # the seed's loop is an order of magnitude slower and its spread matters little: two rounds at most
     full = interleaved({n: runner(n, new_tokens) for n in decoders}, repeats=repeats, device=device, warmup=warm,
-                       at_most={SEED: 2})
-    first = interleaved({n: runner(n, 1) for n in decoders}, repeats=ttft_repeats, device=device, warmup=warm)
+                       at_most={SEED: 2}, clocks=clocks)
+    first = interleaved({n: runner(n, 1) for n in decoders}, repeats=ttft_repeats, device=device, warmup=warm,
+                        clocks=clocks)
     ref = outputs[(name, new_tokens)][:, prompt_len:]
     results = []
     for n in decoders:
@@ -287,13 +306,25 @@ def bench_decode(params: GPTParams, *, batch: int, prompt_len: int = 16, new_tok
         agree = float((got == ref).float().mean()) if got.shape == ref.shape else 0.0
         extra = {"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "dtype": _dtype_name(dtype),
                  "weight_bytes": weight_bytes(params), "kv_itemsize": params.compute_dtype.itemsize,
-                 "ids_agree_with_gpt2fn": agree,
+                 "ids_agree_with_gpt2fn": agree, "first_mismatch": first_mismatch(got, ref),
                  "ms_per_step": [1e3 * (t - statistics.median(first[n])) / max(1, new_tokens - 1)
                                  for t in full[n]]}
         results.append(Result("decode", case, n, "tok/s", [batch * new_tokens / t for t in full[n]], extra=extra))
         results.append(Result("ttft", case, n, "ms", [1e3 * t for t in first[n]], higher_is_better=False,
                               extra={"batch": batch, "prompt_len": prompt_len}))
     return results
+
+
+def first_mismatch(got: torch.Tensor, ref: torch.Tensor) -> dict[str, int] | None:
+    """The first step (then row) where `got`'s new ids leave `ref`'s, or None when they agree. Random weights give
+    flat logits, so two correct fp32 implementations may split at a near-tie and differ from there on."""
+    if got.shape != ref.shape:
+        return {"row": -1, "step": -1, "gpt2fn": -1, "peer": -1}
+    diff = (got.cpu() != ref.cpu()).nonzero()
+    if len(diff) == 0:
+        return None
+    row, step = min(diff.tolist(), key=lambda rs: (rs[1], rs[0]))
+    return {"row": row, "step": step, "gpt2fn": int(ref[row, step]), "peer": int(got[row, step])}
 
 
 def format_params(params: GPTParams, name: str) -> GPTParams:
@@ -303,9 +334,14 @@ def format_params(params: GPTParams, name: str) -> GPTParams:
     return params if DTYPES[name] == params.dtype else gpt2fn.tree_to(params, dtype=DTYPES[name])
 
 
-def bench_formats(params: GPTParams, *, batch: int = 4, seq: int = 64) -> list[Result]:
+def bench_formats(params: GPTParams, *, batch: int = 4, seq: int = 64,
+                  engines: dict[str, peers.EngineWorker] | None = None) -> list[Result]:
     """The accuracy of each stored format: max and mean absolute logit error against the fp32 model on the same
-    weights (one forward of `batch` x `seq` random ids), with the logits' standard deviation for scale."""
+    weights (one forward of `batch` x `seq` random ids), with the logits' standard deviation for scale.
+
+    Case `fp32` holds the fp32 implementations that are not the reference (transformers, CTranslate2 fp32,
+    llama.cpp F32); each 8- and 16-bit engine joins the case of gpt2fn's format it is set against (`EnginePeer`'s
+    `error_case`: llama.cpp F16 -> fp16, CTranslate2 int8 -> int8)."""
     seq = min(seq, params.config.context_length)
     ids = torch.randint(0, params.config.n_tokens, (batch, seq), generator=torch.Generator().manual_seed(7))
     ids = ids.to(params.device)
@@ -318,7 +354,17 @@ def bench_formats(params: GPTParams, *, batch: int = 4, seq: int = 64) -> list[R
                               higher_is_better=False,
                               extra={"mean_abs_error": float(err.mean()), "logit_std": float(ref.std()),
                                      "batch": batch, "seq": seq}))
-    return out
+        others = {HF: peers.hf_from_params(gpt2fn.tree_to(params, dtype=torch.float32))(ids).logits}
+    by_label = {e.label: e for e in peers.ENGINE_PEERS}
+    others.update({label: w.logits(ids.cpu()) for label, w in (engines or {}).items()})
+    for label, logits in others.items():
+        err = (logits.float().to(ref.device)[..., :ref.shape[-1]] - ref).abs()
+        case = by_label[label].error_case if label in by_label else "fp32"
+        out.append(Result("formats", case, label, "max abs logit error", [float(err.max())], higher_is_better=False,
+                          extra={"mean_abs_error": float(err.mean()), "logit_std": float(ref.std()),
+                                 "batch": batch, "seq": seq}))
+    order = ("fp32", "bf16", "fp16", "int8")
+    return sorted(out, key=lambda r: order.index(r.case))  # stable: gpt2fn first within each format
 
 
 def bench_default(params: GPTParams, *, prompt: str = "Hello, it is time", repeats: int = 5) -> list[Result]:
@@ -817,6 +863,22 @@ TARGETS = (
     Target("decode", "fp32 b8", GPT2FN, HF, 2.5, "ratio>="),
     Target("beam", "fp32 k4", GPT2FN, HF, 1.5, "ratio>="),
     Target("decode", "fp32 b32", GPT2FN, HF, 1.7, "ratio>="),
+    # issue 20: the CPU engines (rows absent, so targets unevaluated, where their environments are not installed)
+    Target("decode", "fp32 b1", GPT2FN, "ctranslate2 fp32", 1.15, "ratio>="),
+    Target("decode", "fp32 b1", GPT2FN, "llama.cpp F32", 1.15, "ratio>="),
+    Target("decode", "fp32 b8", GPT2FN, "ctranslate2 fp32", 1.5, "ratio>="),
+    Target("decode", "fp32 b8", GPT2FN, "llama.cpp F32", 1.5, "ratio>="),
+    Target("decode", "fp32 b32", GPT2FN, "ctranslate2 fp32", 1.3, "ratio>="),
+    Target("decode", "fp32 b32", GPT2FN, "llama.cpp F32", 1.3, "ratio>="),
+    # issue 21: 16- and 8-bit decoding against the engines' own formats, and accuracy no worse than theirs
+    Target("decode", "bf16 b1", GPT2FN, "llama.cpp F16", 1.1, "ratio>="),
+    Target("decode", "bf16 b8", GPT2FN, "llama.cpp F16", 1.1, "ratio>="),
+    Target("decode", "fp16 b1", GPT2FN, "llama.cpp F16", 1.1, "ratio>="),
+    Target("decode", "fp16 b8", GPT2FN, "llama.cpp F16", 1.1, "ratio>="),
+    Target("decode", "int8 b1", GPT2FN, "ctranslate2 int8", 1.2, "ratio>="),
+    Target("decode", "int8 b8", GPT2FN, "ctranslate2 int8", 1.2, "ratio>="),
+    Target("formats", "fp16", GPT2FN, "llama.cpp F16", 1.0, "ratio>="),
+    Target("formats", "int8", GPT2FN, "ctranslate2 int8", 1.0, "ratio>="),
     Target("prefill", "1024 tok last", GPT2FN, HF, 1.0, "ratio>="),
     Target("train", "", GPT2FN, "nn.Module", 1.0, "ratio>="),
     Target("score", "", GPT2FN, HF, 1.0, "ratio>="),
@@ -835,7 +897,7 @@ def peer_ratios(results: list[Result]) -> list[dict[str, Any]]:
     for r in results:
         groups.setdefault((r.workload, r.case), []).append(r)
     for (workload, case), rs in groups.items():
-        if workload in ("limits", "load", "load memory"):
+        if workload in ("limits", "load", "load memory", "formats"):  # formats: errors, set against by TARGETS
             continue
         base = rs[0]
         for r in rs[1:]:
@@ -1035,6 +1097,8 @@ class Plan:
     train_batch: int = 8
     repeats: int = 3
     compiled: bool = True
+    engines: bool = True  # CTranslate2 and llama.cpp in the fp32 decode cases, where their environments exist
+    vocab_size: int | None = None  # overrides the preset's (the engines need GPT-2's 50257)
     limit_mb: int = 1024
     gemm_n: int = 2048
 
@@ -1055,7 +1119,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtypes", default=None, help="decode formats of fp32,bf16,fp16,int8 (default all)")
     p.add_argument("--no-compiled", action="store_true",
                    help="skip the torch.compile decode rows (they compile for tens of seconds first)")
+    p.add_argument("--no-engines", action="store_true",
+                   help="skip the CTranslate2 and llama.cpp decode rows (they convert the model first)")
     p.add_argument("--preset", default="gpt2", help="model for decode/prefill/checks/load (default gpt2, 124M)")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="override the preset's vocabulary (the CTranslate2/llama.cpp rows need GPT-2's 50257)")
     p.add_argument("--train-preset", default="small", help="model for the train step (default small)")
     p.add_argument("--memory-preset", default="gpt2-xl",
                    help="model whose decode peak RSS the memory workload measures (default gpt2-xl, 1.5B)")
@@ -1075,6 +1143,8 @@ def plan_from(args: argparse.Namespace) -> Plan:
         plan.repeats, plan.new_tokens, plan.prefill_len, plan.limit_mb, plan.gemm_n = 2, 16, 256, 256, 1024
     plan.repeats = args.repeats or plan.repeats
     plan.compiled = not (args.no_compiled or args.quick)
+    plan.engines = not args.no_engines
+    plan.vocab_size = args.vocab_size
     plan.new_tokens = args.new_tokens or plan.new_tokens
     if args.batches:
         plan.batches = tuple(int(b) for b in args.batches.split(","))
@@ -1083,6 +1153,35 @@ def plan_from(args: argparse.Namespace) -> Plan:
         if set(plan.dtypes) - set(DTYPES):
             raise SystemExit(f"error: --dtypes must be of {sorted(DTYPES)}, got {args.dtypes!r}")
     return plan
+
+
+def plan_config(plan: Plan) -> gpt2fn.GPTConfig:
+    cfg = gpt2fn.preset(plan.preset)
+    return cfg if plan.vocab_size is None else cfg.replace(vocab_size=plan.vocab_size)
+
+
+def start_engines(params: GPTParams, stack: contextlib.ExitStack, wanted: tuple[peers.EnginePeer, ...]
+                  ) -> tuple[dict[str, peers.EngineWorker], list[str]]:
+    """The `wanted` CTranslate2 / llama.cpp workers on `params` (converted in a temporary folder that `stack`
+    removes, after it has closed them), and notes on those that do not run."""
+    if params.device.type != "cpu":
+        return {}, [f"decode: CTranslate2 and llama.cpp skipped: they run on the CPU, this run on {params.device}"]
+    work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="gpt2fn-engines-")))
+    with _stage("engines: convert and load"):
+        workers, notes = peers.start_engines(params, work, threads=torch.get_num_threads(), peers=wanted)
+    for w in workers.values():
+        stack.callback(w.close)
+    return workers, notes
+
+
+def mismatch_notes(results: list[Result]) -> list[str]:
+    """A note for every fp32 engine whose greedy ids left gpt2fn's (near-tied logits can do that; the logit-error
+    rows say whether the two compute the same function)."""
+    fp32 = {p.label for p in peers.ENGINE_PEERS if "fp32" in p.cases}
+    return [f"decode {r.case}: {r.contender} ids differ from gpt2fn's from step {m['step']} of row {m['row']} "
+            f"(gpt2fn {m['gpt2fn']}, {r.contender} {m['peer']})"
+            for r in results if r.workload == "decode" and r.contender in fp32
+            and (m := r.extra.get("first_mismatch")) is not None]
 
 
 @contextlib.contextmanager
@@ -1097,7 +1196,7 @@ def run(plan: Plan, device: torch.device) -> tuple[list[Result], list[str]]:
     """Every workload of the plan, in order; returns the results and notes on what was skipped and why."""
     results: list[Result] = []
     notes: list[str] = []
-    cfg = gpt2fn.preset(plan.preset)
+    cfg = plan_config(plan)
     needs_model = {"default", "decode", "formats", "beam", "prefill", "checks", "score", "patching", "attribution",
                    "sae"} & set(plan.only)
     params = gpt2fn.init_params(cfg, seed=0, device=device) if needs_model else None
@@ -1113,25 +1212,38 @@ def run(plan: Plan, device: torch.device) -> tuple[list[Result], list[str]]:
     if "default" in plan.only:
         with _stage("default call"):
             results += bench_default(params, repeats=plan.repeats + 2)
-    if "decode" in plan.only:
-        dtypes = plan.dtypes or ("fp32", "bf16", "fp16", "int8")
-        # transformers computes in the weights' dtype: beside gpt2fn's 16-bit rows only where that is fast
-        hf_half = bf16_is_fast(device)
-        if not hf_half:
-            notes.append(f"transformers' 16-bit decode rows skipped: bf16 matrix products on this {device.type} run "
-                         "at under half the fp32 rate (gpt2fn's 16-bit weights compute in fp32 on CPU)")
-        for dt in dtypes:
-            p = format_params(params, dt)
-            for b in plan.batches:
-                with _stage(f"decode {dt} b{b}"):
-                    results += bench_decode(p, batch=b, prompt_len=plan.prompt_len, new_tokens=plan.new_tokens,
-                                            repeats=plan.repeats, with_seed=(dt == "fp32" and b == 1),
-                                            with_hf=dt == "fp32" or hf_half,
-                                            with_compiled=plan.compiled and b in (1, 8) and dt == "fp32")
-            del p
-    if "formats" in plan.only:
-        with _stage("formats"):
-            results += bench_formats(params)
+    dtypes = plan.dtypes or ("fp32", "bf16", "fp16", "int8")
+    with contextlib.ExitStack() as stack:
+        # CTranslate2 / llama.cpp: converted once, alive for the decode cases of their formats and the formats rows
+        wanted = tuple(e for e in peers.ENGINE_PEERS if "formats" in plan.only
+                       or ("decode" in plan.only and set(e.cases) & set(dtypes)))
+        engines: dict[str, peers.EngineWorker] = {}
+        if plan.engines and wanted:
+            engines, why = start_engines(params, stack, wanted)
+            notes += why
+        if "decode" in plan.only:
+            # transformers computes in the weights' dtype: beside gpt2fn's 16-bit rows only where that is fast
+            hf_half = bf16_is_fast(device)
+            if not hf_half:
+                notes.append(f"transformers' 16-bit decode rows skipped: bf16 matrix products on this {device.type} "
+                             "run at under half the fp32 rate (gpt2fn's 16-bit weights compute in fp32 on CPU)")
+            for dt in dtypes:
+                p = format_params(params, dt)
+                joining = {e.label: engines[e.label] for e in peers.ENGINE_PEERS
+                           if e.label in engines and dt in e.cases}
+                for b in plan.batches:
+                    with _stage(f"decode {dt} b{b}"):
+                        got = bench_decode(p, batch=b, prompt_len=plan.prompt_len, new_tokens=plan.new_tokens,
+                                           repeats=plan.repeats, with_seed=(dt == "fp32" and b == 1),
+                                           with_hf=dt == "fp32" or hf_half,
+                                           with_compiled=plan.compiled and b in (1, 8) and dt == "fp32",
+                                           engines=joining)
+                    results += got
+                    notes += mismatch_notes(got)
+                del p
+        if "formats" in plan.only:
+            with _stage("formats"):
+                results += bench_formats(params, engines=engines)
     if "beam" in plan.only:
         with _stage("beam fp32 k4"):
             results += bench_beam(params, prompt_len=plan.prompt_len, new_tokens=min(64, plan.new_tokens),
@@ -1176,7 +1288,7 @@ def run(plan: Plan, device: torch.device) -> tuple[list[Result], list[str]]:
 def report(results: list[Result], notes: list[str], plan: Plan, device: torch.device, argv: Sequence[str]
            ) -> dict[str, Any]:
     """Everything a run found, as one JSON-ready dict (the markdown table included)."""
-    cfg = gpt2fn.preset(plan.preset)
+    cfg = plan_config(plan)
     ratios = peer_ratios(results)
     targets = [row for t in TARGETS if (row := t.evaluate(results)) is not None]
     roof = roofline(results, cfg)

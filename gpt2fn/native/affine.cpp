@@ -24,6 +24,9 @@
 #include <cstdint>
 #include <cstring>
 #include <omp.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
 
 #if defined(__AVX512F__)
 constexpr int VL = 16, NREG = 32;
@@ -60,7 +63,19 @@ static inline float widen1(_Float16 v) { return float(v); }
 #else
 #define GPT2FN_F16 0
 #endif
-static inline vf widen(const int8_t* p) { vq q; std::memcpy(&q, p, sizeof q); return __builtin_convertvector(q, vf); }
+// int8 -> fp32: GCC scalarizes __builtin_convertvector from int8 lanes, so the sign extension is spelled out
+static inline vf widen(const int8_t* p) {
+#if defined(__AVX512F__)
+  __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#elif defined(__AVX2__)
+  __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+#else
+  vf f;
+  for (int i = 0; i < VL; ++i) f[i] = float(p[i]);
+#endif
+  vf v; std::memcpy(&v, &f, sizeof v);
+  return v;
+}
 static inline float widen1(float v) { return v; }
 static inline float widen1(bf16 v) { uint32_t u = uint32_t(v.bits) << 16; float f; std::memcpy(&f, &u, 4); return f; }
 static inline float widen1(int8_t v) { return float(v); }
