@@ -4,7 +4,8 @@ overwritten, another key's entry swapped in), the next run, in a fresh process w
 finishes with the right result or stops with gpt2fn's documented error; it never dies by a signal, and training
 never sees tokens that are not its corpus's. Two processes filling one empty entry at once leave one valid entry.
 
-Each example is a subprocess (a damaged `.so` killed its process with SIGBUS), so the example counts are small.
+Each example is a subprocess (a damaged `.so` killed its process with SIGBUS) costing seconds, and a damaged
+kernel a real rebuild, so the example counts are small; the damage kinds are few, and every kind is drawn often.
 """
 
 import json
@@ -24,6 +25,8 @@ from hypothesis import strategies as st
 from gpt2fn import files
 from gpt2fn import tokenizer as tok
 from gpt2fn.train.data import encode_documents
+
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 DAMAGED = "is damaged"
@@ -148,7 +151,7 @@ def _assert_kernel_right(done: subprocess.CompletedProcess[str], cache: Path) ->
     assert _verifies(so, key), "the build left in the cache does not match its check"
 
 
-@settings(max_examples=6, deadline=None)
+@settings(max_examples=3, deadline=None)
 @given(damage=damages, target=st.sampled_from(["build", "check"]))
 def test_a_damaged_kernel_build_is_rebuilt_never_loaded(built_kernel, damage, target):
     with tempfile.TemporaryDirectory() as tmp:
@@ -213,7 +216,7 @@ def bpe_table() -> Path:
     return path
 
 
-@settings(max_examples=6, deadline=None)
+@settings(max_examples=4, deadline=None)
 @given(damage=damages)
 def test_a_damaged_bpe_table_is_refused_with_the_fix_never_used(bpe_table, damage):
     with tempfile.TemporaryDirectory() as tmp:
@@ -311,7 +314,7 @@ def _expect_line(expected: np.ndarray) -> str:
     return f"{len(expected)} {hashlib.sha256(expected.tobytes()).hexdigest()}"
 
 
-@settings(max_examples=6, deadline=None)
+@settings(max_examples=4, deadline=None)
 @given(damage=damages, target=st.sampled_from(["tokens", "check"]))
 def test_a_damaged_token_cache_is_retokenized_never_trained_on(token_cache, bpe_table, damage, target):
     corpus, expected, seeded, entry = token_cache
