@@ -217,7 +217,7 @@ def _mismatch(fh: IO[bytes], check: Path, key: str) -> str | None:
     try:
         record = json.loads(check.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        return f"it has no check file {check.name}"
+        return f"it has no check file {check.name} (an older gpt2fn wrote it, or the check was lost)"
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         return f"its check file {check.name} is unreadable ({type(exc).__name__})"
     if not isinstance(record, dict) or record.get("format") != _CHECK_FORMAT:
