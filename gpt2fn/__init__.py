@@ -18,6 +18,7 @@ from .params import (
     AttentionParams,
     BlockParams,
     GPTParams,
+    Int8Matrix,
     LayerNormParams,
     MLPParams,
     count_params,
@@ -29,6 +30,7 @@ from .params import (
     tree_to,
     validate,
 )
+from .quantize import QuantizedWeightsError, dequantize, quantize
 from .scoring import Score, score
 from .shapes import ShapeError, checks_enabled, shape_checks
 from .study import (
@@ -50,7 +52,7 @@ from .study import (
     site_names,
     steer,
 )
-from .transforms import center_unembed, fold_layer_norm
+from .transforms import center_unembed, center_writing_weights, fold_layer_norm, fold_value_biases
 
 __version__ = "0.1.0"
 
@@ -58,7 +60,7 @@ __all__ = [
     "GPTConfig", "PRESETS", "preset",
     "GPTParams", "BlockParams", "AttentionParams", "MLPParams", "LayerNormParams",
     "init_params", "count_params", "tree_to", "tree_map", "named_leaves", "params_to_dict", "params_from_dict",
-    "validate",
+    "validate", "quantize", "dequantize", "Int8Matrix", "QuantizedWeightsError",
     "layer_norm", "gelu", "attention", "attention_pattern", "mlp", "block",
     "forward", "loss", "positions_from_mask",
     "KVCache", "init_cache", "rollback", "select_rows", "DonatedCacheError",
@@ -71,5 +73,6 @@ __all__ = [
     "patching_sweep", "batched_runs", "RowEdit",
     "site_grads", "per_example_grads", "per_example_grad_norms", "logit_diff",
     "logit_lens", "direct_logit_attribution", "attention_patterns", "fold_layer_norm", "center_unembed",
+    "center_writing_weights", "fold_value_biases",
     "load", "save", "load_checkpoint", "save_hf", "Checkpoint", "CheckpointError",
 ]

@@ -120,7 +120,7 @@ def beam_search(params: GPTParams, ids: Tensor, *, pad_mask: Tensor | None = Non
     offsets = torch.arange(batch, device=dev)[:, None] * k
 
     checking = checks_enabled()
-    cache = init_cache(cfg, batch, max(1, total - 1), device=dev, dtype=params.dtype)
+    cache = init_cache(cfg, batch, max(1, total - 1), device=dev, dtype=params.compute_dtype)
     logits, cache = decode_step(params, cache, ids, pad_mask=pad_mask, donate=True, last_only=True)
     cache = select_rows(cache, torch.arange(batch, device=dev).repeat_interleave(k))
     logits = logits[:, -1].repeat_interleave(k, dim=0)

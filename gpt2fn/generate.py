@@ -151,7 +151,7 @@ def _token_steps(params: GPTParams, ids: Tensor, mask: Tensor | None, request: _
     if mask is not None and bool(mask.all()):
         mask = None
     capacity = min(ctx, prompt_len + request.max_new_tokens)
-    cache = init_cache(cfg, batch, capacity, device=ids.device, dtype=params.dtype)
+    cache = init_cache(cfg, batch, capacity, device=ids.device, dtype=params.compute_dtype)
     # every token so far, preallocated: the source of a re-prefill when the window slides
     history = torch.empty(batch, prompt_len + request.max_new_tokens, dtype=torch.long, device=ids.device)
     history[:, :prompt_len] = ids

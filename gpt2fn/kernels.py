@@ -6,11 +6,15 @@
 Both read the matrices the caller holds, in place: no copy and no layout of gpt2fn's own, on any device, for any
 dtype (DESIGN principle 6). Which kernel computes them is decided here and nowhere else:
 
-- **gpt2fn's native kernel** (`gpt2fn.native`, built on first use) for CPU fp32 products of at most
-  `NATIVE_MAX_ROWS` rows (decoding: the batch, or a short prompt) with nothing to differentiate: it streams each
-  thread's share of the stored matrix once per step and keeps a block of rows x a band of columns in vector
+- **gpt2fn's native kernel** (`gpt2fn.native`, built on first use) for CPU products of fp32 activations with at
+  most `NATIVE_MAX_ROWS` rows (decoding: the batch, or a short prompt) and nothing to differentiate: it streams
+  each thread's share of the stored matrix once per step and keeps a block of rows x a band of columns in vector
   registers. The tied head is the dot-product orientation (each vocabulary row contiguous), which the kernel
-  reads as it is.
+  reads as it is. The weights may be stored fp32, bf16, fp16 or int8 with a scale per output column
+  (`gpt2fn.quantize`): they are widened to fp32 in registers, so a step reads 2 or 1 bytes per weight instead of
+  4, and accumulates in fp32.
+- On CPU, activations are fp32 whatever the weights' dtype (`GPTParams.compute_dtype`): where torch computes a
+  product of fp32 activations with 16-bit or int8 weights (autograd, more rows), it widens the matrix first.
 - **torch's own product** (`torch.addmm`, `x @ E.T`) everywhere else: more rows (a long prefill, training; MKL's
   GEMM is good there), autograd, `torch.func` transforms, other dtypes and devices, and whenever the native
   kernel is off (no compiler, `GPT2FN_NATIVE=0`). Under `torch.compile` the native kernel is the torch operator
@@ -31,6 +35,7 @@ import torch
 from torch import Tensor
 
 from . import native
+from .params import Int8Matrix, Matrix
 
 __all__ = ["NATIVE_MAX_ROWS", "affine", "affine_t", "native_applies", "native_affine", "native_affine_t"]
 
@@ -39,33 +44,58 @@ __all__ = ["NATIVE_MAX_ROWS", "affine", "affine_t", "native_applies", "native_af
 NATIVE_MAX_ROWS = 128
 
 
+_STORED = {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16", torch.int8: "i8"}
+"""The native kernel's entry point per stored weight dtype (`gpt2fn.native.STORED_TYPES`)."""
+
+
 @torch.compiler.assume_constant_result
 def _native_on() -> bool:
     """Whether the native kernel is built (a constant to torch.compile: it runs once, eagerly)."""
     return native.vector_width() > 0
 
 
-def _plain(t: Tensor) -> bool:
-    """A plain fp32 CPU tensor: not a subclass, not wrapped by a `torch.func` transform, nothing to differentiate."""
-    return (type(t) is Tensor and t.device.type == "cpu" and t.dtype == torch.float32
+@torch.compiler.assume_constant_result
+def _native_has(name: str) -> bool:
+    return native.has_type(name)
+
+
+def _plain(t: Tensor, dtype: torch.dtype | None = torch.float32) -> bool:
+    """A plain CPU tensor (of `dtype`, when given): not a subclass, not wrapped by a `torch.func` transform,
+    nothing to differentiate."""
+    return (type(t) is Tensor and t.device.type == "cpu" and (dtype is None or t.dtype == dtype)
             and not torch._C._functorch.is_functorch_wrapped_tensor(t)
             and not (t.requires_grad and torch.is_grad_enabled()))
 
 
-def native_applies(x: Tensor, w: Tensor, b: Tensor | None = None) -> bool:
+def _parts(w: Matrix) -> tuple[Tensor, Tensor | None]:
+    """The stored tensor and its per-column scales (int8 only)."""
+    return (w.q, w.scale) if isinstance(w, Int8Matrix) else (w, None)
+
+
+def native_applies(x: Tensor, w: Matrix, b: Tensor | None = None) -> bool:
     """Whether the product of `x` `[..., in]` with the 2-D `w` (`W` of `affine`, `E` of `affine_t`; plus `b`) runs on
-    the native kernel: the kernel built, plain fp32 CPU tensors with nothing to differentiate, `w` with unit stride
-    along its second axis, `b` contiguous, and at most `NATIVE_MAX_ROWS` rows. Under `torch.compile` the same rule
-    holds, on the traced tensors' properties."""
-    if not _native_on() or w.ndim != 2 or w.stride(1) != 1 or w.shape[0] < 1 or w.shape[1] < 1:
+    the native kernel: the kernel built with an entry point for `w`'s stored dtype (fp32, bf16, fp16, or an
+    `Int8Matrix`), plain CPU tensors with nothing to differentiate, fp32 activations and int8 scales,
+    `w` with unit stride along its second axis, `b` contiguous, and at most `NATIVE_MAX_ROWS` rows. Under
+    `torch.compile` the same rule holds, on the traced tensors' properties."""
+    stored, scale = _parts(w)
+    name = _STORED.get(stored.dtype)
+    if name is None or (name == "i8") != (scale is not None):
+        return False
+    if not _native_on() or not _native_has(name) or stored.ndim != 2 or stored.stride(1) != 1:
+        return False
+    if stored.shape[0] < 1 or stored.shape[1] < 1:
         return False
     rows = math.prod(x.shape[:-1])
     if not 1 <= rows <= NATIVE_MAX_ROWS:
         return False
+    fp32 = [x] if scale is None else [x, scale]  # the bias may be stored in the weights' dtype: it is widened
+    other = [stored] if b is None else [stored, b]
     if torch.compiler.is_compiling():
-        tensors = [x, w] if b is None else [x, w, b]
-        return all(t.device.type == "cpu" and t.dtype == torch.float32 and not t.requires_grad for t in tensors)
-    return _plain(x) and _plain(w) and (b is None or (_plain(b) and b.is_contiguous()))
+        return (all(t.dtype == torch.float32 for t in fp32)
+                and all(t.device.type == "cpu" and not t.requires_grad for t in fp32 + other))
+    return (all(_plain(t) for t in fp32) and all(_plain(t, None) for t in other) and (b is None or b.is_contiguous())
+            and (scale is None or scale.is_contiguous()))
 
 
 def _chunk(rows: int) -> int:
@@ -74,29 +104,31 @@ def _chunk(rows: int) -> int:
     return 16 if rows <= 2 else 256
 
 
-def native_affine(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    """The native kernel itself, no policy (the caller has checked `native_applies`): `x` `[rows, in]` (unit stride
-    along `in`) @ `w` `[in, out]` + `b`."""
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def native_affine(x: Tensor, w: Tensor, b: Tensor | None, scale: Tensor | None = None) -> Tensor:
+    """The native kernel itself, no policy (the caller has checked `native_applies`): `x` `[rows, in]` (fp32, unit
+    stride along `in`) @ `w` `[in, out]` (fp32, bf16, fp16, or int8 times `scale` `[out]`) + `b`."""
     rows, d_in = x.shape
     d_out = w.shape[1]
-    y = torch.empty(rows, d_out, dtype=x.dtype)
-    lib = native.library()
-    assert lib is not None
-    lib.gpt2fn_affine(x.data_ptr(), rows, d_in, x.stride(0), w.data_ptr(), d_out, w.stride(0),
-                      None if b is None else b.data_ptr(), y.data_ptr(), d_out, torch.get_num_threads(),
-                      _chunk(rows))
+    y = torch.empty(rows, d_out, dtype=torch.float32)
+    fn = getattr(native.library(), f"gpt2fn_affine_{_STORED[w.dtype]}")
+    fn(x.data_ptr(), rows, d_in, x.stride(0), w.data_ptr(), d_out, w.stride(0), _ptr(scale), _ptr(b), y.data_ptr(),
+       d_out, torch.get_num_threads(), _chunk(rows))
     return y
 
 
-def native_affine_t(x: Tensor, e: Tensor) -> Tensor:
-    """The native kernel itself, no policy: `x` `[rows, in]` @ `e.T`, `e` `[out, in]` (unit stride along `in`)."""
+def native_affine_t(x: Tensor, e: Tensor, scale: Tensor | None = None) -> Tensor:
+    """The native kernel itself, no policy: `x` `[rows, in]` @ `e.T`, `e` `[out, in]` (unit stride along `in`;
+    fp32, bf16, fp16, or int8 times `scale` `[out]`)."""
     rows, d_in = x.shape
     d_out = e.shape[0]
-    y = torch.empty(rows, d_out, dtype=x.dtype)
-    lib = native.library()
-    assert lib is not None
-    lib.gpt2fn_affine_t(x.data_ptr(), rows, d_in, x.stride(0), e.data_ptr(), d_out, e.stride(0), y.data_ptr(), d_out,
-                        torch.get_num_threads())
+    y = torch.empty(rows, d_out, dtype=torch.float32)
+    fn = getattr(native.library(), f"gpt2fn_affine_t_{_STORED[e.dtype]}")
+    fn(x.data_ptr(), rows, d_in, x.stride(0), e.data_ptr(), d_out, e.stride(0), _ptr(scale), y.data_ptr(), d_out,
+       torch.get_num_threads())
     return y
 
 
@@ -107,43 +139,56 @@ def _rows(x: Tensor) -> Tensor:
 
 
 @torch.library.custom_op("gpt2fn::affine", mutates_args=())
-def _affine_op(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+def _affine_op(x: Tensor, w: Tensor, b: Tensor | None, scale: Tensor | None) -> Tensor:
     """The native kernel as a torch operator, so a compiled graph (`torch.compile` of the decode step) calls it as
     one opaque node instead of lowering the product to inductor's own GEMM."""
-    return native_affine(_rows(x), w, b)
+    return native_affine(_rows(x), w, b, scale)
 
 
 @_affine_op.register_fake
-def _(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    return x.new_empty(x.shape[0], w.shape[1])
+def _(x: Tensor, w: Tensor, b: Tensor | None, scale: Tensor | None) -> Tensor:
+    return x.new_empty(x.shape[0], w.shape[1], dtype=torch.float32)
 
 
 @torch.library.custom_op("gpt2fn::affine_t", mutates_args=())
-def _affine_t_op(x: Tensor, e: Tensor) -> Tensor:
+def _affine_t_op(x: Tensor, e: Tensor, scale: Tensor | None) -> Tensor:
     """`affine_t`'s native kernel as a torch operator (see `gpt2fn::affine`)."""
-    return native_affine_t(_rows(x), e)
+    return native_affine_t(_rows(x), e, scale)
 
 
 @_affine_t_op.register_fake
-def _(x: Tensor, e: Tensor) -> Tensor:
-    return x.new_empty(x.shape[0], e.shape[0])
+def _(x: Tensor, e: Tensor, scale: Tensor | None) -> Tensor:
+    return x.new_empty(x.shape[0], e.shape[0], dtype=torch.float32)
 
 
-def affine(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    """`x @ W + b` for `x` `[..., in]` and a matrix `W` `[in, out]` read in place (see the module docstring for the
-    kernel that computes it)."""
-    fits = x.shape[-1] == w.shape[0] and (b is None or tuple(b.shape) == (w.shape[1],))
+def _as(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return None if t is None else t.to(dtype)
+
+
+def affine(x: Tensor, w: Matrix, b: Tensor | None) -> Tensor:
+    """`x @ W + b` for `x` `[..., in]` and a matrix `W` `[in, out]` read in place, in `x`'s dtype (see the module
+    docstring for the kernel that computes it; `W` may be stored in another dtype, or as an `Int8Matrix`)."""
+    stored, scale = _parts(w)
+    fits = x.shape[-1] == stored.shape[0] and (b is None or tuple(b.shape) == (stored.shape[1],))
+    out = (*x.shape[:-1], stored.shape[1])
     if fits and native_applies(x, w, b):
         op = torch.ops.gpt2fn.affine if torch.compiler.is_compiling() else native_affine
-        return op(_rows(x), w, b).view(*x.shape[:-1], w.shape[1])
+        return op(_rows(x), stored, _as(b, torch.float32), scale).view(out)
+    flat = x.reshape(-1, x.shape[-1])
+    if scale is not None:  # torch's product of the int8 values, then the column scales (no dequantized copy kept)
+        y = (flat @ stored.to(x.dtype)) * scale.to(x.dtype)
+        return (y if b is None else y + b.to(x.dtype)).view(out)
     if b is None:
-        return x @ w
-    return torch.addmm(b, x.reshape(-1, x.shape[-1]), w).view(*x.shape[:-1], w.shape[1])
+        return (flat @ stored.to(x.dtype)).view(out)
+    return torch.addmm(b.to(x.dtype), flat, stored.to(x.dtype)).view(out)
 
 
-def affine_t(x: Tensor, e: Tensor) -> Tensor:
-    """`x @ E^T` for `x` `[..., in]` and `E` `[out, in]` read in place: the tied head, `E` the token embedding."""
-    if x.shape[-1] == e.shape[1] and native_applies(x, e):
+def affine_t(x: Tensor, e: Matrix) -> Tensor:
+    """`x @ E^T` for `x` `[..., in]` and `E` `[out, in]` read in place: the tied head, `E` the token embedding (which
+    may be stored in another dtype, or as an `Int8Matrix` with a scale per row)."""
+    stored, scale = _parts(e)
+    if x.shape[-1] == stored.shape[1] and native_applies(x, e):
         op = torch.ops.gpt2fn.affine_t if torch.compiler.is_compiling() else native_affine_t
-        return op(_rows(x), e).view(*x.shape[:-1], e.shape[0])
-    return x @ e.T
+        return op(_rows(x), stored, scale).view(*x.shape[:-1], stored.shape[0])
+    y = x @ stored.to(x.dtype).T
+    return y if scale is None else y * scale.to(x.dtype)

@@ -59,7 +59,8 @@ def _norm(p: LayerNormParams, x: Tensor, eps: float, tap: Tap | None, site: str)
     edited = _tap(tap, f"{site}.normalized", normalized)
     if tapped is scale and edited is normalized:  # only read: the fused kernel's bits, as without the tap
         return layer_norm(p, x, eps=eps)
-    return edited * p.scale + p.shift
+    out = edited * p.scale.to(x.dtype)
+    return out if p.shift is None else out + p.shift.to(x.dtype)
 
 
 @checked
@@ -67,7 +68,8 @@ def layer_norm(p: LayerNormParams, x: Float[Tensor, "*batch d_model"], *, eps: f
                ) -> Float[Tensor, "*batch d_model"]:
     """Layer normalisation: (x - mean) / sqrt(var + eps) * scale + shift over the last axis (biased variance)."""
     check_record(p, "norm")
-    return F.layer_norm(x, x.shape[-1:], p.scale, p.shift, eps)
+    shift = None if p.shift is None else p.shift.to(x.dtype)
+    return F.layer_norm(x, x.shape[-1:], p.scale.to(x.dtype), shift, eps)
 
 
 @checked

@@ -57,20 +57,21 @@ class _HeadCrossEntropy(torch.autograd.Function):
         acc = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
         buf = torch.empty(min(chunk, rows), vocab, dtype=torch.float32, device=x.device)
         fp32 = x.dtype == torch.float32
+        wx = w if w.dtype == x.dtype else w.to(x.dtype)  # 16-bit weights under fp32 activations (CPU): widened once
         for s in range(0, rows, chunk):
             xc = x[s:s + chunk]
             logits = buf[:xc.shape[0]]
             if fp32:
-                torch.mm(xc, w.T, out=logits)
+                torch.mm(xc, wx.T, out=logits)
             else:
-                logits.copy_(xc @ w.T)
+                logits.copy_(xc @ wx.T)
             part, norm = _chunk_loss_(logits, targets[s:s + chunk], valid[s:s + chunk])
             total += part
             # softmax - onehot, weighted: the gradient of this chunk's share of the mean loss w.r.t. its logits
             logits.mul_(weight[s:s + chunk, None] / norm)
             logits.scatter_add_(1, targets[s:s + chunk, None], -weight[s:s + chunk, None])
             grad = logits if fp32 else logits.to(x.dtype)
-            torch.mm(grad, w, out=dx[s:s + chunk])
+            torch.mm(grad, wx, out=dx[s:s + chunk])
             if fp32:
                 acc.addmm_(grad.T, xc)
             else:

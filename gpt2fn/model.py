@@ -23,7 +23,8 @@ from .config import GPTConfig
 from .kernels import affine, affine_t
 from .layers import Tap, _norm, _tap, block, dropout, key_visibility
 from .losses import head_cross_entropy
-from .params import GPTParams, head_matrix
+from .params import GPTParams, Int8Matrix, head_matrix
+from .quantize import refuse_quantized
 from .shapes import check_record, checked
 
 __all__ = ["forward", "walk", "embed", "readout", "unembed", "loss", "positions_from_mask", "as_generator",
@@ -188,10 +189,17 @@ def embed(params: GPTParams, ids: Int[Tensor, "batch seq"], positions: Int[Tenso
     """Token plus position embedding (sites `embed.tok`, `embed.pos`, `embed`); positions default to 0..seq-1.
 
     `F.embedding`, not `tok_emb[ids]`: the backward of advanced indexing (index_put_ with accumulate) adds repeated
-    ids with parallel atomic float adds on CPU, so with 2+ threads the gradient's rounding varied run to run."""
-    tok = _tap(tap, "embed.tok", F.embedding(ids, params.tok_emb))
+    ids with parallel atomic float adds on CPU, so with 2+ threads the gradient's rounding varied run to run.
+    The result is in `params.compute_dtype` (fp32 for 16-bit or int8 weights on CPU), the dtype of the whole run."""
+    dtype = params.compute_dtype
+    table = params.tok_emb
+    if isinstance(table, Int8Matrix):  # the looked-up rows times their scales (a scale per token)
+        tok = F.embedding(ids, table.q).to(dtype) * F.embedding(ids, table.scale[:, None]).to(dtype)
+    else:
+        tok = F.embedding(ids, table).to(dtype)
+    tok = _tap(tap, "embed.tok", tok)
     pos = params.pos_emb[:ids.shape[1]] if positions is None else F.embedding(positions, params.pos_emb)
-    pos = _tap(tap, "embed.pos", pos)
+    pos = _tap(tap, "embed.pos", pos.to(dtype))
     return _tap(tap, "embed", dropout(tok + pos, params.config.drop_rate, generator))
 
 
@@ -298,6 +306,7 @@ def loss(params: GPTParams, ids: Int[Tensor, "batch seq"], targets: Int[Tensor, 
     the `[batch x seq, vocab]` logits -- faster and much smaller for training (`gpt2fn.train` uses it). It is
     differentiable once (`grad`, `vjp`, `jacrev`, `vmap` of them, `backward`); second derivatives raise. The
     default composes with every `torch.func` transform, `hessian` included."""
+    refuse_quantized(params, "loss")
     _check_targets(params, ids, targets, ignore_index)
     targets = targets.flatten()
     rows = None

@@ -23,15 +23,16 @@ from typing import Any, TypeVar
 
 import torch
 import torch.utils._pytree as pytree
-from jaxtyping import Float
+from jaxtyping import Float, Float32, Int8
 from torch import Tensor
 
 from .config import GPTConfig
+from .html import tree_view
 
 __all__ = [
     "LayerNormParams", "AttentionParams", "MLPParams", "BlockParams", "GPTParams",
     "init_params", "count_params", "tree_to", "named_leaves", "params_to_dict", "params_from_dict",
-    "validate", "head_matrix", "expected_shapes", "key_report",
+    "validate", "head_matrix", "expected_shapes", "key_report", "Int8Matrix", "is_quantized",
 ]
 
 
@@ -89,6 +90,54 @@ class _Record:
         inner = ", ".join(f"{n}={show(getattr(self, n))}" for n in self._fields)  # type: ignore[attr-defined]
         return f"{type(self).__name__}({inner})"
 
+    def _repr_html_(self) -> str:
+        """A notebook's picture: the tree as a collapsible outline with shapes, dtypes and statistics."""
+        return tree_view(self)._repr_html_()
+
+
+@record
+class Int8Matrix(_Record):
+    """A weight matrix stored as int8 with one fp32 scale per output column, symmetric: the matrix is `q * scale`
+    along `axis` (`gpt2fn.quantize`). `axis=1` for the `[in, out]` matrices (a scale per column), `axis=0` for the
+    token embedding `[vocab, d_model]`, whose rows are the tied head's output columns (a scale per token, which
+    also dequantizes an embedding lookup). A pytree node like every record: `tree_to` moves it (its int8 leaf is
+    never cast), `named_leaves` names its leaves `<name>.q` / `<name>.scale`."""
+
+    q: Int8[Tensor, "_rows _cols"]
+    scale: Float32[Tensor, " _out"]
+    axis: int = static()
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.q.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+    @property
+    def ndim(self) -> int:
+        return 2
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The matrix it stands for, `q * scale`, in `dtype`."""
+        s = self.scale[None, :] if self.axis == 1 else self.scale[:, None]
+        return (self.q.to(torch.float32) * s).to(dtype)
+
+
+Matrix = Tensor | Int8Matrix
+"""A weight matrix as a tree holds it: a floating tensor, or int8 with per-column scales."""
+
+
+def is_quantized(tree: Any) -> bool:
+    """Whether any matrix of `tree` is an `Int8Matrix`."""
+    return any(isinstance(node, Int8Matrix) for node in pytree.tree_flatten(
+        tree, is_leaf=lambda n: isinstance(n, Int8Matrix))[0])
+
 
 @record
 class LayerNormParams(_Record):
@@ -102,9 +151,9 @@ class LayerNormParams(_Record):
 class AttentionParams(_Record):
     """Fused query/key/value projection and the output projection (`attn.c_attn`, `attn.c_proj`)."""
 
-    w_qkv: Float[Tensor, "d_model 3*d_model"]
+    w_qkv: Float[Tensor, "d_model 3*d_model"] | Int8Matrix
     b_qkv: Float[Tensor, " 3*d_model"] | None
-    w_out: Float[Tensor, "d_model d_model"]
+    w_out: Float[Tensor, "d_model d_model"] | Int8Matrix
     b_out: Float[Tensor, " d_model"] | None
 
 
@@ -112,9 +161,9 @@ class AttentionParams(_Record):
 class MLPParams(_Record):
     """Position-wise feed-forward network (`mlp.c_fc`, `mlp.c_proj`)."""
 
-    w_fc: Float[Tensor, "d_model d_mlp"]
+    w_fc: Float[Tensor, "d_model d_mlp"] | Int8Matrix
     b_fc: Float[Tensor, " d_mlp"] | None
-    w_proj: Float[Tensor, "d_mlp d_model"]
+    w_proj: Float[Tensor, "d_mlp d_model"] | Int8Matrix
     b_proj: Float[Tensor, " d_model"] | None
 
 
@@ -132,11 +181,11 @@ class BlockParams(_Record):
 class GPTParams(_Record):
     """All of a GPT-2's weights. `config` is static metadata (pytree context), not a leaf."""
 
-    tok_emb: Float[Tensor, "vocab d_model"]
+    tok_emb: Float[Tensor, "vocab d_model"] | Int8Matrix
     pos_emb: Float[Tensor, "ctx d_model"]
     blocks: tuple[BlockParams, ...]
     final_norm: LayerNormParams
-    head: Float[Tensor, "d_model vocab"] | None
+    head: Float[Tensor, "d_model vocab"] | Int8Matrix | None
     config: GPTConfig = static()
 
     @property
@@ -145,7 +194,20 @@ class GPTParams(_Record):
 
     @property
     def dtype(self) -> torch.dtype:
+        """The token embedding's dtype (`torch.int8` for a quantized tree)."""
         return self.tok_emb.dtype
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of the activations (residual stream, attention, KV cache) a run over these weights computes in.
+        On CPU, 16-bit and int8 weights are storage formats: the kernel widens them to fp32 in registers and
+        every activation is fp32 (what llama.cpp and CTranslate2 do on CPUs, whose 16-bit arithmetic is no faster
+        and coarser: docs/performance.md). On other devices the weights' floating dtype (GPUs compute in bf16 and
+        fp16 at full rate); fp32 for an int8 tree anywhere."""
+        dtype = self.pos_emb.dtype
+        if isinstance(self.tok_emb, Int8Matrix) or (self.pos_emb.device.type == "cpu" and dtype.itemsize < 4):
+            return torch.float32
+        return dtype
 
     def __repr__(self) -> str:
         return (f"GPTParams({count_params(self):,} parameters, {self.dtype}, {self.device}, "
@@ -213,7 +275,12 @@ def tree_to(params: Any, device: torch.device | str | None = None, dtype: torch.
     def move(t: Tensor) -> Tensor:
         return t.to(device=device, dtype=dtype if (dtype is not None and t.is_floating_point()) else None)
 
-    return pytree.tree_map_only(Tensor, move, params)
+    def move_int8(m: Int8Matrix) -> Int8Matrix:  # its scales stay fp32: they are part of the int8 format
+        return Int8Matrix(m.q.to(device=device), m.scale.to(device=device), m.axis)
+
+    return pytree.tree_map_only(Tensor, move, pytree.tree_map_only(Int8Matrix, move_int8, params,
+                                                                   is_leaf=lambda n: isinstance(n, Int8Matrix)),
+                                is_leaf=lambda n: isinstance(n, Int8Matrix))
 
 
 def count_params(params: Any) -> int:

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from . import html
 from .generate import left_pad
 from .model import forward, trained_vocab_index
 from .params import GPTParams
@@ -62,6 +63,25 @@ class Score:
     @property
     def perplexity(self) -> float:
         return math.exp(self.mean_loss) if self.mean_loss < 709 else math.inf  # exp overflows past ~709
+
+    def view(self, *, tokens: Sequence[str] | None = None) -> html.View:
+        """The tokens coloured by their log-probabilities (white at 0, blue at the lowest; the unscored first token
+        grey), with the totals; a notebook shows this for a `Score`. `tokens`: labels (default: GPT-2 BPE)."""
+        from .tokenizer import token_strings
+
+        values: list[float | None] = [None] * len(self.ids)
+        for p, lp in zip(self.positions, self.logprobs.tolist(), strict=True):
+            values[p] = lp
+        labels = token_strings(self.ids) if tokens is None else list(tokens)
+        low = min((v for v in values if v is not None), default=-1.0)
+        note = (f"{self.n_tokens} tokens scored: log-likelihood {self.log_likelihood:.4g}, mean loss "
+                f"{self.mean_loss:.4g} nats, perplexity {self.perplexity:.4g}; colour: log p(token | the tokens "
+                "before it), darker is less likely.")
+        return html.tokens_view(labels, {"-log p (nats)": [None if v is None else -v for v in values]},
+                                title="log-probabilities", signed=False, vmin=0.0, vmax=max(-low, 1e-9), note=note)
+
+    def _repr_html_(self) -> str:
+        return self.view()._repr_html_()
 
 
 def score(params: GPTParams, texts_or_ids: Ids | Sequence[Ids], *, continuation: Ids | Sequence[Ids] | None = None,

@@ -32,8 +32,8 @@ import tiktoken
 
 from .files import atomic_write_bytes, cache_dir
 
-__all__ = ["tokenizer", "encode", "decode", "bpe_path", "fetch_bpe", "BPETableError", "EOT", "EOT_TEXT",
-           "BPE_SHA256"]
+__all__ = ["tokenizer", "encode", "decode", "token_strings", "bpe_path", "fetch_bpe", "BPETableError", "EOT",
+           "EOT_TEXT", "BPE_SHA256"]
 
 log = logging.getLogger("gpt2fn")
 
@@ -121,6 +121,17 @@ def encode(text: str, *, allow_special: bool = False) -> list[int]:
 def decode(ids: Sequence[int]) -> str:
     """Text of token ids (invalid UTF-8 across a cut is replaced, as tiktoken does)."""
     return tokenizer().decode(list(ids))
+
+
+def token_strings(ids: Sequence[int]) -> list[str]:
+    """Each id's own text, for labels (untrusted: a view escapes it). Ids outside GPT-2's vocabulary, or every id
+    when no BPE table is available, read `#id`."""
+    ids = [int(i) for i in ids]
+    try:
+        enc = tokenizer()
+    except (OSError, ValueError):
+        return [f"#{i}" for i in ids]
+    return [enc.decode([i]) if 0 <= i < enc.n_vocab else f"#{i}" for i in ids]
 
 
 def fetch_bpe(dest: Path | None = None, *, quiet: bool = False) -> Path:

@@ -5,12 +5,23 @@
     .venv/bin/python scripts/bench.py --only decode,prefill --out bench.json
 
 Workloads (`--only`, comma separated): `limits` (memory bandwidth, GEMM throughput), `decode` (greedy, 16-token
-prompt + 128 new; batch 1 and 8; fp32 and bf16; new tokens/s and time to first token), `prefill` (one forward
+prompt + 128 new; batch 1 and 8; fp32 and bf16; new tokens/s and time to first token; on the CPU also CTranslate2
+fp32/int8 and llama.cpp F32/F16 where their environments exist), `prefill` (one forward
 over 1024 tokens, last-position and all logits), `checks` (shape checks on vs off), `train` (one optimizer step
 of the small config), `load` (seconds and peak resident memory of a 124M checkpoint, a child process each),
 `score` (`gpt2fn.score` over a batch of 8 texts of different lengths against a left-padded `transformers`
-forward computing the same per-token losses).
+forward computing the same per-token losses), `patching` (activation patching of resid_pre), `attribution`
+(attribution patching of every head against exact head patching), `sae` (an SAE spliced in against the unedited
+forward).
 The roofline (bandwidth / bytes read per decoded token) is derived when `limits` and `decode` both run.
+
+CTranslate2 and llama.cpp run in environments of their own (`scripts/setup_peers.sh` makes them under
+`GPT2FN_PEERS_DIR`, default `.peers/`; or name their Pythons with GPT2FN_CT2_PYTHON / GPT2FN_LLAMACPP_PYTHON), each
+format in a child process (scripts/peer_worker.py) that converts the saved random `GPT2LMHeadModel` and then
+decodes on request, interleaved with the in-process contenders; its time is its own clock around the engine's
+call. Each joins the decode cases of gpt2fn's formats it is set against (CTranslate2 fp32 and llama.cpp F32: fp32;
+llama.cpp F16: bf16 and fp16; CTranslate2 int8: int8) and the `formats` accuracy rows. They need GPT-2's
+vocabulary: `--preset tiny --vocab-size 50257` for a fast look. Absent ones are skipped with a note.
 
 Method: random weights (speed does not depend on the values); every contender of a case holds the same weights
 (greedy ids are compared as a sanity check); contenders run interleaved, in alternating order, after a warm-up;
@@ -44,9 +55,10 @@ import bench_peers as peers  # noqa: E402
 import gpt2fn  # noqa: E402
 from gpt2fn import GPTParams  # noqa: E402
 
-WORKLOADS = ("limits", "products", "default", "decode", "beam", "prefill", "checks", "train", "load", "score",
-             "patching")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+WORKLOADS = ("limits", "products", "default", "decode", "formats", "beam", "prefill", "checks", "train", "load",
+             "score", "patching", "attribution", "sae", "memory")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8}
+"""Decode formats: a floating dtype of every weight, or int8 (`gpt2fn.quantize`: int8 matrices, fp32 scales)."""
 GPT2FN, HF, SEED = "gpt2fn", "transformers", "seed loop (no cache)"
 COMPILED = "gpt2fn compile=True"
 
@@ -85,12 +97,13 @@ def sync(device: torch.device) -> None:
 
 
 def interleaved(contenders: dict[str, Callable[[], Any]], *, repeats: int, device: torch.device,
-                warmup: dict[str, Callable[[], Any]] | None = None, at_most: dict[str, int] | None = None
-                ) -> dict[str, list[float]]:
+                warmup: dict[str, Callable[[], Any]] | None = None, at_most: dict[str, int] | None = None,
+                clocks: dict[str, Callable[[], float]] | None = None) -> dict[str, list[float]]:
     """Seconds per call of each contender: warm-ups first, then `repeats` rounds, the order alternating per round
     so that drift (thermal, other load) falls on everyone alike. The garbage collector is off while timing (as in
     `timeit`): a collection of this process's large heap would land on whichever contender happened to run.
-    `at_most` caps the rounds of slow contenders (they then run in the first rounds only)."""
+    `at_most` caps the rounds of slow contenders (they then run in the first rounds only). A contender in another
+    process reports its own seconds of the last call through `clocks` (its clock, without the pipe)."""
     for fn in (warmup or contenders).values():
         fn()
     sync(device)
@@ -108,7 +121,8 @@ def interleaved(contenders: dict[str, Callable[[], Any]], *, repeats: int, devic
                 t0 = time.perf_counter()
                 contenders[name]()
                 sync(device)
-                times[name].append(time.perf_counter() - t0)
+                elapsed = time.perf_counter() - t0
+                times[name].append(clocks[name]() if clocks is not None and name in clocks else elapsed)
     finally:
         if enabled:
             gc.enable()
@@ -245,11 +259,15 @@ def seed_decoder(model: torch.nn.Module, ctx: int) -> Callable[[torch.Tensor, in
 
 def bench_decode(params: GPTParams, *, batch: int, prompt_len: int = 16, new_tokens: int = 128,
                  repeats: int = 3, ttft_repeats: int = 5, with_seed: bool = False, with_hf: bool = True,
-                 with_compiled: bool = False) -> list[Result]:
+                 with_compiled: bool = False, engines: dict[str, peers.EngineWorker] | None = None
+                 ) -> list[Result]:
     """Greedy decoding of `new_tokens` after a `prompt_len` prompt: new tokens/s (all rows of the batch, prefill
-    included) and time to first token, each contender on the same weights and prompt."""
+    included) and time to first token, each contender on the same weights and prompt. `engines` (started by
+    `bench_peers.start_engines` on the same weights) join under their labels; each result's `first_mismatch` is
+    the first (row, step) where its ids leave gpt2fn's, or None."""
     device, dtype = params.device, params.dtype
     case = f"{_dtype_name(dtype)} b{batch}"
+    with_hf = with_hf and dtype != torch.int8  # transformers has no int8 weight-only CPU path of its own
     ids = torch.randint(0, params.config.n_tokens, (batch, prompt_len),
                         generator=torch.Generator().manual_seed(batch)).to(device)
     name, gen = gpt2fn_decoder(params)
@@ -261,6 +279,10 @@ def bench_decode(params: GPTParams, *, batch: int, prompt_len: int = 16, new_tok
     if with_compiled:  # the same steps through torch.compile (one graph per batch and capacity)
         decoders[COMPILED] = lambda ids, new: gpt2fn.generate_tokens(params, ids, max_new_tokens=new, eos=False,
                                                                      compile=True)
+    clocks = {}
+    for label, worker in (engines or {}).items():
+        decoders[label] = worker.generate
+        clocks[label] = lambda w=worker: w.last_seconds
 
     outputs: dict[tuple[str, int], torch.Tensor] = {}
 
@@ -274,21 +296,75 @@ def bench_decode(params: GPTParams, *, batch: int, prompt_len: int = 16, new_tok
         warm[COMPILED] = runner(COMPILED, new_tokens)
     # the seed's loop is an order of magnitude slower and its spread matters little: two rounds at most
     full = interleaved({n: runner(n, new_tokens) for n in decoders}, repeats=repeats, device=device, warmup=warm,
-                       at_most={SEED: 2})
-    first = interleaved({n: runner(n, 1) for n in decoders}, repeats=ttft_repeats, device=device, warmup=warm)
+                       at_most={SEED: 2}, clocks=clocks)
+    first = interleaved({n: runner(n, 1) for n in decoders}, repeats=ttft_repeats, device=device, warmup=warm,
+                        clocks=clocks)
     ref = outputs[(name, new_tokens)][:, prompt_len:]
     results = []
     for n in decoders:
         got = outputs[(n, new_tokens)][:, prompt_len:]
         agree = float((got == ref).float().mean()) if got.shape == ref.shape else 0.0
         extra = {"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "dtype": _dtype_name(dtype),
-                 "ids_agree_with_gpt2fn": agree,
+                 "weight_bytes": weight_bytes(params), "kv_itemsize": params.compute_dtype.itemsize,
+                 "ids_agree_with_gpt2fn": agree, "first_mismatch": first_mismatch(got, ref),
                  "ms_per_step": [1e3 * (t - statistics.median(first[n])) / max(1, new_tokens - 1)
                                  for t in full[n]]}
         results.append(Result("decode", case, n, "tok/s", [batch * new_tokens / t for t in full[n]], extra=extra))
         results.append(Result("ttft", case, n, "ms", [1e3 * t for t in first[n]], higher_is_better=False,
                               extra={"batch": batch, "prompt_len": prompt_len}))
     return results
+
+
+def first_mismatch(got: torch.Tensor, ref: torch.Tensor) -> dict[str, int] | None:
+    """The first step (then row) where `got`'s new ids leave `ref`'s, or None when they agree. Random weights give
+    flat logits, so two correct fp32 implementations may split at a near-tie and differ from there on."""
+    if got.shape != ref.shape:
+        return {"row": -1, "step": -1, "gpt2fn": -1, "peer": -1}
+    diff = (got.cpu() != ref.cpu()).nonzero()
+    if len(diff) == 0:
+        return None
+    row, step = min(diff.tolist(), key=lambda rs: (rs[1], rs[0]))
+    return {"row": row, "step": step, "gpt2fn": int(ref[row, step]), "peer": int(got[row, step])}
+
+
+def format_params(params: GPTParams, name: str) -> GPTParams:
+    """The tree of a decode format (`DTYPES`): int8 through `gpt2fn.quantize`, a floating dtype through `tree_to`."""
+    if name == "int8":
+        return gpt2fn.quantize(params)
+    return params if DTYPES[name] == params.dtype else gpt2fn.tree_to(params, dtype=DTYPES[name])
+
+
+def bench_formats(params: GPTParams, *, batch: int = 4, seq: int = 64,
+                  engines: dict[str, peers.EngineWorker] | None = None) -> list[Result]:
+    """The accuracy of each stored format: max and mean absolute logit error against the fp32 model on the same
+    weights (one forward of `batch` x `seq` random ids), with the logits' standard deviation for scale.
+
+    Case `fp32` holds the fp32 implementations that are not the reference (transformers, CTranslate2 fp32,
+    llama.cpp F32); each 8- and 16-bit engine joins the case of gpt2fn's format it is set against (`EnginePeer`'s
+    `error_case`: llama.cpp F16 -> fp16, CTranslate2 int8 -> int8)."""
+    seq = min(seq, params.config.context_length)
+    ids = torch.randint(0, params.config.n_tokens, (batch, seq), generator=torch.Generator().manual_seed(7))
+    ids = ids.to(params.device)
+    with torch.inference_mode():
+        ref = gpt2fn.forward(params, ids).float()
+        out = []
+        for name in ("bf16", "fp16", "int8"):
+            err = (gpt2fn.forward(format_params(params, name), ids).float() - ref).abs()
+            out.append(Result("formats", name, GPT2FN, "max abs logit error", [float(err.max())],
+                              higher_is_better=False,
+                              extra={"mean_abs_error": float(err.mean()), "logit_std": float(ref.std()),
+                                     "batch": batch, "seq": seq}))
+        others = {HF: peers.hf_from_params(gpt2fn.tree_to(params, dtype=torch.float32))(ids).logits}
+    by_label = {e.label: e for e in peers.ENGINE_PEERS}
+    others.update({label: w.logits(ids.cpu()) for label, w in (engines or {}).items()})
+    for label, logits in others.items():
+        err = (logits.float().to(ref.device)[..., :ref.shape[-1]] - ref).abs()
+        case = by_label[label].error_case if label in by_label else "fp32"
+        out.append(Result("formats", case, label, "max abs logit error", [float(err.max())], higher_is_better=False,
+                          extra={"mean_abs_error": float(err.mean()), "logit_std": float(ref.std()),
+                                 "batch": batch, "seq": seq}))
+    order = ("fp32", "bf16", "fp16", "int8")
+    return sorted(out, key=lambda r: order.index(r.case))  # stable: gpt2fn first within each format
 
 
 def bench_default(params: GPTParams, *, prompt: str = "Hello, it is time", repeats: int = 5) -> list[Result]:
@@ -585,6 +661,12 @@ def child_load(kind: str, path: str, n_heads: str = "0") -> dict[str, Any]:
         obj = safetensors.torch.load_file(path)
     elif kind == "torch.load":
         obj = torch.load(path, weights_only=True, map_location="cpu")
+    elif kind.startswith("gpt2fn.generate_tokens"):  # the user's path: load, then decode (8 tokens, batch 1)
+        obj = gpt2fn.load(path)
+        if kind.endswith("int8"):
+            obj = gpt2fn.quantize(obj)
+        ids = torch.randint(0, obj.config.n_tokens, (1, 16), generator=torch.Generator().manual_seed(0))
+        gpt2fn.generate_tokens(obj, ids, max_new_tokens=8, eos=False)
     else:
         raise ValueError(f"unknown load kind {kind!r}")
     loaded = time.perf_counter() - t0
@@ -653,6 +735,26 @@ def bench_load(*, config: gpt2fn.GPTConfig, seed_config: gpt2fn.GPTConfig, repea
     return results
 
 
+def bench_memory(*, config: gpt2fn.GPTConfig, directory: Path | None = None) -> list[Result]:
+    """Peak resident memory of the default decode on the params `load` returns, in a fresh process, over the bytes
+    of the weights: `gpt2fn.generate_tokens(gpt2fn.load(path), ids, max_new_tokens=8)` (1.0: the weights and
+    nothing else; the KV cache, activations and torch's own libraries come on top)."""
+    with contextlib.ExitStack() as stack:
+        if directory is None:
+            directory = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="gpt2fn-bench-")))
+        path = directory / "model.safetensors"
+        params = gpt2fn.init_params(config, seed=0)
+        gpt2fn.save(params, path)
+        del params
+        gc.collect()
+        run = _spawn_load("gpt2fn.generate_tokens", path)
+    weight_bytes = run["weight_bytes"]
+    return [Result("memory", f"generate_tokens {weight_bytes / 1e9:.2f} GB weights", GPT2FN, "x weights",
+                   [run["peak_rss"] / weight_bytes], higher_is_better=False,
+                   extra={"weight_bytes": weight_bytes, "peak_rss": run["peak_rss"], "rss_before": run["rss_before"],
+                          "peak_over_start": (run["peak_rss"] - run["rss_before"]) / weight_bytes})]
+
+
 def _spawn_load(kind: str, path: Path, n_heads: int = 0) -> dict[str, Any]:
     proc = subprocess.run([sys.executable, __file__, "--child-load", kind, str(path), str(n_heads)],
                           capture_output=True,
@@ -666,17 +768,26 @@ def _spawn_load(kind: str, path: Path, n_heads: int = 0) -> dict[str, Any]:
 # The roofline, ratios, targets
 
 
+def weight_bytes(params: GPTParams) -> int:
+    """Bytes of the weights one decode step reads: every leaf (int8 values and their fp32 scales, for an int8 tree)
+    but the position embedding, of which a step reads one row."""
+    return sum(t.numel() * t.element_size() for name, t in gpt2fn.named_leaves(params) if name != "pos_emb")
+
+
 def decode_bytes_per_step(config: gpt2fn.GPTConfig, *, dtype: torch.dtype, batch: int, prompt_len: int,
-                          new_tokens: int) -> tuple[float, float]:
+                          new_tokens: int, weights: int | None = None, kv_itemsize: int | None = None
+                          ) -> tuple[float, float]:
     """(bytes read, matmul FLOPs) per decode step, averaged over the decode: every weight once (the token
-    embedding as the tied head; one row of each embedding is negligible) plus the KV cache so far."""
+    embedding as the tied head; one row of each embedding is negligible) plus the KV cache so far. `weights`
+    and `kv_itemsize` (as measured on the tree: `weight_bytes`, `compute_dtype`) override the estimate from
+    `dtype`, which assumes every weight and the cache in it."""
     size = torch.empty((), dtype=dtype).element_size()
     d, layers = config.emb_dim, config.n_layers
     block = layers * (d * 3 * d + 3 * d + d * d + d + 2 * d * config.d_mlp + config.d_mlp + d + 4 * d)
     head = config.vocab_size * d
-    weights = (block + head + 2 * d) * size
+    weights = (block + head + 2 * d) * size if weights is None else weights
     avg_len = prompt_len + new_tokens / 2
-    kv = batch * 2 * layers * d * avg_len * size
+    kv = batch * 2 * layers * d * avg_len * (size if kv_itemsize is None else kv_itemsize)
     flops = 2 * batch * (block + head) + batch * 4 * layers * d * avg_len
     return weights + kv, flops
 
@@ -695,8 +806,11 @@ def roofline(results: list[Result], config: gpt2fn.GPTConfig) -> list[dict[str, 
         e = r.extra
         dtype = DTYPES[e["dtype"]]
         nbytes, flops = decode_bytes_per_step(config, dtype=dtype, batch=e["batch"], prompt_len=e["prompt_len"],
-                                              new_tokens=e["new_tokens"])
-        t_mem, t_flop = nbytes / (bw * 1e9), flops / (gemm.get(e["dtype"], float("inf")) * 1e9)
+                                              new_tokens=e["new_tokens"], weights=e.get("weight_bytes"),
+                                              kv_itemsize=e.get("kv_itemsize"))
+        # on CPU gpt2fn's products run in fp32 whatever the storage (GPTParams.compute_dtype)
+        rate = gemm.get("fp32" if r.extra.get("kv_itemsize") == 4 else e["dtype"], float("inf"))
+        t_mem, t_flop = nbytes / (bw * 1e9), flops / (rate * 1e9)
         limit = e["batch"] / max(t_mem, t_flop)
         rows.append({"case": r.case, "contender": r.contender, "bytes_per_step": nbytes, "flops_per_step": flops,
                      "bandwidth_gbs": bw,
@@ -749,6 +863,22 @@ TARGETS = (
     Target("decode", "fp32 b8", GPT2FN, HF, 2.5, "ratio>="),
     Target("beam", "fp32 k4", GPT2FN, HF, 1.5, "ratio>="),
     Target("decode", "fp32 b32", GPT2FN, HF, 1.7, "ratio>="),
+    # issue 20: the CPU engines (rows absent, so targets unevaluated, where their environments are not installed)
+    Target("decode", "fp32 b1", GPT2FN, "ctranslate2 fp32", 1.15, "ratio>="),
+    Target("decode", "fp32 b1", GPT2FN, "llama.cpp F32", 1.15, "ratio>="),
+    Target("decode", "fp32 b8", GPT2FN, "ctranslate2 fp32", 1.5, "ratio>="),
+    Target("decode", "fp32 b8", GPT2FN, "llama.cpp F32", 1.5, "ratio>="),
+    Target("decode", "fp32 b32", GPT2FN, "ctranslate2 fp32", 1.3, "ratio>="),
+    Target("decode", "fp32 b32", GPT2FN, "llama.cpp F32", 1.3, "ratio>="),
+    # issue 21: 16- and 8-bit decoding against the engines' own formats, and accuracy no worse than theirs
+    Target("decode", "bf16 b1", GPT2FN, "llama.cpp F16", 1.1, "ratio>="),
+    Target("decode", "bf16 b8", GPT2FN, "llama.cpp F16", 1.1, "ratio>="),
+    Target("decode", "fp16 b1", GPT2FN, "llama.cpp F16", 1.1, "ratio>="),
+    Target("decode", "fp16 b8", GPT2FN, "llama.cpp F16", 1.1, "ratio>="),
+    Target("decode", "int8 b1", GPT2FN, "ctranslate2 int8", 1.2, "ratio>="),
+    Target("decode", "int8 b8", GPT2FN, "ctranslate2 int8", 1.2, "ratio>="),
+    Target("formats", "fp16", GPT2FN, "llama.cpp F16", 1.0, "ratio>="),
+    Target("formats", "int8", GPT2FN, "ctranslate2 int8", 1.0, "ratio>="),
     Target("prefill", "1024 tok last", GPT2FN, HF, 1.0, "ratio>="),
     Target("train", "", GPT2FN, "nn.Module", 1.0, "ratio>="),
     Target("score", "", GPT2FN, HF, 1.0, "ratio>="),
@@ -767,7 +897,7 @@ def peer_ratios(results: list[Result]) -> list[dict[str, Any]]:
     for r in results:
         groups.setdefault((r.workload, r.case), []).append(r)
     for (workload, case), rs in groups.items():
-        if workload in ("limits", "load", "load memory"):
+        if workload in ("limits", "load", "load memory", "formats"):  # formats: errors, set against by TARGETS
             continue
         base = rs[0]
         for r in rs[1:]:
@@ -894,6 +1024,59 @@ def bench_patching(params: GPTParams, *, seq: int = 12, repeats: int = 3) -> tup
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Study: attribution patching over every head; SAE splice overhead
+
+
+def bench_attribution(params: GPTParams, *, seq: int = 12, repeats: int = 3) -> tuple[list[Result], list[str]]:
+    """Every head of every layer (`attn.z`, summed over positions), one prompt pair of `seq` tokens: attribution
+    patching (two forwards, one backward) against exact activation patching (`head_patching_sweep`, batched) and
+    EAP over every edge. TransformerLens has no attribution-patching function (its tutorials write the hooks by
+    hand), so it has no row here."""
+    from gpt2fn.study import attribution_patching, edge_attribution_patching, head_patching_sweep, logit_diff
+    cfg, device = params.config, params.device
+    g = torch.Generator().manual_seed(0)
+    clean = torch.randint(0, cfg.n_tokens, (1, seq), generator=g).to(device)
+    corrupt = clean.clone()
+    corrupt[:, seq // 2] = (clean[:, seq // 2] + 1) % cfg.n_tokens
+
+    def metric(lg: torch.Tensor) -> torch.Tensor:
+        return logit_diff(lg, 5, 11).mean()
+
+    t = interleaved({"gpt2fn AtP": lambda: attribution_patching(params, clean, corrupt, metric, "blocks.*.attn.z"),
+                     "gpt2fn EAP (all edges)": lambda: edge_attribution_patching(params, clean, corrupt, metric),
+                     "gpt2fn head_patching_sweep": lambda: head_patching_sweep(params, clean, corrupt, metric)},
+                    repeats=repeats, device=device, at_most={"gpt2fn head_patching_sweep": max(1, repeats - 1)})
+    case = f"attn.z {cfg.n_layers} layers x {cfg.n_heads} heads, {seq} tok"
+    notes = ["attribution: TransformerLens has no attribution-patching function to time (hand-written hooks only)"]
+    return [Result("attribution", case, n, "s", ts, higher_is_better=False) for n, ts in t.items()], notes
+
+
+def bench_sae(params: GPTParams, *, seq: int = 128, expansion: int = 32, repeats: int = 5) -> list[Result]:
+    """One forward of `seq` tokens with a random standard SAE (`expansion x d_model` features, as SAE-Lens's
+    `gpt2-small-res-jb`) spliced into the middle layer's `resid_pre` with its error term, and with one feature
+    ablated, against the unedited forward."""
+    from gpt2fn.study import ablate_features, forward_with, run_with_saes, sae_from_dict
+    cfg, device = params.config, params.device
+    d, n = cfg.emb_dim, expansion * cfg.emb_dim
+    g = torch.Generator().manual_seed(0)
+    w = {"W_enc": torch.randn(d, n, generator=g) / d ** 0.5, "b_enc": torch.zeros(n),
+         "W_dec": torch.randn(n, d, generator=g) / d ** 0.5, "b_dec": torch.zeros(d)}
+    layer = cfg.n_layers // 2
+    sae = sae_from_dict({"d_in": d, "d_sae": n, "metadata": {"hook_name": f"blocks.{layer}.hook_resid_pre"}},
+                        {k: v.to(device=device, dtype=params.dtype) for k, v in w.items()})
+    ids = torch.randint(0, cfg.n_tokens, (1, seq), generator=g).to(device)
+    site = sae.config.site
+    with torch.no_grad():
+        t = interleaved({GPT2FN: lambda: forward_with(params, ids),
+                         "gpt2fn + SAE (error term)": lambda: run_with_saes(params, ids, sae),
+                         "gpt2fn + SAE, 1 feature ablated": lambda: run_with_saes(
+                             params, ids, sae, features={site: ablate_features(0)})},
+                        repeats=repeats, device=device)
+    case = f"{seq} tok, SAE {d}->{n} at {site}"
+    return [Result("sae", case, name, "s", ts, higher_is_better=False) for name, ts in t.items()]
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Main
 
 
@@ -905,14 +1088,17 @@ class Plan:
     preset: str = "gpt2"
     train_preset: str = "small"
     seed_preset: str = "seed"
+    memory_preset: str = "gpt2-xl"  # the model whose decode peak RSS the memory workload measures
     batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
-    dtypes: tuple[str, ...] | None = None  # None: fp32, plus bf16 where the device has fast bf16 kernels
+    dtypes: tuple[str, ...] | None = None  # None: every format of DTYPES
     prompt_len: int = 16
     new_tokens: int = 128
     prefill_len: int = 1024
     train_batch: int = 8
     repeats: int = 3
     compiled: bool = True
+    engines: bool = True  # CTranslate2 and llama.cpp in the fp32 decode cases, where their environments exist
+    vocab_size: int | None = None  # overrides the preset's (the engines need GPT-2's 50257)
     limit_mb: int = 1024
     gemm_n: int = 2048
 
@@ -930,11 +1116,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=None, help="timed rounds per case (default 3, --quick 2)")
     p.add_argument("--new-tokens", type=int, default=None, help="decoded tokens (default 128, --quick 16)")
     p.add_argument("--batches", default=None, help="decode batch sizes, comma separated (default 1,2,4,8,16,32)")
-    p.add_argument("--dtypes", default=None, help="decode dtypes of fp32,bf16 (default both)")
+    p.add_argument("--dtypes", default=None, help="decode formats of fp32,bf16,fp16,int8 (default all)")
     p.add_argument("--no-compiled", action="store_true",
                    help="skip the torch.compile decode rows (they compile for tens of seconds first)")
+    p.add_argument("--no-engines", action="store_true",
+                   help="skip the CTranslate2 and llama.cpp decode rows (they convert the model first)")
     p.add_argument("--preset", default="gpt2", help="model for decode/prefill/checks/load (default gpt2, 124M)")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="override the preset's vocabulary (the CTranslate2/llama.cpp rows need GPT-2's 50257)")
     p.add_argument("--train-preset", default="small", help="model for the train step (default small)")
+    p.add_argument("--memory-preset", default="gpt2-xl",
+                   help="model whose decode peak RSS the memory workload measures (default gpt2-xl, 1.5B)")
     p.add_argument("--seed-preset", default="seed", help="model for the seed-format .pth load (default seed)")
     p.add_argument("--child-load", nargs=3, metavar=("KIND", "PATH", "N_HEADS"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -945,11 +1137,14 @@ def plan_from(args: argparse.Namespace) -> Plan:
     unknown = sorted(set(only) - set(WORKLOADS))
     if unknown:
         raise SystemExit(f"error: --only got unknown workloads {unknown}; choose from {WORKLOADS}")
-    plan = Plan(only=only, preset=args.preset, train_preset=args.train_preset, seed_preset=args.seed_preset)
+    plan = Plan(only=only, preset=args.preset, train_preset=args.train_preset, seed_preset=args.seed_preset,
+                memory_preset=args.memory_preset)
     if args.quick:
         plan.repeats, plan.new_tokens, plan.prefill_len, plan.limit_mb, plan.gemm_n = 2, 16, 256, 256, 1024
     plan.repeats = args.repeats or plan.repeats
     plan.compiled = not (args.no_compiled or args.quick)
+    plan.engines = not args.no_engines
+    plan.vocab_size = args.vocab_size
     plan.new_tokens = args.new_tokens or plan.new_tokens
     if args.batches:
         plan.batches = tuple(int(b) for b in args.batches.split(","))
@@ -958,6 +1153,35 @@ def plan_from(args: argparse.Namespace) -> Plan:
         if set(plan.dtypes) - set(DTYPES):
             raise SystemExit(f"error: --dtypes must be of {sorted(DTYPES)}, got {args.dtypes!r}")
     return plan
+
+
+def plan_config(plan: Plan) -> gpt2fn.GPTConfig:
+    cfg = gpt2fn.preset(plan.preset)
+    return cfg if plan.vocab_size is None else cfg.replace(vocab_size=plan.vocab_size)
+
+
+def start_engines(params: GPTParams, stack: contextlib.ExitStack, wanted: tuple[peers.EnginePeer, ...]
+                  ) -> tuple[dict[str, peers.EngineWorker], list[str]]:
+    """The `wanted` CTranslate2 / llama.cpp workers on `params` (converted in a temporary folder that `stack`
+    removes, after it has closed them), and notes on those that do not run."""
+    if params.device.type != "cpu":
+        return {}, [f"decode: CTranslate2 and llama.cpp skipped: they run on the CPU, this run on {params.device}"]
+    work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="gpt2fn-engines-")))
+    with _stage("engines: convert and load"):
+        workers, notes = peers.start_engines(params, work, threads=torch.get_num_threads(), peers=wanted)
+    for w in workers.values():
+        stack.callback(w.close)
+    return workers, notes
+
+
+def mismatch_notes(results: list[Result]) -> list[str]:
+    """A note for every fp32 engine whose greedy ids left gpt2fn's (near-tied logits can do that; the logit-error
+    rows say whether the two compute the same function)."""
+    fp32 = {p.label for p in peers.ENGINE_PEERS if "fp32" in p.cases}
+    return [f"decode {r.case}: {r.contender} ids differ from gpt2fn's from step {m['step']} of row {m['row']} "
+            f"(gpt2fn {m['gpt2fn']}, {r.contender} {m['peer']})"
+            for r in results if r.workload == "decode" and r.contender in fp32
+            and (m := r.extra.get("first_mismatch")) is not None]
 
 
 @contextlib.contextmanager
@@ -972,8 +1196,9 @@ def run(plan: Plan, device: torch.device) -> tuple[list[Result], list[str]]:
     """Every workload of the plan, in order; returns the results and notes on what was skipped and why."""
     results: list[Result] = []
     notes: list[str] = []
-    cfg = gpt2fn.preset(plan.preset)
-    needs_model = {"default", "decode", "beam", "prefill", "checks", "score", "patching"} & set(plan.only)
+    cfg = plan_config(plan)
+    needs_model = {"default", "decode", "formats", "beam", "prefill", "checks", "score", "patching", "attribution",
+                   "sae"} & set(plan.only)
     params = gpt2fn.init_params(cfg, seed=0, device=device) if needs_model else None
     if "limits" in plan.only:
         with _stage("limits"):
@@ -987,21 +1212,38 @@ def run(plan: Plan, device: torch.device) -> tuple[list[Result], list[str]]:
     if "default" in plan.only:
         with _stage("default call"):
             results += bench_default(params, repeats=plan.repeats + 2)
-    if "decode" in plan.only:
-        dtypes = plan.dtypes
-        if dtypes is None:
-            dtypes = ("fp32", "bf16") if bf16_is_fast(device) else ("fp32",)
-            if "bf16" not in dtypes:
-                notes.append(f"bf16 decode skipped: bf16 matrix products on this {device.type} run at under half "
-                             "the fp32 rate (no native bf16 kernels; see the GEMM rows); force with --dtypes")
-        for dt in dtypes:
-            p = params if dt == "fp32" else gpt2fn.tree_to(params, dtype=DTYPES[dt])
-            for b in plan.batches:
-                with _stage(f"decode {dt} b{b}"):
-                    results += bench_decode(p, batch=b, prompt_len=plan.prompt_len, new_tokens=plan.new_tokens,
-                                            repeats=plan.repeats, with_seed=(dt == "fp32" and b == 1),
-                                            with_compiled=plan.compiled and b in (1, 8))
-            del p
+    dtypes = plan.dtypes or ("fp32", "bf16", "fp16", "int8")
+    with contextlib.ExitStack() as stack:
+        # CTranslate2 / llama.cpp: converted once, alive for the decode cases of their formats and the formats rows
+        wanted = tuple(e for e in peers.ENGINE_PEERS if "formats" in plan.only
+                       or ("decode" in plan.only and set(e.cases) & set(dtypes)))
+        engines: dict[str, peers.EngineWorker] = {}
+        if plan.engines and wanted:
+            engines, why = start_engines(params, stack, wanted)
+            notes += why
+        if "decode" in plan.only:
+            # transformers computes in the weights' dtype: beside gpt2fn's 16-bit rows only where that is fast
+            hf_half = bf16_is_fast(device)
+            if not hf_half:
+                notes.append(f"transformers' 16-bit decode rows skipped: bf16 matrix products on this {device.type} "
+                             "run at under half the fp32 rate (gpt2fn's 16-bit weights compute in fp32 on CPU)")
+            for dt in dtypes:
+                p = format_params(params, dt)
+                joining = {e.label: engines[e.label] for e in peers.ENGINE_PEERS
+                           if e.label in engines and dt in e.cases}
+                for b in plan.batches:
+                    with _stage(f"decode {dt} b{b}"):
+                        got = bench_decode(p, batch=b, prompt_len=plan.prompt_len, new_tokens=plan.new_tokens,
+                                           repeats=plan.repeats, with_seed=(dt == "fp32" and b == 1),
+                                           with_hf=dt == "fp32" or hf_half,
+                                           with_compiled=plan.compiled and b in (1, 8) and dt == "fp32",
+                                           engines=joining)
+                    results += got
+                    notes += mismatch_notes(got)
+                del p
+        if "formats" in plan.only:
+            with _stage("formats"):
+                results += bench_formats(params, engines=engines)
     if "beam" in plan.only:
         with _stage("beam fp32 k4"):
             results += bench_beam(params, prompt_len=plan.prompt_len, new_tokens=min(64, plan.new_tokens),
@@ -1021,12 +1263,22 @@ def run(plan: Plan, device: torch.device) -> tuple[list[Result], list[str]]:
         with _stage("patching"):
             found, why = bench_patching(params, repeats=plan.repeats)
             results, notes = results + found, notes + why
+    if "attribution" in plan.only:
+        with _stage("attribution"):
+            found, why = bench_attribution(params, repeats=plan.repeats)
+            results, notes = results + found, notes + why
+    if "sae" in plan.only:
+        with _stage("sae"):
+            results += bench_sae(params, seq=min(128, plan.prefill_len), repeats=plan.repeats + 2)
     del params
     gc.collect()
     if "train" in plan.only:
         with _stage("train"):
             results += bench_train(gpt2fn.preset(plan.train_preset), batch=plan.train_batch, device=device,
                                    repeats=plan.repeats)
+    if "memory" in plan.only:
+        with _stage(f"memory ({plan.memory_preset})"):
+            results += bench_memory(config=gpt2fn.preset(plan.memory_preset))
     if "load" in plan.only:
         with _stage("load"):
             results += bench_load(config=cfg, seed_config=gpt2fn.preset(plan.seed_preset), repeats=plan.repeats)
@@ -1036,7 +1288,7 @@ def run(plan: Plan, device: torch.device) -> tuple[list[Result], list[str]]:
 def report(results: list[Result], notes: list[str], plan: Plan, device: torch.device, argv: Sequence[str]
            ) -> dict[str, Any]:
     """Everything a run found, as one JSON-ready dict (the markdown table included)."""
-    cfg = gpt2fn.preset(plan.preset)
+    cfg = plan_config(plan)
     ratios = peer_ratios(results)
     targets = [row for t in TARGETS if (row := t.evaluate(results)) is not None]
     roof = roofline(results, cfg)

@@ -5,15 +5,25 @@
   no-cache decoding loop (the whole sequence goes through the model again for every new token).
 - `NanoGPT`: a nanoGPT-style module (fused c_attn, SDPA, tied head) for the training-step baseline.
 - `hf_model`: `transformers.GPT2LMHeadModel` holding the same weights (Conv1D stores `[in, out]`, as gpt2fn).
+- `EngineWorker`: CTranslate2 or llama.cpp in an environment of its own (scripts/setup_peers.sh), converted from
+  the saved `GPT2LMHeadModel` (`save_hf_dir`) and served by scripts/peer_worker.py in a child process.
 
 Each builder copies the weights out of a gpt2fn `GPTParams`, so every contender computes the same function and
 greedy decoding gives the same ids (checked by the benchmark). Benchmark helpers only: nothing in gpt2fn imports
 this module.
 """
 
+import contextlib
+import itertools
+import json
 import math
-from typing import Any
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -22,7 +32,8 @@ import gpt2fn
 from gpt2fn import GPTConfig, GPTParams
 
 __all__ = ["SeedGPT", "seed_greedy", "seed_from_params", "seed_state_dict", "NanoGPT", "nano_from_params",
-           "hf_model", "hf_from_params"]
+           "hf_model", "hf_from_params", "EnginePeer", "ENGINE_PEERS", "engine_python", "gpt2_tokenizer_files",
+           "save_hf_dir", "EngineWorker", "start_engines"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -291,3 +302,218 @@ def same_weights_check(params: GPTParams, ids: Tensor) -> dict[str, float]:
         except ValueError:
             pass
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CTranslate2 and llama.cpp: in environments of their own, served by scripts/peer_worker.py
+
+WORKER = Path(__file__).resolve().parent / "peer_worker.py"
+GPT2_VOCAB = 50257
+
+
+@dataclass(frozen=True)
+class EnginePeer:
+    """One contender served by peer_worker.py: its label in the tables, the engine and its stored format, the
+    gpt2fn decode formats whose cases it joins (bench.py's DTYPES) and the accuracy case it is set against. The
+    fp32 ones compute what gpt2fn's fp32 decoding does, so their greedy ids are held against gpt2fn's."""
+
+    label: str
+    engine: str  # "ctranslate2" | "llama.cpp"
+    format: str  # ctranslate2: "float32" | "int8_float32"; llama.cpp: "F32" | "F16"
+    cases: tuple[str, ...]
+    error_case: str
+
+
+ENGINE_PEERS = (EnginePeer("ctranslate2 fp32", "ctranslate2", "float32", ("fp32",), "fp32"),
+                EnginePeer("ctranslate2 int8", "ctranslate2", "int8_float32", ("int8",), "int8"),
+                EnginePeer("llama.cpp F32", "llama.cpp", "F32", ("fp32",), "fp32"),
+                EnginePeer("llama.cpp F16", "llama.cpp", "F16", ("bf16", "fp16"), "fp16"))
+# engine -> (the variable naming its Python, its environment's folder under the peers directory)
+_ENGINE_ENV = {"ctranslate2": ("GPT2FN_CT2_PYTHON", "ct2"), "llama.cpp": ("GPT2FN_LLAMACPP_PYTHON", "llamacpp")}
+
+
+def engine_python(engine: str) -> tuple[Path | None, str]:
+    """(the Python of `engine`'s environment, "") or (None, why not): the variable GPT2FN_CT2_PYTHON /
+    GPT2FN_LLAMACPP_PYTHON, else `<peers dir>/ct2|llamacpp/bin/python`, where the peers dir is GPT2FN_PEERS_DIR or
+    `<checkout>/.peers` (scripts/setup_peers.sh makes both)."""
+    var, folder = _ENGINE_ENV[engine]
+    if os.environ.get(var):
+        py = Path(os.environ[var])
+        return (py, "") if py.is_file() else (None, f"{var}={py} is not a file")
+    peers = Path(os.environ.get("GPT2FN_PEERS_DIR") or Path(__file__).resolve().parents[1] / ".peers")
+    py = peers / folder / "bin" / "python"
+    if py.is_file():
+        return py, ""
+    return None, f"no {py} (run scripts/setup_peers.sh {folder}, or set {var})"
+
+
+def gpt2_tokenizer_files(directory: Path) -> None:
+    """GPT-2's `vocab.json` and `merges.txt` from the BPE table gpt2fn reads (`gpt2fn.tokenizer.bpe_path`): the
+    converters of CTranslate2 and llama.cpp take the vocabulary from the model directory.
+
+    The tiktoken table lists each token's bytes with its rank; the id is the rank, the vocab key the bytes through
+    GPT-2's byte-to-unicode map. A merge is recovered from its rank: the token of rank r is what byte-pair merging
+    of its bytes with the merges ranked below r leaves as exactly two parts, and those two parts are merge r - 256
+    (OpenAI's `merges.txt` order)."""
+    from tiktoken.load import load_tiktoken_bpe
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    from gpt2fn.tokenizer import BPE_SHA256, EOT, EOT_TEXT, bpe_path
+
+    path = bpe_path()
+    if not path.is_file():
+        raise FileNotFoundError(f"the GPT-2 BPE table is not at {path}; run `python -m gpt2fn.tokenizer fetch`")
+    ranks = load_tiktoken_bpe(str(path), expected_hash=BPE_SHA256)
+    byte_char = bytes_to_unicode()
+
+    def text(b: bytes) -> str:
+        return "".join(byte_char[x] for x in b)
+
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        if len(token) == 1:
+            continue
+        parts = _bpe(ranks, token, below=rank)
+        if len(parts) != 2:
+            raise ValueError(f"BPE table token {token!r} (rank {rank}) is not one merge of lower-ranked tokens")
+        merges.append(f"{text(parts[0])} {text(parts[1])}")
+    vocab = {text(token): rank for token, rank in ranks.items()} | {EOT_TEXT: EOT}
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    (directory / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "GPT2Tokenizer", "model_max_length": 1024, "bos_token": EOT_TEXT, "eos_token": EOT_TEXT,
+         "unk_token": EOT_TEXT, "add_prefix_space": False}))
+
+
+def _bpe(ranks: dict[bytes, int], token: bytes, *, below: int) -> list[bytes]:
+    """Byte-pair merging of `token`'s bytes with the merges of rank < `below`, lowest rank first."""
+    parts = [bytes([b]) for b in token]
+    while len(parts) > 1:
+        pairs = [(ranks.get(a + b, below), i) for i, (a, b) in enumerate(itertools.pairwise(parts))]
+        rank, i = min(pairs)
+        if rank >= below:
+            break
+        parts[i:i + 2] = [parts[i] + parts[i + 1]]
+    return parts
+
+
+def save_hf_dir(params: GPTParams, directory: Path) -> Path:
+    """`params` as a saved fp32 `GPT2LMHeadModel` (safetensors + config.json) with GPT-2's tokenizer files: what
+    ct2-transformers-converter and convert_hf_to_gguf.py read. Needs GPT-2's vocabulary of 50257 ids."""
+    cfg = params.config
+    if cfg.vocab_size != GPT2_VOCAB or cfg.n_tokens != GPT2_VOCAB:
+        raise ValueError(f"the CTranslate2 and llama.cpp converters read GPT-2's tokenizer ({GPT2_VOCAB} ids); this "
+                         f"config has vocab_size {cfg.vocab_size} (use e.g. --vocab-size {GPT2_VOCAB})")
+    fp32 = gpt2fn.tree_to(params, device="cpu", dtype=torch.float32)
+    hf_from_params(fp32).save_pretrained(directory)
+    # OpenAI's released config.json names the context twice; convert_hf_to_gguf.py reads `n_ctx`, which
+    # transformers 5 no longer writes
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "n_ctx": config["n_positions"]}, indent=2))
+    gpt2_tokenizer_files(directory)
+    return directory
+
+
+class EngineWorker:
+    """One `EnginePeer` in a child process of its own Python: converted from `hf_dir` into `work_dir`, loaded
+    once, then asked for greedy decodes and logits over JSON lines. `last_seconds` is the engine's own time of the
+    last decode (its clock around the call, without the pipe). The child's output goes to a log in `work_dir`."""
+
+    def __init__(self, peer: EnginePeer, python: Path, hf_dir: Path, work_dir: Path, *, threads: int) -> None:
+        self.peer, self.work_dir = peer, work_dir
+        slug = f"{peer.engine}-{peer.format}"
+        self.log_path = work_dir / f"{slug}.log"
+        self._log: IO[str] = open(self.log_path, "w")  # noqa: SIM115 (closed in close())
+        model = work_dir / (f"ct2-{peer.format}" if peer.engine == "ctranslate2" else f"model-{peer.format}.gguf")
+        env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": str(threads)}
+        self.proc: subprocess.Popen[str] | None = None
+        try:
+            subprocess.run([str(python), str(WORKER), "convert", peer.engine, peer.format, str(hf_dir), str(model)],
+                           stdout=self._log, stderr=self._log, check=True, env=env)
+            self.proc = subprocess.Popen([str(python), str(WORKER), "serve", peer.engine, peer.format, str(model),
+                                          "--threads", str(threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=self._log, text=True, env=env)
+            self.info = self._read()
+        except Exception:
+            self.close()
+            raise
+        self.last_seconds = float("nan")
+
+    def _read(self) -> dict[str, Any]:
+        assert self.proc is not None and self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{self.peer.label} worker exited ({self.tail()})")
+        msg = json.loads(line)
+        if "error" in msg:
+            raise RuntimeError(f"{self.peer.label}: {msg['error']}")
+        return msg
+
+    def request(self, **msg: Any) -> dict[str, Any]:
+        assert self.proc is not None and self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(msg) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def generate(self, ids: Tensor, new: int) -> Tensor:
+        """Greedy decoding of `new` tokens after each row of `ids`: `[batch, seq + new]`, as gpt2fn returns."""
+        got = self.request(op="generate", prompts=ids.tolist(), new_tokens=new)
+        self.last_seconds = got["seconds"]
+        return torch.cat([ids.cpu(), torch.tensor(got["ids"], dtype=ids.dtype)], dim=1)
+
+    def logits(self, ids: Tensor) -> Tensor:
+        out = self.work_dir / f"{self.peer.engine}-{self.peer.format}-logits.npy"
+        self.request(op="logits", prompts=ids.tolist(), out=str(out))
+        return torch.from_numpy(np.load(out))
+
+    def tail(self, lines: int = 5) -> str:
+        self._log.flush()
+        text = self.log_path.read_text(errors="replace").strip().splitlines()
+        return " | ".join(text[-lines:]) or "no output"
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(OSError, ValueError):  # a child that died has closed its end
+                assert self.proc.stdin is not None
+                self.proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
+                self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+def start_engines(params: GPTParams, work_dir: Path, *, threads: int,
+                  peers: tuple[EnginePeer, ...] = ENGINE_PEERS) -> tuple[dict[str, EngineWorker], list[str]]:
+    """Every peer whose environment is present, converted from `params` and started; (workers by label, notes on
+    each one skipped and why). The caller closes the workers."""
+    notes: list[str] = []
+    pythons = {}
+    for engine in dict.fromkeys(p.engine for p in peers):
+        labels = [p.label for p in peers if p.engine == engine]
+        py, why = engine_python(engine)
+        if py is None:
+            notes.append(f"decode: {', '.join(labels)} skipped: {why}")
+        else:
+            pythons.update(dict.fromkeys(labels, py))
+    if not pythons:
+        return {}, notes
+    hf_dir = work_dir / "hf"
+    try:
+        save_hf_dir(params, hf_dir)
+    except (ValueError, FileNotFoundError) as exc:
+        return {}, notes + [f"decode: {', '.join(pythons)} skipped: {exc}"]
+    workers: dict[str, EngineWorker] = {}
+    for peer in peers:
+        if peer.label not in pythons:
+            continue
+        try:
+            workers[peer.label] = EngineWorker(peer, pythons[peer.label], hf_dir, work_dir, threads=threads)
+        except (RuntimeError, subprocess.CalledProcessError, OSError) as exc:
+            log = work_dir / f"{peer.engine}-{peer.format}.log"
+            tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-3:]) if log.exists() else ""
+            notes.append(f"decode: {peer.label} failed to start ({exc}; {tail})")
+    return workers, notes

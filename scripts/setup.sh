@@ -31,3 +31,17 @@ fi
 # gpt2fn's native kernel (gpt2fn/native): built now rather than on the first decode; optional, so a failed build
 # only reports why (decoding then takes the split views of gpt2fn.kernels)
 "$py" -c "from gpt2fn import native; print('setup: native kernel', native.status())" >&2
+# Headless Chromium for the browser tests of the HTML views (tests/test_html_browser.py skip, saying why, without
+# it). Best effort: never fails the setup. Skipped with GPT2FN_NO_CHROMIUM=1, or when one is already on PATH.
+if [ "${GPT2FN_NO_CHROMIUM:-0}" != "1" ] && ! command -v chromium >/dev/null 2>&1 \
+        && ! command -v chromium-browser >/dev/null 2>&1; then
+    if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = "0" ]; then
+        echo "setup: installing chromium (apt; GPT2FN_NO_CHROMIUM=1 skips this)" >&2
+        { apt-get install -y -q chromium >/dev/null 2>&1 \
+            || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; }; } \
+            || echo "setup: chromium not installed; the browser tests will be skipped" >&2
+    else
+        echo "setup: no chromium (and no root apt-get to install it); the browser tests will be skipped" >&2
+    fi
+fi
+true

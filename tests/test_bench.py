@@ -2,6 +2,7 @@
 gpt2fn's weights, and the JSON carries the fields the README table is built from. No timing is asserted."""
 
 import json
+import sys
 
 import pytest
 import torch
@@ -115,3 +116,85 @@ def test_main_writes_json_with_the_table_targets_and_machine(tmp_path):
 def test_unknown_workload_is_refused():
     with pytest.raises(SystemExit, match="unknown workloads"):
         bench.plan_from(bench.parse_args(["--only", "decode,bogus"]))
+
+
+def test_attribution_and_sae_workloads_time_every_contender(tiny_config):
+    params = gpt2fn.init_params(tiny_config, seed=2)
+    found, notes = bench.bench_attribution(params, seq=6, repeats=1)
+    sae = bench.bench_sae(params, seq=8, expansion=2, repeats=1)
+    for r in found + sae:
+        _check_result(r)
+    assert {r.contender for r in found} == {"gpt2fn AtP", "gpt2fn EAP (all edges)", "gpt2fn head_patching_sweep"}
+    assert [r.contender for r in sae][0] == bench.GPT2FN and len(sae) == 3
+    assert notes and "attribution" in notes[0]
+    assert {"attribution", "sae"} <= set(bench.WORKLOADS)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CTranslate2 and llama.cpp (optional: environments of their own, made by scripts/setup_peers.sh)
+
+
+def test_first_mismatch_names_the_earliest_step_then_row():
+    ref = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+    assert bench.first_mismatch(ref.clone(), ref) is None
+    got = ref.clone()
+    got[0, 3], got[1, 1] = 0, 9
+    assert bench.first_mismatch(got, ref) == {"row": 1, "step": 1, "gpt2fn": 6, "peer": 9}
+
+
+def test_engines_are_skipped_with_a_note_naming_the_fix_when_absent(tiny_config, tmp_path, monkeypatch):
+    monkeypatch.setenv("GPT2FN_PEERS_DIR", str(tmp_path / "no-peers"))
+    monkeypatch.setenv("GPT2FN_CT2_PYTHON", str(tmp_path / "missing-python"))
+    monkeypatch.delenv("GPT2FN_LLAMACPP_PYTHON", raising=False)
+    params = gpt2fn.init_params(tiny_config, seed=0)
+    workers, notes = peers.start_engines(params, tmp_path, threads=1)
+    assert workers == {} and len(notes) == 2
+    assert "ctranslate2 fp32, ctranslate2 int8 skipped" in notes[0] and "missing-python is not a file" in notes[0]
+    assert "llama.cpp F32, llama.cpp F16 skipped" in notes[1] and "setup_peers.sh llamacpp" in notes[1]
+    # an environment that is there, but a vocabulary the converters cannot take: refused before any work
+    monkeypatch.setenv("GPT2FN_CT2_PYTHON", sys.executable)
+    workers, notes = peers.start_engines(params, tmp_path, threads=1)
+    assert workers == {} and "vocab_size 97" in notes[-1] and "--vocab-size 50257" in notes[-1]
+    assert not (tmp_path / "hf").exists()
+    results = bench.bench_decode(params, batch=1, prompt_len=3, new_tokens=2, repeats=1, ttft_repeats=1,
+                                 with_hf=False, engines=workers)
+    assert {r.contender for r in results} == {bench.GPT2FN}
+
+
+def test_gpt2_tokenizer_files_tokenize_as_gpt2fn_does(tmp_path):
+    from gpt2fn.tokenizer import bpe_path, encode
+
+    if not bpe_path().is_file():
+        pytest.skip(f"the GPT-2 BPE table is not at {bpe_path()} (python -m gpt2fn.tokenizer fetch)")
+    from transformers import AutoTokenizer
+
+    peers.gpt2_tokenizer_files(tmp_path)
+    assert len((tmp_path / "merges.txt").read_text(encoding="utf-8").splitlines()) == 1 + 50000
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    text = "Hello, it is time.\n\n  Ünïcode 日本語, numbers 12345 and\ttabs <|endoftext|> done"
+    assert tok.encode(text) == encode(text, allow_special=True)
+
+
+@pytest.mark.slow
+def test_engines_decode_gpt2fns_ids_and_its_logits_on_a_tiny_model(tiny_config, tmp_path):
+    chosen = tuple(p for p in peers.ENGINE_PEERS if "fp32" in p.cases and peers.engine_python(p.engine)[0])
+    if not chosen:
+        pytest.skip("no CTranslate2 / llama.cpp environment (scripts/setup_peers.sh; GPT2FN_PEERS_DIR)")
+    params = gpt2fn.init_params(tiny_config.replace(vocab_size=50257), seed=1)
+    workers, notes = peers.start_engines(params, tmp_path, threads=1, peers=chosen)
+    try:
+        assert set(workers) == {p.label for p in chosen}, notes
+        errors = {r.contender: r for r in bench.bench_formats(params, batch=2, seq=5, engines=workers)
+                  if r.case == "fp32"}
+        for label in (*workers, bench.HF):
+            assert errors[label].median < 1e-3, errors[label]
+        results = bench.bench_decode(params, batch=2, prompt_len=5, new_tokens=4, repeats=1, ttft_repeats=1,
+                                     with_hf=False, engines=workers)
+    finally:
+        for w in workers.values():
+            w.close()
+    by = {(r.workload, r.contender): r for r in results}
+    for label in workers:
+        _check_result(by[("decode", label)])
+        assert by[("decode", label)].extra["ids_agree_with_gpt2fn"] == 1.0, by[("decode", label)].extra
+        assert by[("ttft", label)].metric == "ms"

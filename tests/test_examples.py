@@ -18,6 +18,9 @@ EXPECT = {
     "logit_lens.py": "next-token guesses after each layer",
     "per_example_gradients.py": "vmap(grad) vs grad of example 0 alone",
     "induction_heads.py": "K-composition of the previous-token head",
+    "attribution_patching.py": "AtP per head vs exact head patching: correlation",
+    "sparse_autoencoder.py": "spliced with the error term, max |logit change|: 0.00e+00",
+    "intervention_sweep.py": "max |vmap - loop| over the scales",
 }
 
 # examples that train take a reduced size here (their defaults are the full size, minutes)

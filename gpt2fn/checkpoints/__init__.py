@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..params import GPTParams, params_from_dict, validate
+from . import native
 from .common import CheckpointError, CheckpointNotFoundError
 from .detect import ADAPTERS, adapter_for, read_source
 from .hf import save_hf
@@ -96,6 +97,10 @@ def load_checkpoint(source: str | os.PathLike, device: torch.device | str | None
         raise CheckpointError(f"dtype must be a floating type for weights, got {dtype}")
     raw = read_source(source)
     name = adapter_for(raw)
+    if name == "gpt2fn" and native.quantized_format(raw) is not None:
+        params = native.load_quantized(raw, device=device, dtype=dtype)
+        return Checkpoint(params=params, layout=name, source=raw.source, files=tuple(raw.files),
+                          ignored=tuple(raw.ignored), notes=tuple(raw.notes))
     config, tensors, ignored, notes = ADAPTERS[name].convert(raw, n_heads=n_heads, device=device, dtype=dtype)
     try:
         params = validate(params_from_dict(config, tensors, source=raw.source), source=raw.source)

@@ -3,8 +3,9 @@
 Why a kernel of our own: torch's CPU products of 1..64 rows (MKL's small GEMMs) run below the memory bandwidth
 on some of the CPUs gpt2fn is built on (the AMD EPYC most of all), and decoding a batch is exactly such products;
 its tied head `x @ tok_emb.T` runs at about half the bandwidth of the other orientation in torch. `affine.cpp`
-reads the stored matrices in place (`[in, out]` and, for the tied head, `[vocab, d_model]`) and keeps a block of
-rows x a band of columns in vector registers. The policy that decides when it is used is `gpt2fn.kernels`.
+reads the stored matrices in place (`[in, out]` and, for the tied head, `[vocab, d_model]`), fp32, bf16, fp16 or
+int8 with per-column scales, widens them to fp32 in registers and keeps a block of rows x a band of columns of
+fp32 accumulators. The policy that decides when it is used is `gpt2fn.kernels`.
 
 How it is built: the source ships in the package; the first call compiles it with `$CXX` (default `c++`),
 `-O3 -march=native -fopenmp`, into the user cache (`$XDG_CACHE_HOME/gpt2fn/native/<key>/`, default
@@ -33,7 +34,11 @@ from typing import IO
 
 from ..files import cache_dir, cached_entry
 
-__all__ = ["library", "available", "status", "vector_width"]
+__all__ = ["library", "available", "status", "vector_width", "has_type", "STORED_TYPES"]
+
+STORED_TYPES = ("f32", "bf16", "f16", "i8")
+"""The stored weight types the kernel reads (fp32, bf16, fp16, int8 with per-column scales); f16 only where the
+compiler knows `_Float16` (`has_type`)."""
 
 _SOURCE = Path(__file__).with_name("affine.cpp")
 _FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-fPIC", "-shared", "-std=c++17")
@@ -101,11 +106,15 @@ def library() -> ctypes.CDLL | None:
         _status = f"off: the build failed ({type(e).__name__}: {e})"
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.gpt2fn_affine.restype = ctypes.c_int
-    lib.gpt2fn_affine.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, ptr, ptr, i64, ctypes.c_int, i64]
-    lib.gpt2fn_affine_t.restype = ctypes.c_int
-    lib.gpt2fn_affine_t.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, ptr, i64, ctypes.c_int]
     lib.gpt2fn_vector_width.restype = ctypes.c_int
+    lib.gpt2fn_has_f16.restype = ctypes.c_int
+    for name in STORED_TYPES if lib.gpt2fn_has_f16() else tuple(t for t in STORED_TYPES if t != "f16"):
+        fn = getattr(lib, f"gpt2fn_affine_{name}")
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, ptr, ptr, ptr, i64, ctypes.c_int, i64]
+        fn = getattr(lib, f"gpt2fn_affine_t_{name}")
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, ptr, ptr, i64, ctypes.c_int]
     _status = f"on: {path} ({lib.gpt2fn_vector_width()} floats per vector)"
     return lib
 
@@ -119,6 +128,13 @@ def status() -> str:
     """`on: <path> (...)`, or `off: <why>`."""
     library()
     return _status
+
+
+@functools.cache
+def has_type(name: str) -> bool:
+    """Whether the loaded kernel has the entry points for stored type `name` (one of `STORED_TYPES`)."""
+    lib = library()
+    return lib is not None and name in STORED_TYPES and (name != "f16" or bool(lib.gpt2fn_has_f16()))
 
 
 @functools.cache

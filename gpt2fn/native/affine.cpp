@@ -1,7 +1,11 @@
 // Few-row products over the matrices as they are stored: no copy, no layout of our own (gpt2fn.kernels).
 //
-//   gpt2fn_affine    y = x @ W + b   W [K, N] row-major (the [in, out] orientation of every GPT-2 matrix)
-//   gpt2fn_affine_t  y = x @ E^T     E [N, K] row-major (the tied head: the token embedding [vocab, d_model])
+//   gpt2fn_affine_<T>    y = x @ W + b   W [K, N] row-major (the [in, out] orientation of every GPT-2 matrix)
+//   gpt2fn_affine_t_<T>  y = x @ E^T     E [N, K] row-major (the tied head: the token embedding [vocab, d_model])
+//
+// T is the stored type of W (E): f32, bf16, f16, or i8 with one fp32 scale per output column (y = (x @ Q) * s + b).
+// x, y, b and s are fp32; stored elements are widened to fp32 in registers and accumulated in fp32, so 16-bit and
+// 8-bit weights cost their own bytes of memory traffic and nothing else.
 //
 // Built on first use by gpt2fn/native with the machine's C++ compiler (-O3 -march=native -fopenmp) and called
 // through ctypes; every caller has a torch fallback. OpenMP resolves to the libgomp torch loaded, so these
@@ -29,10 +33,37 @@ constexpr int VL = 8, NREG = 16;
 constexpr int VL = 4, NREG = 16;
 #endif
 typedef float vf __attribute__((vector_size(VL * 4), aligned(4)));
+typedef uint32_t vu __attribute__((vector_size(VL * 4), aligned(4)));
+typedef uint16_t vbf __attribute__((vector_size(VL * 2), aligned(2)));
+#ifdef __FLT16_MAX__
+typedef _Float16 vhf __attribute__((vector_size(VL * 2), aligned(2)));
+#endif
+typedef int8_t vq __attribute__((vector_size(VL), aligned(1)));
+
+// The stored element types: fp32, bf16 (its bits), fp16, int8 (with one fp32 scale per output column).
+struct bf16 { uint16_t bits; };
 
 static inline vf load(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
 static inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 static inline vf splat(float s) { return vf{} + s; }
+
+// VL stored elements widened to fp32 in registers.
+static inline vf widen(const float* p) { return load(p); }
+static inline vf widen(const bf16* p) {
+  vbf h; std::memcpy(&h, p, sizeof h);
+  return (vf)(__builtin_convertvector(h, vu) << 16);
+}
+#ifdef __FLT16_MAX__  // the compiler knows _Float16 (GCC 12+, clang 15+ on x86-64 and arm64)
+#define GPT2FN_F16 1
+static inline vf widen(const _Float16* p) { vhf h; std::memcpy(&h, p, sizeof h); return __builtin_convertvector(h, vf); }
+static inline float widen1(_Float16 v) { return float(v); }
+#else
+#define GPT2FN_F16 0
+#endif
+static inline vf widen(const int8_t* p) { vq q; std::memcpy(&q, p, sizeof q); return __builtin_convertvector(q, vf); }
+static inline float widen1(float v) { return v; }
+static inline float widen1(bf16 v) { uint32_t u = uint32_t(v.bits) << 16; float f; std::memcpy(&f, &u, 4); return f; }
+static inline float widen1(int8_t v) { return float(v); }
 
 // Rows per register block with NV vectors per row: R*NV accumulators + NV weights + 1 broadcast <= NREG.
 #ifndef PD
@@ -40,40 +71,53 @@ static inline vf splat(float s) { return vf{} + s; }
 #endif
 constexpr int rmax(int nv) { return std::min(8, std::max(1, (NREG - 1 - nv) / nv)); }
 
+// The finishing touch of a column band: for scaled (int8) weights the accumulators are sums of x * q, so the
+// band's column scales multiply them once, after the last chunk of the reduction, and the bias is added then;
+// unscaled weights start from the bias instead.
+struct Out {
+  const float* s;  // per-column scales at this band's first column, or null (not a scaled type)
+  const float* b;  // bias at this band's first column, or null
+};
+
 // acc[r][j] over k in [0, k_len): y[r, j*VL..] (+)= sum_k x[r, k] * w[k, j*VL..]
-template <int R, int NV>
-static inline void band(const float* __restrict x, int64_t ldx, const float* __restrict w, int64_t ldw,
-                        int64_t k_len, const float* __restrict b, float* __restrict y, int64_t ldy, bool first) {
+template <int R, int NV, class W>
+static inline void band(const float* __restrict x, int64_t ldx, const W* __restrict w, int64_t ldw,
+                        int64_t k_len, Out o, float* __restrict y, int64_t ldy, bool first, bool last) {
   vf acc[R][NV];
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < NV; ++j)
-      acc[r][j] = !first ? load(y + r * ldy + j * VL) : (b ? load(b + j * VL) : vf{});
+      acc[r][j] = !first ? load(y + r * ldy + j * VL) : (o.b && !o.s ? load(o.b + j * VL) : vf{});
   for (int64_t k = 0; k < k_len; ++k) {
     vf wv[NV];
-    const float* wk = w + k * ldw;
+    const W* wk = w + k * ldw;
     if (PD > 0 && k + PD < k_len)
       for (int j = 0; j < NV; ++j) __builtin_prefetch(wk + PD * ldw + j * VL);
-    for (int j = 0; j < NV; ++j) wv[j] = load(wk + j * VL);
+    for (int j = 0; j < NV; ++j) wv[j] = widen(wk + j * VL);
     for (int r = 0; r < R; ++r) {
       const vf xs = splat(x[r * ldx + k]);
       for (int j = 0; j < NV; ++j) acc[r][j] += xs * wv[j];
     }
   }
+  if (last && o.s)
+    for (int j = 0; j < NV; ++j) {
+      const vf s = load(o.s + j * VL), b = o.b ? load(o.b + j * VL) : vf{};
+      for (int r = 0; r < R; ++r) acc[r][j] = acc[r][j] * s + b;
+    }
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < NV; ++j) store(y + r * ldy + j * VL, acc[r][j]);
 }
 
 // One band of NV vectors for every row block, over one chunk of K.
-template <int NV>
-static inline void band_rows(const float* x, int64_t rows, int64_t ldx, const float* w, int64_t ldw, int64_t k_len,
-                             const float* b, float* y, int64_t ldy, bool first) {
+template <int NV, class W>
+static inline void band_rows(const float* x, int64_t rows, int64_t ldx, const W* w, int64_t ldw, int64_t k_len,
+                             Out o, float* y, int64_t ldy, bool first, bool last) {
   constexpr int R = rmax(NV);
   for (int64_t r0 = 0; r0 < rows; r0 += R) {
     const float* xr = x + r0 * ldx;
     float* yr = y + r0 * ldy;
     switch (std::min<int64_t>(R, rows - r0)) {
 #define GPT2FN_CASE(n) \
-  case n: if constexpr (n <= R) band<n, NV>(xr, ldx, w, ldw, k_len, b, yr, ldy, first); break;
+  case n: if constexpr (n <= R) band<n, NV>(xr, ldx, w, ldw, k_len, o, yr, ldy, first, last); break;
       GPT2FN_CASE(1) GPT2FN_CASE(2) GPT2FN_CASE(3) GPT2FN_CASE(4)
       GPT2FN_CASE(5) GPT2FN_CASE(6) GPT2FN_CASE(7) GPT2FN_CASE(8)
 #undef GPT2FN_CASE
@@ -81,49 +125,53 @@ static inline void band_rows(const float* x, int64_t rows, int64_t ldx, const fl
   }
 }
 
+static inline Out at(const float* s, const float* b, int64_t c) { return {s ? s + c : nullptr, b ? b + c : nullptr}; }
+
 // Columns [c0, c0 + nvec * VL) of y for every row, K in chunks of kc rows.
-static void columns(const float* x, int64_t rows, int64_t K, int64_t ldx, const float* w, int64_t ldw,
+template <class W>
+static void columns(const float* x, int64_t rows, int64_t K, int64_t ldx, const W* w, int64_t ldw, const float* s,
                     const float* b, float* y, int64_t ldy, int64_t c0, int64_t nvec, int64_t kc) {
   for (int64_t k0 = 0; k0 < K; k0 += kc) {
     const int64_t kl = std::min(kc, K - k0);
-    const bool first = k0 == 0;
+    const bool first = k0 == 0, last = k0 + kl == K;
     const float* xk = x + k0;
-    const float* wk = w + k0 * ldw;
+    const W* wk = w + k0 * ldw;
     int64_t v = 0;
     for (; v + 3 <= nvec; v += 3) {
       const int64_t c = c0 + v * VL;
-      band_rows<3>(xk, rows, ldx, wk + c, ldw, kl, b ? b + c : nullptr, y + c, ldy, first);
+      band_rows<3>(xk, rows, ldx, wk + c, ldw, kl, at(s, b, c), y + c, ldy, first, last);
     }
     const int64_t c = c0 + v * VL;
     switch (nvec - v) {
-      case 2: band_rows<2>(xk, rows, ldx, wk + c, ldw, kl, b ? b + c : nullptr, y + c, ldy, first); break;
-      case 1: band_rows<1>(xk, rows, ldx, wk + c, ldw, kl, b ? b + c : nullptr, y + c, ldy, first); break;
+      case 2: band_rows<2>(xk, rows, ldx, wk + c, ldw, kl, at(s, b, c), y + c, ldy, first, last); break;
+      case 1: band_rows<1>(xk, rows, ldx, wk + c, ldw, kl, at(s, b, c), y + c, ldy, first, last); break;
       default: break;
     }
   }
 }
 
 // The last N % VL columns, one at a time (a vocabulary of 50257 leaves one).
-static void tail_columns(const float* x, int64_t rows, int64_t K, int64_t ldx, const float* w, int64_t ldw,
-                         const float* b, float* y, int64_t ldy, int64_t c0, int64_t n) {
+template <class W>
+static void tail_columns(const float* x, int64_t rows, int64_t K, int64_t ldx, const W* w, int64_t ldw,
+                         const float* sc, const float* b, float* y, int64_t ldy, int64_t c0, int64_t n) {
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = c0; c < c0 + n; ++c) {
-      float s = b ? b[c] : 0.0f;
-      for (int64_t k = 0; k < K; ++k) s += x[r * ldx + k] * w[k * ldw + c];
-      y[r * ldy + c] = s;
+      float s = 0.0f;
+      for (int64_t k = 0; k < K; ++k) s += x[r * ldx + k] * widen1(w[k * ldw + c]);
+      y[r * ldy + c] = (sc ? s * sc[c] : s) + (b ? b[c] : 0.0f);
     }
 }
 
-template <int G, int R>
-static inline void dots(const float* __restrict x, int64_t ldx, const float* __restrict e, int64_t lde, int64_t K,
-                        float* __restrict y, int64_t ldy) {
+template <int G, int R, class W>
+static inline void dots(const float* __restrict x, int64_t ldx, const W* __restrict e, int64_t lde, int64_t K,
+                        const float* sc, float* __restrict y, int64_t ldy) {
   vf acc[G][R];
   for (int g = 0; g < G; ++g)
     for (int r = 0; r < R; ++r) acc[g][r] = vf{};
   const int64_t kv = K / VL * VL;
   for (int64_t k = 0; k < kv; k += VL) {
     vf ev[G];
-    for (int g = 0; g < G; ++g) ev[g] = load(e + g * lde + k);
+    for (int g = 0; g < G; ++g) ev[g] = widen(e + g * lde + k);
     for (int r = 0; r < R; ++r) {
       const vf xv = load(x + r * ldx + k);
       for (int g = 0; g < G; ++g) acc[g][r] += ev[g] * xv;
@@ -133,20 +181,20 @@ static inline void dots(const float* __restrict x, int64_t ldx, const float* __r
     for (int r = 0; r < R; ++r) {
       float s = 0.0f;
       for (int i = 0; i < VL; ++i) s += acc[g][r][i];
-      for (int64_t k = kv; k < K; ++k) s += e[g * lde + k] * x[r * ldx + k];
-      y[r * ldy + g] = s;
+      for (int64_t k = kv; k < K; ++k) s += widen1(e[g * lde + k]) * x[r * ldx + k];
+      y[r * ldy + g] = sc ? s * sc[g] : s;
     }
 }
 
-template <int G, int R>
-static void dot_rows(const float* x, int64_t rows, int64_t ldx, const float* e, int64_t lde, int64_t K, float* y,
-                     int64_t ldy) {
+template <int G, int R, class W>
+static void dot_rows(const float* x, int64_t rows, int64_t ldx, const W* e, int64_t lde, int64_t K,
+                     const float* sc, float* y, int64_t ldy) {
   for (int64_t r0 = 0; r0 < rows; r0 += R) {
     const float* xr = x + r0 * ldx;
     float* yr = y + r0 * ldy;
     switch (std::min<int64_t>(R, rows - r0)) {
 #define GPT2FN_CASE(n) \
-  case n: if constexpr (n <= R) dots<G, n>(xr, ldx, e, lde, K, yr, ldy); break;
+  case n: if constexpr (n <= R) dots<G, n>(xr, ldx, e, lde, K, sc, yr, ldy); break;
       GPT2FN_CASE(1) GPT2FN_CASE(2) GPT2FN_CASE(3) GPT2FN_CASE(4) GPT2FN_CASE(5) GPT2FN_CASE(6)
 #undef GPT2FN_CASE
     }
@@ -154,27 +202,23 @@ static void dot_rows(const float* x, int64_t rows, int64_t ldx, const float* e, 
 }
 
 // Output columns [n0, n1) of y = x @ E^T.
-static void dot_columns(const float* x, int64_t rows, int64_t K, int64_t ldx, const float* e, int64_t lde, float* y,
-                        int64_t ldy, int64_t n0, int64_t n1) {
+template <class W>
+static void dot_columns(const float* x, int64_t rows, int64_t K, int64_t ldx, const W* e, int64_t lde,
+                        const float* sc, float* y, int64_t ldy, int64_t n0, int64_t n1) {
   constexpr int RB = NREG >= 32 ? 6 : 2;  // 4*RB accumulators + 4 rows of E + 1 input vector
   int64_t n = n0;
+  auto s = [&](int64_t i) { return sc ? sc + i : nullptr; };
   if (rows == 1) {
-    for (; n + 8 <= n1; n += 8) dots<8, 1>(x, ldx, e + n * lde, lde, K, y + n, ldy);
+    for (; n + 8 <= n1; n += 8) dots<8, 1>(x, ldx, e + n * lde, lde, K, s(n), y + n, ldy);
   } else {
-    for (; n + 4 <= n1; n += 4) dot_rows<4, RB>(x, rows, ldx, e + n * lde, lde, K, y + n, ldy);
+    for (; n + 4 <= n1; n += 4) dot_rows<4, RB>(x, rows, ldx, e + n * lde, lde, K, s(n), y + n, ldy);
   }
-  for (; n < n1; ++n) dot_rows<1, RB>(x, rows, ldx, e + n * lde, lde, K, y + n, ldy);
+  for (; n < n1; ++n) dot_rows<1, RB>(x, rows, ldx, e + n * lde, lde, K, s(n), y + n, ldy);
 }
 
-extern "C" {
-
-// The vector width in floats.
-int gpt2fn_vector_width(void) { return VL; }
-
-// y [rows, N] (row stride ldy) = x [rows, K] (row stride ldx) @ W [K, N] (row stride ldw) + b; b may be null.
-// kc: rows of W per chunk (0: the default). Returns 0.
-int gpt2fn_affine(const float* x, int64_t rows, int64_t K, int64_t ldx, const float* w, int64_t N, int64_t ldw,
-                  const float* b, float* y, int64_t ldy, int threads, int64_t kc) {
+template <class W>
+static int affine(const float* x, int64_t rows, int64_t K, int64_t ldx, const W* w, int64_t N, int64_t ldw,
+                  const float* s, const float* b, float* y, int64_t ldy, int threads, int64_t kc) {
   if (kc <= 0) kc = 16;
   const int64_t nvec = N / VL, tail = N - nvec * VL;
   threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, nvec)));
@@ -182,21 +226,51 @@ int gpt2fn_affine(const float* x, int64_t rows, int64_t K, int64_t ldx, const fl
   {
     const int t = omp_get_thread_num(), T = omp_get_num_threads();
     const int64_t v0 = nvec * t / T, v1 = nvec * (t + 1) / T;
-    if (v1 > v0) columns(x, rows, K, ldx, w, ldw, b, y, ldy, v0 * VL, v1 - v0, kc);
-    if (t == T - 1 && tail) tail_columns(x, rows, K, ldx, w, ldw, b, y, ldy, nvec * VL, tail);
+    if (v1 > v0) columns(x, rows, K, ldx, w, ldw, s, b, y, ldy, v0 * VL, v1 - v0, kc);
+    if (t == T - 1 && tail) tail_columns(x, rows, K, ldx, w, ldw, s, b, y, ldy, nvec * VL, tail);
   }
   return 0;
 }
 
-// y [rows, N] (row stride ldy) = x [rows, K] (row stride ldx) @ E^T, E [N, K] (row stride lde). Returns 0.
-int gpt2fn_affine_t(const float* x, int64_t rows, int64_t K, int64_t ldx, const float* e, int64_t N, int64_t lde,
-                    float* y, int64_t ldy, int threads) {
+template <class W>
+static int affine_t(const float* x, int64_t rows, int64_t K, int64_t ldx, const W* e, int64_t N, int64_t lde,
+                    const float* s, float* y, int64_t ldy, int threads) {
   threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, N / 8)));
 #pragma omp parallel num_threads(threads)
   {
     const int t = omp_get_thread_num(), T = omp_get_num_threads();
-    dot_columns(x, rows, K, ldx, e, lde, y, ldy, N * t / T, N * (t + 1) / T);
+    dot_columns(x, rows, K, ldx, e, lde, s, y, ldy, N * t / T, N * (t + 1) / T);
   }
   return 0;
 }
+
+extern "C" {
+
+// The vector width in floats.
+int gpt2fn_vector_width(void) { return VL; }
+
+// Whether this build has the f16 entry points (the compiler knows _Float16).
+int gpt2fn_has_f16(void) { return GPT2FN_F16; }
+
+// y [rows, N] (row stride ldy) = (x [rows, K] (row stride ldx) @ W [K, N] (row stride ldw)) * s + b, fp32 x, y, s
+// and b; s (one scale per column, int8 only) and b may be null. kc: rows of W per chunk (0: the default).
+// gpt2fn_affine_t: y = (x @ E^T) * s, E [N, K] (row stride lde), s one scale per row of E (int8 only) or null.
+// One pair per stored type: f32, bf16, f16, i8. Each returns 0.
+#define GPT2FN_TYPE(name, W)                                                                                   \
+  int gpt2fn_affine_##name(const float* x, int64_t rows, int64_t K, int64_t ldx, const void* w, int64_t N,     \
+                           int64_t ldw, const float* s, const float* b, float* y, int64_t ldy, int threads,    \
+                           int64_t kc) {                                                                       \
+    return affine(x, rows, K, ldx, static_cast<const W*>(w), N, ldw, s, b, y, ldy, threads, kc);               \
+  }                                                                                                            \
+  int gpt2fn_affine_t_##name(const float* x, int64_t rows, int64_t K, int64_t ldx, const void* e, int64_t N,   \
+                             int64_t lde, const float* s, float* y, int64_t ldy, int threads) {                \
+    return affine_t(x, rows, K, ldx, static_cast<const W*>(e), N, lde, s, y, ldy, threads);                    \
+  }
+GPT2FN_TYPE(f32, float)
+GPT2FN_TYPE(bf16, bf16)
+#if GPT2FN_F16
+GPT2FN_TYPE(f16, _Float16)
+#endif
+GPT2FN_TYPE(i8, int8_t)
+#undef GPT2FN_TYPE
 }

@@ -47,7 +47,10 @@ own and through that head's columns of `w_qkv`, so only that head's queries (key
 into one head. An edit is `fn(value) -> value` of the same shape; a captured site holds the value after its edit.
 The positions (query) axis of every site is the second to last, except `attn.result` (axis 1).
 
-Views: `logit_lens`, `direct_logit_attribution`, `attention_patterns`, `save_attention_map` (PNG).
+Views: `logit_lens`, `direct_logit_attribution`, `attention_patterns`, `save_attention_map` (PNG); as HTML
+(`gpt2fn.html`, drawn from the data): `view_attention`, `view_logit_lens`, `view_logprobs`, `view_score`,
+`view_dla`, `view_sweep`, `view_report`, written with `save_html(view, path)`. Results show themselves in a notebook
+(`_repr_html_`): `Activations`, `FactoredMatrix`, `HeadScores`, `LogitAttribution`, `Components`.
 Decomposition (`gpt2fn.study.decompose`, over `(params, acts)`; `run_for_decompose` captures what it reads):
 `accumulated_resid`, `decompose_resid` (embeddings, attention/MLP outputs, or heads/neurons; sums to the stream),
 `stack_head_results`, `stack_neuron_results`, `apply_ln_to_stack` (frozen-scale norm), `logit_attribution`,
@@ -57,6 +60,11 @@ Transforms: `patching_sweep` (layers x positions as one batch on fused attention
 `head_patching_sweep` (layer x head [x position] at `attn.z/q/k/v/pattern/scores/result`), `path_patching_sweep` /
 `path_patch` (sender head or MLP -> `Receiver`s through the residual stream only, Wang et al. 2022),
 `site_grads` (`grad`/`jacrev` w.r.t. sites), `per_example_grads` / `per_example_grad_norms` (`vmap(grad)`).
+Attribution (`gpt2fn.study.attribution`): `attribution_patching` (AtP, any sites, `attribution_dims`),
+`edge_attribution_patching` (EAP and, with `steps=`, EAP-IG) -> `EdgeScores`: two forwards and one backward.
+SAEs (`gpt2fn.study.sae`): `load_sae`/`save_sae` in SAE-Lens's format, `sae_encode`/`sae_decode`, `run_with_saes`
+/ `splice_sae` (error term kept), `ablate_features`, `steer_features`, `clamp_features`, `prepare_for_sae`.
+Interventions as one `vmap` call (`gpt2fn.study.interventions`): `vmap_edits`, `steering_sweep`, `ablation_sweep`.
 Circuits: `ov_circuit`, `qk_circuit`, `full_ov_circuit`, `full_qk_circuit` as `FactoredMatrix` values,
 `composition_scores(params, "q" | "k" | "v")` `[layer, heads, layer, heads]`, `composition_score` (one pair).
 Head detectors: `head_detector_scores` (previous-token, duplicate-token, induction `[layer, head]` on
@@ -64,6 +72,7 @@ Head detectors: `head_detector_scores` (previous-token, duplicate-token, inducti
 Weight transforms: `gpt2fn.transforms`.
 """
 
+from .attribution import EdgeScores, attribution_dims, attribution_patching, edge_attribution_patching
 from .circuits import (
     composition_score,
     composition_scores,
@@ -94,8 +103,28 @@ from .detectors import (
     repeated_tokens,
 )
 from .factored import FactoredMatrix
+from .interventions import ablation_sweep, steering_sweep, vmap_edits
 from .paths import RECEIVER_SITES, Receiver, Sender, path_patch, path_patching_sweep
 from .run import Edit, ablate_head, forward_with, patch, run_with_capture, steer
+from .sae import (
+    SAEConfig,
+    SAEError,
+    SAEParams,
+    ablate_features,
+    clamp_features,
+    hook_to_site,
+    load_sae,
+    prepare_for_sae,
+    run_with_saes,
+    sae_decode,
+    sae_encode,
+    sae_forward,
+    sae_from_dict,
+    sae_site_value,
+    save_sae,
+    splice_sae,
+    steer_features,
+)
 from .sites import LAYER_SITES, SITE_DIMS, Activations, resolve_sites, site_dims, site_names
 from .sweeps import (
     HEAD_SITES,
@@ -115,7 +144,16 @@ from .views import (
     lens_labels,
     logit_lens,
     save_attention_map,
+    save_html,
     token_labels,
+    token_strings,
+    view_attention,
+    view_dla,
+    view_logit_lens,
+    view_logprobs,
+    view_report,
+    view_score,
+    view_sweep,
 )
 from .weights import W_E, W_U, HeadWeights, W_pos, attn_weights
 
@@ -127,8 +165,14 @@ __all__ = [
     "HeadScores", "head_detector_scores", "repeated_tokens", "offset_attention", "previous_token_score",
     "duplicate_token_score", "induction_score",
     "site_grads", "per_example_grads", "per_example_grad_norms",
+    "attribution_patching", "attribution_dims", "edge_attribution_patching", "EdgeScores",
+    "SAEConfig", "SAEParams", "SAEError", "load_sae", "save_sae", "sae_encode", "sae_decode", "sae_forward",
+    "sae_from_dict", "hook_to_site", "sae_site_value", "splice_sae", "run_with_saes", "ablate_features",
+    "steer_features", "clamp_features", "prepare_for_sae",
+    "vmap_edits", "steering_sweep", "ablation_sweep",
     "logit_lens", "lens_labels", "LogitAttribution", "direct_logit_attribution", "attention_patterns",
-    "token_labels", "save_attention_map",
+    "token_labels", "save_attention_map", "token_strings", "save_html", "view_attention", "view_logit_lens",
+    "view_logprobs", "view_score", "view_dla", "view_sweep", "view_report",
     "HeadWeights", "attn_weights", "W_E", "W_pos", "W_U",
     "FactoredMatrix", "ov_circuit", "qk_circuit", "full_ov_circuit", "full_qk_circuit",
     "composition_scores", "composition_score",

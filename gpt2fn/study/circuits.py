@@ -36,6 +36,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..params import GPTParams, head_matrix
+from ..quantize import refuse_quantized
 from ..shapes import checked
 from .factored import FactoredMatrix
 from .weights import _layer, attn_weights
@@ -54,6 +55,7 @@ def _plain(params: GPTParams) -> GPTParams:
     if not isinstance(params, GPTParams):
         raise TypeError(f"params must be a GPTParams tree (from gpt2fn.load or init_params), got "
                         f"{type(params).__name__}")
+    refuse_quantized(params, "the weight circuits (gpt2fn.study.circuits)")
     return params
 
 

@@ -35,6 +35,7 @@ from torch import Tensor
 
 from ..model import _out_of_range
 from ..params import GPTParams, _Record, head_matrix, record, static
+from ..quantize import refuse_quantized
 from ..shapes import checked
 from .run import forward_with
 from .sites import site_dims
@@ -90,6 +91,16 @@ class Components(_Record):
     def named(self) -> dict[str, Tensor]:
         """`{label: component}` in stack order."""
         return dict(zip(self.labels, self.stack.unbind(0), strict=True))
+
+    def _repr_html_(self) -> str:
+        """Logit attributions of one position as signed bars (example 0 of the batch); other stacks as the tree."""
+        if self.space == "logit" and self.stack.ndim == 2 and self.stack.device.type != "meta":
+            from ..html import bars
+
+            return bars(self.labels, self.stack[:, 0], title=f"logit attribution (read by {self.norm})", sort=True,
+                        top=40, note=f"{len(self.labels)} components, example 0 of {self.stack.shape[1]}; total "
+                                     f"{float(self.stack[:, 0].sum()):.4g}")._repr_html_()
+        return super()._repr_html_()
 
     def __repr__(self) -> str:
         shown = ", ".join(self.labels[:4]) + (f", ... ({len(self.labels)})" if len(self.labels) > 4 else "")
@@ -301,7 +312,8 @@ def _head_writes(params: GPTParams, acts: Mapping[str, Tensor], layer: int, pos:
     if result in acts:
         return _at(acts[result], pos, axis=1).movedim(-2, 0)  # [batch seq heads d] -> [heads batch *pos d]
     z = _at(_get(acts, (f"blocks.{layer}.attn.z", result), fn), pos)  # [batch heads *pos head_dim]
-    w_o = params.blocks[layer].attn.w_out.view(cfg.n_heads, cfg.head_dim, cfg.emb_dim)
+    refuse_quantized(params, "the decomposition of head writes")
+    w_o = params.blocks[layer].attn.w_out.view(cfg.n_heads, cfg.head_dim, cfg.emb_dim).to(z.dtype)
     return torch.einsum("bh...e,hed->hb...d", z, w_o)
 
 
@@ -311,7 +323,8 @@ def _neuron_writes(params: GPTParams, acts: Mapping[str, Tensor], layer: int, in
     d_model]` (`summed`: their sum, `[1, batch, *pos, d_model]`)."""
     post = _at(_get(acts, f"blocks.{layer}.mlp.post", fn), pos)  # [batch *pos d_mlp]
     rows = torch.tensor(index, dtype=torch.long, device=post.device)
-    post, w = post.index_select(-1, rows), params.blocks[layer].mlp.w_proj.index_select(0, rows)
+    refuse_quantized(params, "the decomposition of neuron writes")
+    post, w = post.index_select(-1, rows), params.blocks[layer].mlp.w_proj.index_select(0, rows).to(post.dtype)
     if summed:
         return (post @ w)[None]
     return torch.einsum("...k,kd->k...d", post, w)

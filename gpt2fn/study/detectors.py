@@ -24,6 +24,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from .. import html
 from ..params import GPTParams
 from .run import forward_with
 
@@ -37,6 +38,21 @@ class HeadScores(NamedTuple):
     previous_token: Tensor
     duplicate_token: Tensor
     induction: Tensor
+
+    def view(self) -> html.View:
+        """The three scores as `layer x head` heat maps on one scale [0, 1] (leading axes beyond two are
+        averaged); a notebook shows this for a `HeadScores`."""
+        maps = []
+        for name in self._fields:
+            t = getattr(self, name).detach().float()
+            t = t.reshape(-1, t.shape[-1]) if t.ndim != 1 else t[None]
+            maps.append(html.heatmap(t, rows=[f"layer {i}" for i in range(t.shape[0])],
+                                     cols=[f"h{h}" for h in range(t.shape[1])], title=name.replace("_", "-"),
+                                     signed=False, vmin=0.0, vmax=1.0, row_axis="layer", col_axis="head"))
+        return html.concat(maps, title="head detector scores")
+
+    def _repr_html_(self) -> str:
+        return self.view()._repr_html_()
 
 
 def repeated_tokens(vocab: int | Tensor, *, seq_len: int, batch: int, seed: int | torch.Generator = 0,

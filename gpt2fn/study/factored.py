@@ -27,6 +27,8 @@ import torch.utils._pytree as pytree
 from jaxtyping import Complex, Float, Int
 from torch import Tensor
 
+from .. import html
+
 __all__ = ["FactoredMatrix"]
 
 Index = int | slice | Sequence[int] | Tensor
@@ -106,6 +108,31 @@ class FactoredMatrix:
     def __repr__(self) -> str:
         return (f"FactoredMatrix({list(self.shape)}, mdim={self.mdim}, "
                 f"{str(self.dtype).removeprefix('torch.')}, {self.device})")
+
+    def view(self) -> html.View:
+        """A picture: the singular values as bars (one matrix), or the Frobenius norm of each matrix as a heat map
+        (one or two leading axes, e.g. `layer x head`), then the two factors with their statistics. Computed from
+        the factors (never the product); a notebook shows this for a `FactoredMatrix`."""
+        head = (f"FactoredMatrix {list(self.shape)}, inner width {self.mdim}, "
+                f"{str(self.dtype).removeprefix('torch.')}, {self.device}")
+        parts = []
+        batch = self.batch_shape
+        if self.device.type != "meta":
+            if len(batch) == 0:
+                s = self.S[:64]
+                parts.append(html.bars([f"σ{i}" for i in range(len(s))], s, title="singular values",
+                                       note=f"{head}; the largest {len(s)} of {min(self.ldim, self.mdim, self.rdim)}"))
+            elif len(batch) <= 2 and batch.numel() <= 4096:
+                norms = self.norm().reshape(batch[0], -1)
+                axes = ("layer", "head") if len(batch) == 2 else ("matrix", "")
+                parts.append(html.heatmap(norms, rows=[f"{axes[0]} {i}" for i in range(norms.shape[0])],
+                                          title="Frobenius norm of each matrix", row_axis=axes[0], col_axis=axes[1],
+                                          signed=False, note=head))
+        parts.append(html.tree_view({"A": self.A, "B": self.B}, name="factors"))
+        return html.concat(parts, title=head)
+
+    def _repr_html_(self) -> str:
+        return self.view()._repr_html_()
 
     # -- products ------------------------------------------------------------------------------------------------
 

@@ -221,7 +221,7 @@ def _batched(params: GPTParams, clean_ids: Tensor, corrupt_ids: Tensor, metric: 
     batch, seq = clean_ids.shape
     # each row holds its receivers' patched values (one [batch seq d_model] each) besides the run itself
     per_row = _row_bytes(params, batch, seq, False) + len(targets) * batch * seq * cfg.emb_dim * \
-        params.tok_emb.element_size()
+        params.compute_dtype.itemsize
     limit = chunk_limit(len(senders), per_row, chunk_size, memory_limit, unit="sender",
                         shape=f"batch {batch} x seq {seq}, {len(targets)} receivers",
                         fewer="fewer tokens or receivers")

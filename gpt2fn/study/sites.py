@@ -15,6 +15,7 @@ import torch.utils._pytree as pytree
 from torch import Tensor
 
 from ..config import GPTConfig
+from ..html import tree_view
 
 __all__ = ["SITE_DIMS", "LAYER_SITES", "site_names", "resolve_sites", "site_dims", "Activations"]
 
@@ -144,6 +145,10 @@ class Activations(Mapping[str, Tensor]):
     def __repr__(self) -> str:
         lines = [f"  {k}: {list(v.shape)} [{site_dims(k)}]" for k, v in self._data.items()]
         return "Activations(\n" + "\n".join(lines) + "\n)" if lines else "Activations()"
+
+    def _repr_html_(self) -> str:
+        """A notebook's picture: each site with its axis names, shape, dtype and statistics."""
+        return tree_view(self, name="Activations")._repr_html_()
 
 
 def _flatten(acts: Activations) -> tuple[list[Tensor], Any]:

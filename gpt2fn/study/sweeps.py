@@ -229,7 +229,7 @@ def _row_bytes(params: GPTParams, batch: int, seq: int, explicit: bool) -> int:
     """An upper estimate of the memory one row adds to a batched run: its logits, one block's intermediates, and
     (on the explicit attention path) one layer's scores and pattern."""
     cfg = params.config
-    itemsize = params.tok_emb.element_size()
+    itemsize = params.compute_dtype.itemsize
     per_token = cfg.vocab_size + 3 * cfg.d_mlp + 10 * cfg.emb_dim
     attn = 3 * cfg.n_heads * seq if explicit else 0
     return batch * seq * (per_token + attn) * itemsize

@@ -11,6 +11,7 @@ from typing import NamedTuple
 from torch import Tensor
 
 from ..params import GPTParams, head_matrix
+from ..quantize import refuse_quantized
 
 __all__ = ["HeadWeights", "attn_weights", "W_E", "W_pos", "W_U"]
 
@@ -27,6 +28,7 @@ class HeadWeights(NamedTuple):
 
 
 def _layer(params: GPTParams, layer: int) -> int:
+    refuse_quantized(params, "attn_weights")
     n = params.config.n_layers
     if not isinstance(layer, int) or not -n <= layer < n:
         raise ValueError(f"layer must be an int in 0..{n - 1} (or -{n}..-1); got {layer!r}")
@@ -45,6 +47,7 @@ def attn_weights(params: GPTParams, layer: int) -> HeadWeights:
 
 def W_E(params: GPTParams) -> Tensor:
     """The token embedding `[vocab, d_model]` (the stored tensor itself)."""
+    refuse_quantized(params, "W_E")
     return params.tok_emb
 
 
@@ -55,4 +58,5 @@ def W_pos(params: GPTParams) -> Tensor:
 
 def W_U(params: GPTParams) -> Tensor:
     """The unembedding `[d_model, vocab]`: the untied head, or a transposed view of the token embedding."""
+    refuse_quantized(params, "W_U")
     return head_matrix(params)
