@@ -7,12 +7,19 @@ The BPE table (`gpt2.tiktoken`, identical to tiktoken's `r50k_base.tiktoken`) is
 
 `python -m gpt2fn.tokenizer fetch` fills the user cache without the tiktoken download host: it takes the table
 from PyPI's `openai-whisper==20250625` source archive (`whisper/assets/gpt2.tiktoken`, without installing whisper)
-and verifies its sha256.
+and verifies its sha256; it writes atomically (`gpt2fn.files`), and replaces a damaged copy.
+
+The table is verified before use: its bytes are read once, their sha256 checked against `BPE_SHA256`, and the
+ranks parsed from those same bytes. A damaged table named by `GPT2FN_BPE_FILE` raises :class:`BPETableError`;
+a damaged table in the user cache logs one warning and is treated as absent (step 3, tiktoken's own download,
+then :class:`BPETableError` naming `python -m gpt2fn.tokenizer fetch` when that fails too).
 """
 
+import base64
 import functools
 import hashlib
 import io
+import logging
 import os
 import subprocess
 import sys
@@ -22,9 +29,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import tiktoken
-from tiktoken.load import load_tiktoken_bpe
 
-__all__ = ["tokenizer", "encode", "decode", "token_strings", "bpe_path", "fetch_bpe", "EOT", "EOT_TEXT", "BPE_SHA256"]
+from .files import atomic_write_bytes, cache_dir
+
+__all__ = ["tokenizer", "encode", "decode", "token_strings", "bpe_path", "fetch_bpe", "BPETableError", "EOT",
+           "EOT_TEXT", "BPE_SHA256"]
+
+log = logging.getLogger("gpt2fn")
 
 BPE_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 EOT_TEXT = "<|endoftext|>"
@@ -36,33 +47,64 @@ _WHISPER_SDIST = "openai-whisper==20250625"
 _WHISPER_MEMBER = "whisper/assets/gpt2.tiktoken"
 
 
+class BPETableError(ValueError):
+    """The GPT-2 BPE table is missing or damaged; the message names the file and the fix."""
+
+
+_FIX = f"run `python -m gpt2fn.tokenizer fetch` (needs PyPI), or set {ENV_VAR} to a copy of gpt2.tiktoken"
+
+
 def bpe_path() -> Path:
     """Where gpt2fn reads (and `fetch` writes) the BPE table."""
     env = os.environ.get(ENV_VAR)
     if env:
         return Path(env).expanduser()
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "gpt2fn" / "gpt2.tiktoken"
+    return cache_dir("gpt2.tiktoken")
+
+
+def _verified_table(path: Path) -> bytes | str:
+    """The table's bytes when their sha256 is GPT-2's; otherwise why not."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return f"it cannot be read ({exc})"
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != BPE_SHA256:
+        return f"its {len(data)} bytes have sha256 {digest}, expected {BPE_SHA256}"
+    return data
+
+
+def _ranks(data: bytes) -> dict[bytes, int]:
+    # tiktoken.load.load_tiktoken_bpe's parse, over the bytes already verified (it would read the path again)
+    return {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in data.splitlines() if line)}
 
 
 @functools.lru_cache(maxsize=1)
 def _encoding(path: str | None) -> tiktoken.Encoding:
     if path is not None:
-        ranks = load_tiktoken_bpe(path, expected_hash=BPE_SHA256)
-        return tiktoken.Encoding(name="gpt2", pat_str=_PAT, mergeable_ranks=ranks,
-                                 special_tokens={EOT_TEXT: EOT}, explicit_n_vocab=50257)
+        table = _verified_table(Path(path))
+        if isinstance(table, bytes):
+            return tiktoken.Encoding(name="gpt2", pat_str=_PAT, mergeable_ranks=_ranks(table),
+                                     special_tokens={EOT_TEXT: EOT}, explicit_n_vocab=50257)
+        if os.environ.get(ENV_VAR):
+            raise BPETableError(f"the BPE table {ENV_VAR} points at, {path}, is damaged or not GPT-2's: {table}. "
+                                f"Point {ENV_VAR} at a good copy of gpt2.tiktoken / r50k_base.tiktoken, or unset it "
+                                "and run `python -m gpt2fn.tokenizer fetch`.")
+        log.warning("gpt2fn: the cached BPE table at %s is damaged (%s); ignoring it (replace it with "
+                    "`python -m gpt2fn.tokenizer fetch`)", path, table)
+        damage = f"the cached table at {path} is damaged ({table})"
+    else:
+        damage = f"the GPT-2 BPE table is not at {path or bpe_path()}"
     try:
         return tiktoken.get_encoding("gpt2")
     except Exception as exc:  # offline: tiktoken tries to download its files
-        raise RuntimeError(
-            f"the GPT-2 BPE table is not at {bpe_path()} and tiktoken could not download it ({exc}). "
-            f"Run `python -m gpt2fn.tokenizer fetch` (needs PyPI), or set {ENV_VAR} to a copy of gpt2.tiktoken "
-            "/ r50k_base.tiktoken."
-        ) from exc
+        raise BPETableError(f"{damage} and tiktoken could not download it ({exc}). To fix: {_FIX} / "
+                            "r50k_base.tiktoken.") from exc
 
 
 def tokenizer() -> tiktoken.Encoding:
-    """The GPT-2 encoding (50257 ids, `<|endoftext|>` = 50256), loaded once."""
+    """The GPT-2 encoding (50257 ids, `<|endoftext|>` = 50256), loaded once; raises :class:`BPETableError` when
+    the table is damaged or cannot be found (see the module docstring)."""
     path = bpe_path()
     if os.environ.get(ENV_VAR) and not path.is_file():
         raise FileNotFoundError(f"{ENV_VAR} points at {path}, which is not a file")
@@ -109,10 +151,8 @@ def fetch_bpe(dest: Path | None = None, *, quiet: bool = False) -> Path:
     digest = hashlib.sha256(data).hexdigest()
     if digest != BPE_SHA256:
         raise RuntimeError(f"{_WHISPER_MEMBER} from {_WHISPER_SDIST} has sha256 {digest}, expected {BPE_SHA256}")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=dest.parent, delete=False) as f:
-        f.write(data)
-    os.replace(f.name, dest)
+    atomic_write_bytes(dest, data)
+    _encoding.cache_clear()  # a damaged table this process loaded before is gone
     if not quiet:
         print(f"GPT-2 BPE table written to {dest}")
     return dest

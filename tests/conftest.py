@@ -1,12 +1,20 @@
 """Shared fixtures: the devices present, small configs with pairwise-distinct sizes, hypothesis settings."""
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
 from gpt2fn import GPTConfig, init_params, preset
+
+# The project's own scripts (scripts/bench.py, scripts/bench_peers.py) are imported by their tests as modules, for
+# real: an ImportError in one of them fails those tests; it is never turned into a skip.
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+if str(SCRIPTS) not in sys.path:
+    sys.path.insert(0, str(SCRIPTS))
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)  # one core per xdist worker; two workers share the two cores

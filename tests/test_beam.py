@@ -152,11 +152,8 @@ def test_bad_beam_options_raise_value_errors_naming_the_argument(options, match)
 
 
 def test_beam_bench_runs_both_contenders_on_the_same_weights_and_they_agree():
-    import sys
-    from pathlib import Path
+    import bench  # scripts/bench.py, the project's own (tests/conftest.py puts scripts/ on the path)
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    bench = pytest.importorskip("bench")
     results = bench.bench_beam(init_params(preset("tiny"), seed=3), num_beams=3, prompt_len=5, new_tokens=6,
                                repeats=1)
     assert [r.contender for r in results] == [bench.GPT2FN, bench.HF]

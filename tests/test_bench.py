@@ -3,19 +3,16 @@ gpt2fn's weights, and the JSON carries the fields the README table is built from
 
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import gpt2fn
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
-sys.path.insert(0, str(SCRIPTS))
+pytest.importorskip("transformers", reason="transformers is the benchmark's peer (a dev extra); install gpt2fn[dev]")
 
-bench = pytest.importorskip("bench")
-peers = pytest.importorskip("bench_peers")
-pytest.importorskip("transformers")
+import bench  # noqa: E402  -- the project's own script (tests/conftest.py puts scripts/ on the path)
+import bench_peers as peers  # noqa: E402
 
 
 def _check_result(r: "bench.Result") -> None:

@@ -240,11 +240,8 @@ def test_eval_refuses_a_checkpoint_whose_vocabulary_does_not_cover_the_text(tmp_
 
 
 def test_the_score_benchmark_compares_equal_losses(pair):
-    import sys
-    from pathlib import Path
+    import bench  # scripts/bench.py, the project's own (tests/conftest.py puts scripts/ on the path)
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    bench = pytest.importorskip("bench")
     results = bench.bench_score(pair[0], batch=3, seq=20, repeats=1)
     assert [r.contender for r in results] == [bench.GPT2FN, bench.HF]
     assert all(r.median > 0 and r.extra["max_abs_diff"] < 1e-4 for r in results)

@@ -284,14 +284,11 @@ def test_cli_trains_end_to_end_and_the_weights_load_and_generate(corpus, tmp_pat
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     state = load_state(out / STATE_FILE)
     assert state.step == 4 and state.params.config.context_length == 16
-    if not hasattr(gpt2fn, "load"):
-        pytest.skip("gpt2fn.load (checkpoints) not available yet")
     loaded = gpt2fn.load(out / "model.safetensors")
     for (name, a), b in zip(named_leaves(state.params), pytree.tree_leaves(loaded), strict=True):
         assert torch.equal(a, b), name
-    if hasattr(gpt2fn, "generate"):
-        text = gpt2fn.generate(loaded, "The", max_new_tokens=5)
-        assert isinstance(text, str)
+    text = gpt2fn.generate(loaded, "The", max_new_tokens=5)
+    assert isinstance(text, str)
 
 
 def test_training_on_the_corpus_vocabulary_records_it_and_generates_only_those_ids(corpus, tmp_path):

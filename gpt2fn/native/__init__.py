@@ -11,8 +11,12 @@ How it is built: the source ships in the package; the first call compiles it wit
 `-O3 -march=native -fopenmp`, into the user cache (`$XDG_CACHE_HOME/gpt2fn/native/<key>/`, default
 `~/.cache/gpt2fn`), keyed by the source, the flags, the compiler's version and the CPU's flags, so a machine never
 loads a build made for another. The build is one compiler call (a few seconds, no torch headers, no ninja) and
-is written atomically, so concurrent processes are safe. It is loaded with ctypes; its OpenMP threads are the
-libgomp that torch itself loaded (torch's own thread pool).
+is a verified cache entry (`gpt2fn.files.cached_entry`): written atomically, then its size and sha256 into
+`libgpt2fn_affine.so.check`, under a lock, so concurrent first builds compile once. Each process checks the file
+against its check before `dlopen`, and loads the very file it checked (`/proc/self/fd/N` where there is one): a
+short or altered build (a full disk, a copied home directory) is rebuilt with one warning, never mapped (a short
+`.so` kills the process with SIGBUS). It is loaded with ctypes; its OpenMP threads are the libgomp that torch itself
+loaded (torch's own thread pool).
 
 When it is not used: `GPT2FN_NATIVE=0` turns it off; with no compiler, a failed build, or a platform without
 OpenMP, `status()` says why and every caller takes its torch path. Nothing is ever required from it.
@@ -26,6 +30,9 @@ import platform
 import shutil
 import subprocess
 from pathlib import Path
+from typing import IO
+
+from ..files import cache_dir, cached_entry
 
 __all__ = ["library", "available", "status", "vector_width", "has_type", "STORED_TYPES"]
 
@@ -37,11 +44,6 @@ _SOURCE = Path(__file__).with_name("affine.cpp")
 _FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-fPIC", "-shared", "-std=c++17")
 _ENV = "GPT2FN_NATIVE"
 _status = "not loaded yet"
-
-
-def _cache_dir() -> Path:
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return root / "gpt2fn" / "native"
 
 
 def _cpu_flags() -> str:
@@ -60,16 +62,13 @@ def _compiler() -> str | None:
     return shutil.which(want) or (None if os.environ.get("CXX") else shutil.which("g++"))
 
 
-def _build(cxx: str) -> Path:
-    """Compile the kernel for this machine (or find the build already made) and return its path."""
+def _build(cxx: str) -> tuple[Path, IO[bytes]]:
+    """Compile the kernel for this machine (or find the build already made): its path and the verified file, open."""
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
     source = _SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join([source, " ".join(_FLAGS).encode(), version.encode(),
                                      platform.machine().encode(), _cpu_flags().encode()])).hexdigest()[:16]
-    out = _cache_dir() / key / "libgpt2fn_affine.so"
-    if out.exists():
-        return out
-    from ..files import atomic_write_path
+    out = cache_dir("native", key, "libgpt2fn_affine.so")
 
     def compile_to(tmp: Path) -> None:
         done = subprocess.run([cxx, *_FLAGS, "-o", str(tmp), str(_SOURCE)], capture_output=True, text=True,
@@ -77,7 +76,14 @@ def _build(cxx: str) -> Path:
         if done.returncode != 0:
             raise RuntimeError(f"{cxx} failed: {done.stderr.strip()[-400:]}")
 
-    return atomic_write_path(out, compile_to)
+    return out, cached_entry(out, key, compile_to, what="the native kernel build")
+
+
+def _load(path: Path, fh: IO[bytes]) -> ctypes.CDLL:
+    """`dlopen` the file `fh` holds, which was verified, rather than whatever `path` names by now."""
+    with fh:
+        by_fd = f"/proc/self/fd/{fh.fileno()}"
+        return ctypes.CDLL(by_fd if os.path.exists(by_fd) else str(path))
 
 
 @functools.cache
@@ -94,8 +100,8 @@ def library() -> ctypes.CDLL | None:
     import torch  # noqa: F401  -- torch's libgomp must be loaded first, so the kernel shares its threads
 
     try:
-        path = _build(cxx)
-        lib = ctypes.CDLL(str(path))
+        path, fh = _build(cxx)
+        lib = _load(path, fh)
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         _status = f"off: the build failed ({type(e).__name__}: {e})"
         return None

@@ -14,7 +14,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from .. import html
-from ..files import atomic_write_text
+from ..files import atomic_write, atomic_write_text
 from ..model import readout
 from ..params import GPTParams
 from ..shapes import checked
@@ -166,7 +166,7 @@ def save_attention_map(pattern: Float[Tensor, "seq kv_seq"], labels: Sequence[st
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"Title": title or "attention pattern",
             "Description": json.dumps({"queries": list(labels), "keys": key_labels}, ensure_ascii=False)}
-    fig.savefig(path, format="png", dpi=100, metadata=meta)
+    atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=100, metadata=meta))
     return path
 
 

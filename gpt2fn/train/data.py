@@ -6,7 +6,11 @@
 
 A directory means every non-hidden regular file under it, in sorted path order; documents are joined with
 `<|endoftext|>` (id 50256). The cache file is named by a hash of the documents' bytes, so editing a file retokenizes
-and an unchanged corpus is read back without touching the tokenizer. Windows are drawn with an explicit
+and an unchanged corpus is read back without touching the tokenizer. It is a verified cache entry
+(`gpt2fn.files.cached_entry`): `NAME.u16.check` records the corpus hash, size and sha256 of the tokens, and the
+tokens are mapped only after they match it, from the very file that was checked; a short, altered or swapped-in
+file is retokenized from the corpus with one warning, so training never sees tokens that are not its corpus's.
+Two processes tokenizing one corpus at once tokenize it once (the entry's lock). Windows are drawn with an explicit
 `torch.Generator`: its state is the data position a checkpoint saves.
 """
 
@@ -19,7 +23,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..files import atomic_write_bytes
+from ..files import cache_dir as user_cache_dir
+from ..files import cached_entry
 
 __all__ = ["corpus_files", "encode_documents", "load_tokens", "split_tokens", "sample_batch", "sample_starts",
            "windows", "eval_starts", "default_cache_dir"]
@@ -29,7 +34,7 @@ _FORMAT = b"gpt2fn-tokens-v1"
 
 def default_cache_dir() -> Path:
     """`$XDG_CACHE_HOME/gpt2fn/tokens` (default `~/.cache/gpt2fn/tokens`)."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gpt2fn" / "tokens"
+    return user_cache_dir("tokens")
 
 
 def corpus_files(path: str | os.PathLike[str]) -> list[Path]:
@@ -76,17 +81,18 @@ def load_tokens(path: str | os.PathLike[str], *, cache_dir: str | os.PathLike[st
         digest.update(len(data).to_bytes(8, "little"))
         digest.update(data)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    target = cache / f"{digest.hexdigest()[:32]}.u16"
-    if not target.is_file():
+    key = digest.hexdigest()[:32]
+
+    def tokenize(tmp: Path) -> None:
         ids = encode_documents(_training_text(f) for f in files)
         if not ids:
             raise ValueError(f"training data {str(path)!r} is empty: it has no tokens")
-        cache.mkdir(parents=True, exist_ok=True)
-        # atomic: a concurrent reader sees the old state or the whole file
-        atomic_write_bytes(target, np.asarray(ids, dtype=np.uint16).tobytes())
-    if target.stat().st_size == 0:
-        raise ValueError(f"training data {str(path)!r} is empty: it has no tokens")
-    return np.memmap(target, dtype=np.uint16, mode="r")
+        np.asarray(ids, dtype=np.uint16).tofile(tmp)
+
+    with cached_entry(cache / f"{key}.u16", key, tokenize, what=f"the token cache of {str(path)!r}") as fh:
+        if os.fstat(fh.fileno()).st_size == 0:  # never written by gpt2fn (an empty corpus raises above)
+            raise ValueError(f"training data {str(path)!r} is empty: it has no tokens")
+        return np.memmap(fh, dtype=np.uint16, mode="r")  # maps the verified file; the map outlives `fh`
 
 
 def split_tokens(tokens: np.ndarray, *, val_fraction: float = 0.1, context: int,

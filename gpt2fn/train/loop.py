@@ -12,6 +12,10 @@ What lands in `out`:
                         (val_ppl = exp(val_loss), the perplexity); fp16 runs add loss_scale and skipped
     loss.png            the loss curve (train and validation) and the learning rate on a second axis
 
+Every write goes through `gpt2fn.files`: the state, the weights and the plot are replaced atomically; a metrics line
+is appended in one write (`files.append_line`), a line a crash cut short is dropped when the log is read, and the
+log is rewritten atomically at the start of a run (keeping the steps the resumed state has).
+
 Exact resume: the schedule is a function of the step, windows come from the saved data generator and dropout
 from the saved dropout generator, so N steps straight equal N/2 + resume + N/2, bit for bit on CPU, with
 any thread count, in separate processes (tests pin it). A step runs its `grad_accum` micro-batches whole, so a
@@ -39,6 +43,7 @@ from tqdm import tqdm
 
 from ..checkpoints import save as save_weights
 from ..checks import check_token_range
+from ..files import append_line, atomic_write, atomic_write_text
 from ..losses import perplexity
 from ..model import loss as lm_loss
 from ..params import GPTParams, count_params
@@ -217,15 +222,15 @@ def _signals(flag: _StopFlag) -> Iterator[None]:
 
 
 def _metrics_lines(path: Path) -> list[dict[str, Any]]:
+    """The records of `metrics.jsonl`, without a last line a crash cut short (no newline: never finished)."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text(encoding="utf-8")
+    return [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines() if line.strip()]
 
 
 def _plot(path: Path, records: list[dict[str, Any]]) -> None:
     from matplotlib.figure import Figure  # no pyplot: no process-wide backend choice, no global figure list
-
-    from .state import atomic_write
 
     tr = [(r["step"], r["loss"]) for r in records if "loss" in r]
     va = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
@@ -387,7 +392,7 @@ class _Run:
         cfg, config, c = self.cfg, self.state.params.config, self.corpus
         self.out.mkdir(parents=True, exist_ok=True)
         kept = [r for r in _metrics_lines(self.metrics_path) if r.get("step", 0) <= self.step]
-        self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))  # forget steps a crash lost
+        atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))  # forget steps a crash lost
         accum = f" ({cfg.grad_accum} micro-batches of {cfg.batch_size})" if cfg.grad_accum > 1 else ""
         print(f"training {count_params(self.state.params):,} parameters on {len(c.train):,} tokens "
               f"(+{len(c.val):,} validation)"
@@ -437,8 +442,7 @@ class _Run:
                    "tokens_per_s": tok_s, "elapsed_s": self.now - self.t_start}
             if self.scale is not None:
                 rec |= {"loss_scale": self.scale.scale, "skipped": self.skipped}
-            with self.metrics_path.open("a") as fh:
-                fh.write(json.dumps(rec) + "\n")
+            append_line(self.metrics_path, json.dumps(rec))
             self.window, self.t_last, self.tokens_since = [], self.now, 0
 
     def evaluate_if_due(self, bar: tqdm) -> None:
@@ -450,8 +454,7 @@ class _Run:
             self.val_loss = evaluate(self.state.params, c.val, context=c.context, batch_size=cfg.batch_size,
                                      max_windows=cfg.eval_windows, device=self.device)
             ppl = perplexity(self.val_loss)
-            with self.metrics_path.open("a") as fh:
-                fh.write(json.dumps({"step": self.step, "val_loss": self.val_loss, "val_ppl": ppl}) + "\n")
+            append_line(self.metrics_path, json.dumps({"step": self.step, "val_loss": self.val_loss, "val_ppl": ppl}))
             bar.write(f"step {self.step}: train loss {self.last_loss:.4f}, validation loss {self.val_loss:.4f} "
                       f"(perplexity {ppl:.2f})", file=sys.stderr)
 
