@@ -30,35 +30,20 @@ from .beam import beam_search, check_beam_options
 from .cache import init_cache, rollback
 from .checks import check_prompt_ids
 from .devices import parse_device
-from .model import positions_from_mask, trained_vocab_index
+from .model import left_pad, positions_from_mask, trained_vocab_index
 from .params import GPTParams, check_params, tree_to
 from .sampling import SamplingOptions, next_token, row_generators
 from .shapes import checks_enabled, shape_checks
 from .step import compiled_decode_step, decode_step
 from .tokenizer import EOT, encode, tokenizer
 
-__all__ = ["generate", "generate_tokens", "stream", "left_pad"]
+__all__ = ["generate", "generate_tokens", "stream"]
 
 Seed = int | torch.Generator | Sequence[int | torch.Generator] | None
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Token level
-
-
-def left_pad(rows: Sequence[Sequence[int]], *, pad_id: int = 0, device: torch.device | str | None = None
-             ) -> tuple[Tensor, Tensor]:
-    """Token lists of different lengths as `(ids [batch, longest], mask)`, padded on the left (mask False there)."""
-    if not rows:
-        raise ValueError("no prompts given: pass at least one")
-    longest = max(len(r) for r in rows)
-    ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), longest), dtype=torch.bool)
-    for i, r in enumerate(rows):
-        if len(r):
-            ids[i, longest - len(r):] = torch.as_tensor(list(r), dtype=torch.long)
-            mask[i, longest - len(r):] = True
-    return ids.to(device), mask.to(device)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,6 +13,8 @@ rather than a separate function because it is the same computation (the same loo
 work on a partial run with no second entry point.
 """
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
@@ -28,7 +30,7 @@ from .params import GPTParams, Int8Matrix, head_matrix
 from .quantize import refuse_quantized
 from .shapes import check_record, checked
 
-__all__ = ["forward", "walk", "embed", "readout", "unembed", "loss", "positions_from_mask", "as_generator",
+__all__ = ["forward", "walk", "embed", "readout", "unembed", "loss", "positions_from_mask", "left_pad", "as_generator",
            "trained_vocab_index"]
 
 
@@ -37,6 +39,22 @@ def as_generator(seed: torch.Generator | int | None, device: torch.device) -> to
     if seed is None or isinstance(seed, torch.Generator):
         return seed
     return torch.Generator(device=device).manual_seed(int(seed))
+
+
+def left_pad(rows: Sequence[Sequence[int]], *, pad_id: int = 0, device: torch.device | str | None = None
+             ) -> tuple[Int[Tensor, "batch seq"], Bool[Tensor, "batch seq"]]:
+    """Token lists of different lengths as `(ids [batch, longest], mask)`, padded on the left (mask False there):
+    the `pad_mask` that `forward`, `decode_step`, `generate_tokens` and `score` take."""
+    if not rows:
+        raise ValueError("no prompts given: pass at least one")
+    longest = max(len(r) for r in rows)
+    ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), longest), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        if len(r):
+            ids[i, longest - len(r):] = torch.as_tensor(list(r), dtype=torch.long)
+            mask[i, longest - len(r):] = True
+    return ids.to(device), mask.to(device)
 
 
 def positions_from_mask(mask: Bool[Tensor, "batch seq"]) -> Int[Tensor, "batch seq"]:

@@ -30,9 +30,8 @@ from torch import Tensor
 
 from . import html
 from .checks import check_token_range
-from .generate import left_pad
 from .losses import perplexity
-from .model import forward, trained_vocab_index
+from .model import forward, left_pad, trained_vocab_index
 from .params import GPTParams, check_params
 
 __all__ = ["Score", "score"]

@@ -463,7 +463,7 @@ def bench_prefill(params: GPTParams, *, seq: int = 1024, repeats: int = 3) -> li
 def hf_scores(hf: Any, texts: list[list[int]], device: torch.device) -> list[torch.Tensor]:
     """The peer of `gpt2fn.score` for texts within the context: one left-padded forward with an attention mask and
     position ids counted from it, then each text's per-token log-probabilities of tokens 1..n-1 (fp32)."""
-    from gpt2fn.generate import left_pad
+    from gpt2fn.model import left_pad
 
     ids, mask = left_pad(texts, device=device)
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)

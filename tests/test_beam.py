@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from gpt2fn import init_params, preset, save_hf
 from gpt2fn.beam import beam_search
-from gpt2fn.generate import left_pad
+from gpt2fn.model import left_pad
 
 EOS = 7
 CONFIGS = {

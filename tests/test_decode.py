@@ -22,7 +22,7 @@ from gpt2fn import (
     rollback,
     select_rows,
 )
-from gpt2fn.generate import left_pad
+from gpt2fn.model import left_pad
 
 
 @pytest.fixture(scope="module", params=[24, 48], ids=["d24", "d48"])

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import gpt2fn
 from gpt2fn import forward, generate_tokens, init_params, preset
-from gpt2fn.generate import left_pad
+from gpt2fn.model import left_pad
 from gpt2fn.study import ablate_head, forward_with, patch, steer
 
 

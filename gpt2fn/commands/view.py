@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .attention import load_params
+from ..cli import CLIError, add_model_options, device_option, dtype_option, load_model
 
 HELP = "write an HTML view of TEXT: attention per layer and head, per-token log-probabilities, the logit lens"
 
@@ -17,18 +17,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lens-k", type=int, default=5, help="top tokens per layer and position in the logit lens")
     parser.add_argument("--top-k", type=int, default=None,
                         help="keys kept per query in the attention view (default: as many as fit about 3 MB)")
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--checkpoint", help="weights file or directory (any layout gpt2fn.load detects)")
-    source.add_argument("--model", help="hub name such as gpt2 (from the local Hugging Face cache)")
-    source.add_argument("--preset", help="random weights of a preset config (e.g. mini); see --seed")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights for --preset")
-    parser.add_argument("--device", default="cpu", help="torch device (default %(default)s)")
+    add_model_options(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    from gpt2fn.cli import CLIError
-    from gpt2fn.study.views import save_html, view_report
-    from gpt2fn.tokenizer import encode
+    from ..checks import check_token_range
+    from ..study.views import save_html, view_report
+    from ..tokenizer import encode
 
     if args.lens_k < 1:
         raise CLIError(f"--lens-k must be >= 1, got {args.lens_k}")
@@ -37,13 +32,11 @@ def run(args: argparse.Namespace) -> int:
     ids = encode(args.text)
     if not ids:
         raise CLIError("TEXT is empty; give at least one token to read")
-    params = load_params(args)
+    params, _ = load_model(args, device=device_option(args), dtype=dtype_option(args))
     cfg = params.config
     if len(ids) > cfg.context_length:
         raise CLIError(f"TEXT is {len(ids)} tokens; this model reads at most {cfg.context_length}")
-    if max(ids) >= cfg.vocab_size:
-        raise CLIError(f"TEXT has token id {max(ids)} but the model's vocabulary has {cfg.vocab_size} rows; "
-                       "use a GPT-2-vocabulary model (e.g. --preset mini)")
+    check_token_range(ids, cfg.vocab_size, what="TEXT (GPT-2 tokens)")
     with torch.no_grad():
         view = view_report(params, torch.tensor([ids], device=params.device), lens_k=args.lens_k, top_k=args.top_k)
     path = save_html(view, args.out)
