@@ -5,11 +5,13 @@
     grads  = torch.func.grad(gpt2fn.loss)(params, ids, targets)
 """
 
+from . import processors  # generation rules: gpt2fn.processors.bad_words, .sequence_bias, .top_k, ...
 from . import train  # the training namespace: gpt2fn.train.train_step, gpt2fn.train.train, ...
 from .beam import beam_search
-from .cache import DonatedCacheError, KVCache, init_cache, rollback, select_rows
+from .cache import DonatedCacheError, KVCache, grow, init_cache, rollback, select_rows
 from .checkpoints import Checkpoint, CheckpointError, load, load_checkpoint, save, save_hf
 from .config import PRESETS, GPTConfig, preset
+from .details import Generation
 from .devices import default_device
 from .generate import generate, generate_tokens, stream
 from .layers import attention, attention_pattern, block, gelu, layer_norm, mlp
@@ -68,9 +70,10 @@ __all__ = [
     "encode", "decode",                                                                   # tokenizer: text <-> ids
     "layer_norm", "gelu", "attention", "attention_pattern", "mlp", "block",               # layers
     "forward", "loss", "positions_from_mask",                                             # model
-    "KVCache", "init_cache", "rollback", "select_rows", "DonatedCacheError",              # cache
+    "KVCache", "init_cache", "rollback", "select_rows", "grow", "DonatedCacheError",      # cache
     "decode_step", "compiled_decode_step",                                                # step
     "generate", "generate_tokens", "stream", "beam_search",                               # generate, beam
+    "processors", "Generation",                                                           # processors, details
     "default_device",                                                                     # devices
     "score", "Score",                                                                     # scoring
     "shape_checks", "checks_enabled", "ShapeError",                                       # shapes

@@ -14,7 +14,7 @@ same prompt alone.
 A step never changes the cache it is given unless the caller donates it (`donate=True`, as JAX's
 `donate_argnums`): then the new keys and values are written into the input's buffers, the returned cache shares
 them, and the input is marked consumed. Using a consumed cache again (a step, `tree_map`, `rollback`, `select_rows`)
-raises `DonatedCacheError`. `rollback` and `select_rows` are plain functions on the value.
+raises `DonatedCacheError`. `rollback`, `select_rows` and `grow` are plain functions on the value.
 """
 
 import dataclasses
@@ -26,7 +26,7 @@ from torch import Tensor
 
 from .config import GPTConfig
 
-__all__ = ["KVCache", "DonatedCacheError", "init_cache", "rollback", "select_rows"]
+__all__ = ["KVCache", "DonatedCacheError", "init_cache", "rollback", "select_rows", "grow"]
 
 _FIELDS = ("keys", "values", "valid", "length", "positions")
 
@@ -155,3 +155,17 @@ def select_rows(cache: KVCache, rows: Tensor) -> KVCache:
     pick = lambda t: t.index_select(0, rows)
     return KVCache(tuple(map(pick, cache.keys)), tuple(map(pick, cache.values)), pick(cache.valid), cache.length,
                    pick(cache.positions))
+
+
+def grow(cache: KVCache, capacity: int) -> KVCache:
+    """The same cache with room for `capacity` slots (at least its own): new buffers, the written slots copied,
+    the new slots empty and invalid. `cache` is left as it was (a copy, not a donation); continuing a
+    conversation past a cache's capacity grows it once per call (`gpt2fn.generate_tokens(..., cache=)`)."""
+    cache.check_live()
+    if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < cache.capacity:
+        raise ValueError(f"grow needs an integer capacity >= the cache's {cache.capacity}, got {capacity!r}")
+    extra = capacity - cache.capacity
+    widen = lambda t: torch.cat([t, t.new_zeros(*t.shape[:2], extra, t.shape[3])], dim=2)
+    valid = torch.cat([cache.valid, cache.valid.new_zeros(cache.batch, extra)], dim=1)
+    return KVCache(tuple(map(widen, cache.keys)), tuple(map(widen, cache.values)), valid, cache.length.clone(),
+                   cache.positions.clone())

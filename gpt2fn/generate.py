@@ -1,7 +1,9 @@
 """Autoregressive generation: `generate` (text -> text), `generate_tokens` (ids -> ids), `stream` (text pieces).
 
 Data flow: text -> tokenizer.encode -> left-padded ids + mask -> prefill `decode_step(params, cache, ids)` once ->
-one `decode_step` per new token -> `gpt2fn.sampling.next_token` -> ids -> incremental UTF-8 decode -> text.
+one `decode_step` per new token -> `gpt2fn.sampling.filter_logits` -> `processors` (`gpt2fn.processors`) ->
+`gpt2fn.sampling.choose` -> ids -> incremental UTF-8 decode -> text. `return_details=True` records what the loop
+saw into a `gpt2fn.details.Generation` (with the final cache; `cache=` continues from one); off, nothing is recorded.
 
 - The cache is preallocated to `prompt + max_new_tokens` positions (at most the context length) and donated from
   step to step (`gpt2fn.step`: written in place, the previous value consumed); a decode step does no work that
@@ -27,12 +29,14 @@ import torch
 from torch import Tensor
 
 from .beam import beam_search, check_beam_options
-from .cache import init_cache, rollback
+from .cache import KVCache, init_cache, rollback
 from .checks import check_prompt_ids
+from .details import Generation, Recorder, check_top_logprobs, continuation_cache
 from .devices import parse_device
-from .model import left_pad, positions_from_mask, trained_vocab_index
+from .model import left_pad, trained_vocab_index
 from .params import GPTParams, check_params, tree_to
-from .sampling import SamplingOptions, next_token, row_generators
+from .processors import PAD, LogitsProcessor, apply_processors, check_processors
+from .sampling import SamplingOptions, choose, filter_logits, row_generators
 from .shapes import checks_enabled, shape_checks
 from .step import compiled_decode_step, decode_step
 from .tokenizer import EOT, encode, tokenizer
@@ -54,13 +58,14 @@ class _Request:
     edit: Any = None  # a gpt2fn.study tap applying the edits, or None
     compile: bool = False
     logprobs: bool = False
+    processors: tuple[LogitsProcessor, ...] = ()  # gpt2fn.processors, applied after the built-in filters
 
 
 def _request(params: GPTParams, max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
              repetition_penalty: float | None, eos: bool | int | None, *, min_p: float | None = None,
              no_repeat_ngram_size: int | None = None, suppress: Sequence[int] | None = None,
              edit: Mapping[str, Callable[[Tensor], Tensor]] | None = None, compile: bool = False,
-             logprobs: bool = False) -> _Request:
+             logprobs: bool = False, processors: Sequence[LogitsProcessor] | None = None) -> _Request:
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     options = SamplingOptions(temperature, top_k, top_p, repetition_penalty, min_p, no_repeat_ngram_size,
@@ -82,7 +87,8 @@ def _request(params: GPTParams, max_new_tokens: int, temperature: float, top_k: 
     else:
         raise ValueError(f"eos must be True (<|endoftext|>), False/None (never stop early) or a token id in "
                          f"[0, {n_tokens}); got {eos!r}")
-    return _Request(max_new_tokens, options, eos_id, tap, bool(compile), bool(logprobs))
+    return _Request(max_new_tokens, options, eos_id, tap, bool(compile), bool(logprobs),
+                    check_processors(processors, n_tokens))
 
 
 def _crop_to_window(ids: Tensor, mask: Tensor | None, ctx: int) -> tuple[Tensor, Tensor | None]:
@@ -96,7 +102,8 @@ def _crop_to_window(ids: Tensor, mask: Tensor | None, ctx: int) -> tuple[Tensor,
 
 
 def _token_steps(params: GPTParams, ids: Tensor, mask: Tensor | None, request: _Request,
-                 generators: list[torch.Generator] | None) -> Iterator[tuple[Tensor, Tensor | None]]:
+                 generators: list[torch.Generator] | None, cache: KVCache | None = None,
+                 record: Recorder | None = None) -> Iterator[tuple[Tensor, Tensor | None]]:
     """Yield `(next token [batch], its log-probability [batch] or None)` of every row, step by step; finished
     rows (EOS) repeat the EOS id. The log-probability is the model's (log_softmax of its logits, before any
     sampling filter), computed only when the request asks for it.
@@ -109,8 +116,16 @@ def _token_steps(params: GPTParams, ids: Tensor, mask: Tensor | None, request: _
     keep = ctx - max(1, ctx // 8)  # tokens kept when the window slides
     if mask is not None and bool(mask.all()):
         mask = None
-    capacity = min(ctx, prompt_len + request.max_new_tokens)
-    cache = init_cache(cfg, batch, capacity, device=ids.device, dtype=params.compute_dtype)
+    donate, filled = True, prompt_len
+    if cache is None:
+        cache = init_cache(cfg, batch, min(ctx, prompt_len + request.max_new_tokens), device=ids.device,
+                           dtype=params.compute_dtype)
+    else:  # a continuation (gpt2fn.details): the caller's cache is not consumed; it has room, never slides
+        cache, donate = continuation_cache(cache, cfg, batch=batch, seq=prompt_len,
+                                           max_new_tokens=request.max_new_tokens, device=ids.device,
+                                           dtype=params.compute_dtype)
+        filled += int(cache.length)
+    capacity = cache.capacity
     # every token so far, preallocated: the source of a re-prefill when the window slides
     history = torch.empty(batch, prompt_len + request.max_new_tokens, dtype=torch.long, device=ids.device)
     history[:, :prompt_len] = ids
@@ -129,32 +144,57 @@ def _token_steps(params: GPTParams, ids: Tensor, mask: Tensor | None, request: _
     step_fn = compiled_decode_step() if request.compile else decode_step
     edit = request.edit
 
-    def tap_for(tokens: Tensor, pad: Tensor | None) -> Any:  # the edits at these tokens' absolute positions
+    def tap_for(tokens: Tensor, pad: Tensor | None, before: KVCache) -> Any:  # the edits at absolute positions
         if edit is None:
             return None
-        at = torch.arange(tokens.shape[1], device=ids.device).expand(batch, -1) if pad is None else (
-            positions_from_mask(pad))
+        at = (before.positions[:, None] + (torch.ones_like(tokens, dtype=torch.bool) if pad is None else pad)
+              .long().cumsum(-1) - 1).clamp(min=0)  # as the walk counts them
         return edit.at(at)
 
-    logits, cache = decode_step(params, cache, ids, pad_mask=mask, donate=True, last_only=True,
-                                tap=tap_for(ids, mask))
-    filled = prompt_len
+    def one_step(tok: Tensor, cache: KVCache) -> tuple[Tensor, KVCache]:
+        if edit is None:
+            return step_fn(params, cache, tok[:, None], donate=True, last_only=True)
+        return decode_step(params, cache, tok[:, None], donate=True, last_only=True,
+                           tap=edit.at(cache.positions[:, None]))
+
+    def finish(tok: Tensor) -> None:  # details: the last token into the cache too, so it holds the whole sequence
+        if record is not None:
+            record.cache = None if slid or filled == capacity else one_step(tok, cache)[1]
+
+    logits, cache = decode_step(params, cache, ids, pad_mask=mask, donate=donate, last_only=True,
+                                tap=tap_for(ids, mask, cache))
+    slid = False
+    if record is not None:
+        record.base = filled
     checking = checks_enabled()  # the caller's setting for the prefill and the first step; then off (speed)
     for step in range(request.max_new_tokens):
         with shape_checks(checking):
             so_far = prompt_len + step
-            tok = next_token(logits[:, -1], opts, n_tokens=cfg.n_tokens, generators=generators, seen=seen,
-                             allowed=allowed, history=history[:, :so_far],
-                             history_mask=None if real is None else real[:, :so_far])
+            scores = filter_logits(logits[:, -1], opts, n_tokens=cfg.n_tokens, seen=seen, allowed=allowed,
+                                   history=history[:, :so_far],
+                                   history_mask=None if real is None else real[:, :so_far])
+            if request.processors:  # they see PAD (-1) on left padding, see gpt2fn.processors
+                shown = history[:, :so_far] if real is None else history[:, :so_far].masked_fill(
+                    ~real[:, :so_far], PAD)
+                scores = apply_processors(request.processors, scores, shown)
+            tok = choose(scores, opts, generators)
         logprob = None
         if request.logprobs:
             logprob = torch.log_softmax(logits[:, -1].float(), -1).gather(-1, tok[:, None])[:, 0]
         if request.eos_id is not None:
             tok = tok.masked_fill(done, request.eos_id)
             done = done | (tok == request.eos_id)
-        yield tok, logprob
+        if record is not None:
+            assert logprob is not None
+            record.step(logits[:, -1], tok, logprob)
+        try:
+            yield tok, logprob
+        except GeneratorExit:  # the caller stopped early (every text row hit a stop string)
+            finish(tok)
+            raise
         end = prompt_len + step + 1
         if step == request.max_new_tokens - 1 or (request.eos_id is not None and bool(done.all())):
+            finish(tok)
             return
         history[:, end - 1] = tok
         if seen is not None:
@@ -162,16 +202,13 @@ def _token_steps(params: GPTParams, ids: Tensor, mask: Tensor | None, request: _
         if filled == capacity:  # the window slides: prefill the last `keep` tokens again into the same buffers
             window_mask = None if real is None else real[:, end - keep:end]
             window = history[:, end - keep:end]
-            logits, cache = decode_step(params, rollback(cache, 0), window, pad_mask=window_mask, donate=True,
-                                        last_only=True, tap=tap_for(window, window_mask))
-            filled = keep
+            restart = rollback(cache, 0)
+            logits, cache = decode_step(params, restart, window, pad_mask=window_mask, donate=True,
+                                        last_only=True, tap=tap_for(window, window_mask, restart))
+            filled, slid = keep, True
             continue
         with shape_checks(checking):
-            if edit is None:
-                logits, cache = step_fn(params, cache, tok[:, None], donate=True, last_only=True)
-            else:
-                logits, cache = decode_step(params, cache, tok[:, None], donate=True, last_only=True,
-                                            tap=edit.at(cache.positions[:, None]))
+            logits, cache = one_step(tok, cache)
         filled += 1
         checking = False
 
@@ -204,17 +241,36 @@ def _check_beams(request: _Request, num_beams: int, length_penalty: float, early
                 num_return_sequences=num_return_sequences)
 
 
+def _recorder(request: _Request, beams: dict[str, Any] | None, cache: KVCache | None, *, details: bool,
+              logits: bool, top_logprobs: int | None, logprobs: bool, vocab: int) -> Recorder | None:
+    """The details options, checked; a Recorder when `return_details=True` (see gpt2fn.details), else None."""
+    if cache is not None and not isinstance(cache, KVCache):
+        raise TypeError(f"cache must be a gpt2fn.KVCache (a Generation's .cache), got {type(cache).__name__}")
+    if (logits or top_logprobs is not None) and not details:
+        raise ValueError("output_logits and top_logprobs are parts of the details record: add return_details=True")
+    if beams is not None and (details or cache is not None):
+        raise ValueError("num_beams > 1 does not combine with return_details=True or cache=")
+    if details and logprobs:
+        raise ValueError("return_details=True already holds the log-probabilities (.logprobs): drop return_logprobs")
+    if not details:
+        return None
+    return Recorder(logits=bool(logits), top_logprobs=check_top_logprobs(top_logprobs, vocab))
+
+
 def _continue(params: GPTParams, ids: Tensor, mask: Tensor | None, request: _Request, beams: dict[str, Any] | None,
-              seed: Seed) -> tuple[Tensor, Tensor | None]:
+              seed: Seed, cache: KVCache | None = None, record: Recorder | None = None
+              ) -> tuple[Tensor, Tensor | None]:
     """The new ids `[rows, new]` after the (cropped) prompt, and their log-probabilities when requested."""
-    window, mask = _crop_to_window(ids, mask, params.config.context_length)
+    window, mask = (ids, mask) if cache is not None else _crop_to_window(ids, mask, params.config.context_length)
     cfg = params.config
     if beams is not None:  # beam_search masks a trained vocabulary itself
         out = beam_search(params, window, pad_mask=mask, max_new_tokens=request.max_new_tokens,
                           eos_id=request.eos_id, n_tokens=cfg.n_tokens, **beams)
         return out[:, window.shape[1]:], None
     gens = None if request.options.greedy else row_generators(seed, ids.shape[0], params.device)
-    steps = list(_token_steps(params, window, mask, request, gens))
+    steps = list(_token_steps(params, window, mask, request, gens, cache, record))
+    if not steps:  # max_new_tokens=0 with details: the prefill only (its cache)
+        return ids.new_zeros(ids.shape[0], 0), None
     new = torch.stack([t for t, _ in steps], dim=1)
     return new, (torch.stack([lp for _, lp in steps], dim=1) if request.logprobs else None)
 
@@ -227,19 +283,25 @@ def generate_tokens(params: GPTParams, ids: Tensor, *, max_new_tokens: int = 20,
                     pad_mask: Tensor | None = None, device: torch.device | str | None = None, compile: bool = False,
                     edit: Mapping[str, Callable[[Tensor], Tensor]] | None = None, return_logprobs: bool = False,
                     num_beams: int = 1, length_penalty: float = 1.0, early_stopping: bool | str = False,
-                    num_return_sequences: int = 1) -> Tensor | tuple[Tensor, Tensor]:
+                    num_return_sequences: int = 1, processors: Sequence[LogitsProcessor] | None = None,
+                    cache: KVCache | None = None, return_details: bool = False, output_logits: bool = False,
+                    top_logprobs: int | None = None) -> Tensor | tuple[Tensor, Tensor] | Generation:
     """Continue each row of `ids` `[batch, seq]`: returns `[batch, seq + new]` (the prompt, then the new ids).
 
     `new` is `max_new_tokens`, or fewer when every row has produced `eos` (an id; True means `<|endoftext|>`);
     after its EOS a row is filled with the EOS id. `pad_mask` (False on left padding) lets rows differ in length.
     `return_logprobs=True` returns `(ids, logprobs [batch, new])` as well. With `num_beams > 1` the rows are
-    `[batch * num_return_sequences, seq + new]`, each prompt's best hypotheses first. Options as in :func:`generate`.
+    `[batch * num_return_sequences, seq + new]`, each prompt's best hypotheses first. Options as in :func:`generate`
+    (`processors`, `return_details`, `output_logits`, `top_logprobs` included); `cache=` (a `Generation`'s cache):
+    `ids` are the tokens that follow the cached ones, and the result equals generating from the whole sequence.
     """
     params = _prepare(params, device)
     request = _request(params, max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos, min_p=min_p,
                        no_repeat_ngram_size=no_repeat_ngram_size, suppress=suppress, edit=edit, compile=compile,
-                       logprobs=return_logprobs)
+                       logprobs=return_logprobs or return_details, processors=processors)
     beams = _check_beams(request, num_beams, length_penalty, early_stopping, num_return_sequences)
+    record = _recorder(request, beams, cache, details=return_details, logits=output_logits,
+                       top_logprobs=top_logprobs, logprobs=return_logprobs, vocab=params.config.vocab_size)
     _check_seed(seed)
     if not isinstance(ids, Tensor):
         raise TypeError(f"ids must be a torch.Tensor of token ids [batch, seq], got {type(ids).__name__}; "
@@ -247,9 +309,11 @@ def generate_tokens(params: GPTParams, ids: Tensor, *, max_new_tokens: int = 20,
     ids = ids.to(params.device)
     pad_mask = None if pad_mask is None else pad_mask.to(params.device)
     check_prompt_ids(ids, pad_mask, params.config.n_tokens)
-    if request.max_new_tokens == 0:
+    if request.max_new_tokens == 0 and record is None:
         return (ids, torch.zeros(ids.shape[0], 0)) if return_logprobs else ids
-    new, logprobs = _continue(params, ids, pad_mask, request, beams, seed)
+    new, logprobs = _continue(params, ids, pad_mask, request, beams, seed, cache, record)
+    if record is not None:
+        return record.result(request.eos_id, ids.shape[0])
     prompt = ids if beams is None else ids.repeat_interleave(beams["num_return_sequences"], dim=0)
     out = torch.cat([prompt, new], dim=1)
     return (out, logprobs) if return_logprobs else out
@@ -332,10 +396,10 @@ def _encode_prompts(prompts: Sequence[str], n_tokens: int) -> list[list[int]]:
 
 
 def _text_rows(params: GPTParams, prompts: Sequence[str], request: _Request, *, seed: Seed,
-               stop: str | Sequence[str] | None, beams: dict[str, Any] | None = None
-               ) -> Iterator[tuple[int, str, float | None]]:
+               stop: str | Sequence[str] | None, beams: dict[str, Any] | None = None, cache: KVCache | None = None,
+               record: Recorder | None = None) -> Iterator[tuple[int, str, float | None]]:
     """Yield `(row, text piece, log-probability of the piece's token or None)` as pieces become final, for every
-    row (`len(prompts) * num_return_sequences` rows with beams)."""
+    row (`len(prompts) * num_return_sequences` rows with beams). `record` (details) learns where each row stopped."""
     _check_seed(seed)
     stops = _check_stop(stop)
     if isinstance(prompts, str) or not prompts:
@@ -344,14 +408,15 @@ def _text_rows(params: GPTParams, prompts: Sequence[str], request: _Request, *, 
     check_prompt_ids(ids, mask, params.config.n_tokens)
     n_rows = len(prompts) * (1 if beams is None else beams["num_return_sequences"])
     rows = [TextStream(stops) for _ in range(n_rows)]
-    if request.max_new_tokens > 0:
+    if request.max_new_tokens > 0 or record is not None:
         if beams is not None:
             steps: Iterator[tuple[Tensor, Tensor | None]] = iter(
                 [(t, None) for t in _continue(params, ids, mask, request, beams, seed)[0].T])
         else:
-            window, wmask = _crop_to_window(ids, mask, params.config.context_length)
+            window, wmask = (ids, mask) if cache is not None else _crop_to_window(ids, mask,
+                                                                                  params.config.context_length)
             gens = None if request.options.greedy else row_generators(seed, ids.shape[0], params.device)
-            steps = _token_steps(params, window, wmask, request, gens)
+            steps = _token_steps(params, window, wmask, request, gens, cache, record)
         try:
             for tok, logprob in steps:
                 lps = None if logprob is None else logprob.tolist()
@@ -359,6 +424,8 @@ def _text_rows(params: GPTParams, prompts: Sequence[str], request: _Request, *, 
                     if rows[i].done:
                         continue
                     piece = rows[i].finish() if t == request.eos_id else rows[i].push(t)
+                    if record is not None and rows[i].done:
+                        record.stop_row(i, "eos" if t == request.eos_id else "stop")
                     yield i, piece, None if lps is None else lps[i]
                 if all(r.done for r in rows):
                     break
@@ -379,7 +446,9 @@ def generate(params: GPTParams, prompt: str | Sequence[str], *, max_new_tokens: 
              eos: bool | int | None = True, device: torch.device | str | None = None, compile: bool = False,
              edit: Mapping[str, Callable[[Tensor], Tensor]] | None = None, return_logprobs: bool = False,
              num_beams: int = 1, length_penalty: float = 1.0, early_stopping: bool | str = False,
-             num_return_sequences: int = 1) -> Any:
+             num_return_sequences: int = 1, processors: Sequence[LogitsProcessor] | None = None,
+             cache: KVCache | None = None, return_details: bool = False, output_logits: bool = False,
+             top_logprobs: int | None = None) -> Any:
     """The model's continuation of `prompt` (without the prompt); a list of prompts gives a list of continuations.
 
     - `temperature=0` (default) is greedy; above 0 it samples, optionally from the `top_k` most likely ids,
@@ -399,6 +468,13 @@ def generate(params: GPTParams, prompt: str | Sequence[str], *, max_new_tokens: 
       before sampling filters) of each token the row produced (a list per prompt for a list of prompts).
     - `num_beams > 1`: beam search as `transformers`' `generate(num_beams=, do_sample=False)`, with
       `length_penalty`, `early_stopping` and `num_return_sequences` (then each prompt gives a list of texts).
+    - `processors=[fn, ...]`: rules `fn(logits, ids) -> logits` applied after the built-in filters, in order
+      (`gpt2fn.processors`: `bad_words`, `sequence_bias`, `min_new_tokens`, `forced_eos_at_max`, the built-ins).
+    - `return_details=True`: returns a `gpt2fn.Generation` (texts, ids, log-probs, stop reasons, the final cache;
+      `output_logits=True` adds each step's logits, `top_logprobs=k` the k most likely ids): see `gpt2fn.details`.
+    - `cache=`: a `Generation`'s cache; `prompt` is then the text that follows it (one string per cached row), and
+      the rows continue as if prefilled from the cached tokens and `encode(prompt)` (no second prefill). The
+      cache is not consumed; it grows (a copy) when it lacks room. Penalties and processors see this call's ids.
     """
     single = isinstance(prompt, str)
     if not single and (isinstance(prompt, (bytes, bytearray)) or not hasattr(prompt, "__iter__")):
@@ -410,16 +486,21 @@ def generate(params: GPTParams, prompt: str | Sequence[str], *, max_new_tokens: 
     params = _prepare(params, device)
     request = _request(params, max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos, min_p=min_p,
                        no_repeat_ngram_size=no_repeat_ngram_size, suppress=suppress, edit=edit, compile=compile,
-                       logprobs=return_logprobs)
+                       logprobs=return_logprobs or return_details, processors=processors)
     beams = _check_beams(request, num_beams, length_penalty, early_stopping, num_return_sequences)
+    record = _recorder(request, beams, cache, details=return_details, logits=output_logits,
+                       top_logprobs=top_logprobs, logprobs=return_logprobs, vocab=params.config.vocab_size)
     per = 1 if beams is None else beams["num_return_sequences"]
     texts = [""] * (len(prompts) * per)
     logprobs: list[list[float]] = [[] for _ in texts]
     with torch.no_grad():
-        for i, piece, lp in _text_rows(params, prompts, request, seed=seed, stop=stop, beams=beams):
+        for i, piece, lp in _text_rows(params, prompts, request, seed=seed, stop=stop, beams=beams, cache=cache,
+                                       record=record):
             texts[i] += piece
             if lp is not None:
                 logprobs[i].append(lp)
+    if record is not None:
+        return record.result(request.eos_id, len(prompts), tuple(texts))
     out: Any = texts if per == 1 else [texts[i * per:(i + 1) * per] for i in range(len(prompts))]
     lps: Any = logprobs
     if single:
@@ -432,16 +513,21 @@ def stream(params: GPTParams, prompt: str, *, max_new_tokens: int = 20, temperat
            min_p: float | None = None, no_repeat_ngram_size: int | None = None,
            suppress: Sequence[int] | None = None, seed: Seed = None, stop: str | Sequence[str] | None = None,
            eos: bool | int | None = True, device: torch.device | str | None = None, compile: bool = False,
-           edit: Mapping[str, Callable[[Tensor], Tensor]] | None = None) -> Iterator[str]:
+           edit: Mapping[str, Callable[[Tensor], Tensor]] | None = None,
+           processors: Sequence[LogitsProcessor] | None = None, cache: KVCache | None = None) -> Iterator[str]:
     """Like :func:`generate` for one prompt, yielding text pieces as soon as they are final. The pieces
-    concatenate to `generate`'s text; a multi-byte UTF-8 character is never split between two pieces."""
+    concatenate to `generate`'s text; a multi-byte UTF-8 character is never split between two pieces.
+    `processors` and `cache` as in :func:`generate`."""
     _check_seed(seed)
     if not isinstance(prompt, str):
         raise ValueError(f"stream takes one prompt string, got {type(prompt).__name__}; use generate for a batch")
     params = _prepare(params, device)
     request = _request(params, max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos, min_p=min_p,
-                       no_repeat_ngram_size=no_repeat_ngram_size, suppress=suppress, edit=edit, compile=compile)
+                       no_repeat_ngram_size=no_repeat_ngram_size, suppress=suppress, edit=edit, compile=compile,
+                       processors=processors)
+    _recorder(request, None, cache, details=False, logits=False, top_logprobs=None, logprobs=False,
+              vocab=params.config.vocab_size)  # checks cache=
     with torch.no_grad():
-        for _, piece, _ in _text_rows(params, [prompt], request, seed=seed, stop=stop):
+        for _, piece, _ in _text_rows(params, [prompt], request, seed=seed, stop=stop, cache=cache):
             if piece:
                 yield piece
