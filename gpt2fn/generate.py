@@ -166,6 +166,8 @@ def _token_steps(params: GPTParams, ids: Tensor, mask: Tensor | None, request: _
     slid = False
     if record is not None:
         record.base = filled
+        if request.max_new_tokens == 0:  # the prefill only: its cache
+            record.cache = cache
     checking = checks_enabled()  # the caller's setting for the prefill and the first step; then off (speed)
     for step in range(request.max_new_tokens):
         with shape_checks(checking):

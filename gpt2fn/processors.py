@@ -76,11 +76,13 @@ class Processor:
 
 
 def _check_call(logits: Tensor, ids: Tensor, p: Processor) -> None:
-    if not isinstance(logits, Tensor) or logits.ndim != 2 or not logits.dtype.is_floating_point:
+    if not isinstance(logits, Tensor) or not isinstance(ids, Tensor):
+        raise TypeError(f"{p.name} takes (logits, ids), two torch.Tensors; got ({_describe(logits)}, "
+                        f"{_describe(ids)})")
+    if logits.ndim != 2 or not logits.dtype.is_floating_point:
         raise ValueError(f"{p.name}: logits must be a float tensor [batch, vocab]; got "
                          f"{_describe(logits)}")
-    if (not isinstance(ids, Tensor) or ids.ndim != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool
-            or ids.shape[0] != logits.shape[0]):
+    if ids.ndim != 2 or ids.dtype.is_floating_point or ids.dtype == torch.bool or ids.shape[0] != logits.shape[0]:
         raise ValueError(f"{p.name}: ids must be an integer tensor [batch={logits.shape[0]}, seq] (each row's "
                          f"tokens so far, {PAD} on left padding); got {_describe(ids)}")
     if p.token_ids and p.token_ids[-1] >= logits.shape[1]:
@@ -164,9 +166,10 @@ def repetition_penalty(penalty: float) -> Processor:
     check_options(1.0, None, None, penalty)
 
     def apply(logits: Tensor, ids: Tensor) -> Tensor:
-        seen = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
-        seen.scatter_(1, ids.clamp(min=0), _real(ids))  # padding writes False onto id 0: a no-op
-        return sampling.repetition_penalty(logits, seen, penalty)
+        batch, vocab = logits.shape  # padding (and any id past the logits) lands in a spare last column
+        at = torch.where(_real(ids) & (ids < vocab), ids, vocab)
+        seen = torch.zeros(batch, vocab + 1, dtype=torch.bool, device=logits.device).scatter(1, at, True)
+        return sampling.repetition_penalty(logits, seen[:, :vocab], penalty)
 
     return Processor(f"repetition_penalty({penalty})", apply)
 
