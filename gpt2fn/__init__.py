@@ -5,8 +5,8 @@
     grads  = torch.func.grad(gpt2fn.loss)(params, ids, targets)
 """
 
-from . import processors  # generation rules: gpt2fn.processors.bad_words, .sequence_bias, .top_k, ...
-from . import train  # the training namespace: gpt2fn.train.train_step, gpt2fn.train.train, ...
+# namespaces: gpt2fn.processors (generation rules: bad_words, sequence_bias, top_k, ...) and gpt2fn.train
+from . import processors, train
 from .beam import beam_search
 from .cache import DonatedCacheError, KVCache, grow, init_cache, rollback, select_rows
 from .checkpoints import Checkpoint, CheckpointError, load, load_checkpoint, save, save_hf

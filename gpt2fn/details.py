@@ -106,9 +106,10 @@ class Recorder:
         lengths, reasons = [new] * rows, ["length"] * rows
         if eos_id is not None and new:
             hit = ids == eos_id
-            for i, (any_hit, first) in enumerate(zip(hit.any(1).tolist(), hit.long().argmax(1).tolist())):
+            firsts = hit.long().argmax(1).tolist()
+            for i, any_hit in enumerate(hit.any(1).tolist()):
                 if any_hit:
-                    lengths[i], reasons[i] = first + 1, "eos"
+                    lengths[i], reasons[i] = firsts[i] + 1, "eos"
         for i, (reason, n) in self.stopped.items():
             if n <= lengths[i]:
                 lengths[i], reasons[i] = n, reason

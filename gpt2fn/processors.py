@@ -18,14 +18,16 @@ sample). A processor must be pure: read its arguments, write into neither, retur
 
 Factories (each returns a `Processor`, a named, checked callable; any plain function of that signature works too):
 
-| factory | what it does | `transformers` twin |
-|---|---|---|
-| `temperature(t)`, `top_k(k)`, `top_p(p)`, `min_p(p)` | the sampling warpers | `TemperatureLogitsWarper`, `TopKLogitsWarper`, `TopPLogitsWarper`, `MinPLogitsWarper` |
-| `repetition_penalty(r)`, `no_repeat_ngram(n)`, `suppress(ids)` | the built-in processors | `RepetitionPenaltyLogitsProcessor`, `NoRepeatNGramLogitsProcessor`, `SuppressTokensLogitsProcessor` |
-| `bad_words(sequences)` | token sequences never produced | `NoBadWordsLogitsProcessor` |
-| `sequence_bias({seq: bias})` | add `bias` to the token completing `seq` | `SequenceBiasLogitsProcessor` |
-| `min_new_tokens(n, prompt_len=, eos_id=)`, `min_length(n, eos_id=)` | no EOS before `n` new (or total) tokens | `MinNewTokensLengthLogitsProcessor`, `MinLengthLogitsProcessor` |
-| `forced_eos_at_max(max_length, eos_id=)` | EOS as the last token of `max_length` | `ForcedEOSTokenLogitsProcessor` |
+- `temperature(t)`, `top_k(k)`, `top_p(p)`, `min_p(p)`: the sampling warpers (`TemperatureLogitsWarper`,
+  `TopKLogitsWarper`, `TopPLogitsWarper`, `MinPLogitsWarper` in `transformers`);
+- `repetition_penalty(r)`, `no_repeat_ngram(n)`, `suppress(ids)`: the built-in processors
+  (`RepetitionPenaltyLogitsProcessor`, `NoRepeatNGramLogitsProcessor`, `SuppressTokensLogitsProcessor`);
+- `bad_words(sequences)`: token sequences never produced (`NoBadWordsLogitsProcessor`);
+- `sequence_bias({seq: bias})`: add `bias` to the token completing `seq` (`SequenceBiasLogitsProcessor`);
+- `min_new_tokens(n, prompt_len=, eos_id=)`, `min_length(n, eos_id=)`: no EOS before `n` new (or total) tokens
+  (`MinNewTokensLengthLogitsProcessor`, `MinLengthLogitsProcessor`);
+- `forced_eos_at_max(max_length, eos_id=)`: EOS as the token that makes the rows `max_length` long
+  (`ForcedEOSTokenLogitsProcessor`).
 
 The built-in factories call the very functions of `gpt2fn.sampling` that the keywords run (`top_k_filter`,
 `repetition_penalty`, ...): one implementation, two ways to order it. To reorder the built-ins, leave the keywords
