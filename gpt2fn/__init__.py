@@ -33,6 +33,7 @@ from .params import (
 from .quantize import QuantizedWeightsError, dequantize, quantize
 from .scoring import Score, score
 from .shapes import ShapeError, checks_enabled, shape_checks
+from .speculative import PromptLookup
 from .step import compiled_decode_step, decode_step
 from .study import (
     Activations,
@@ -71,6 +72,7 @@ __all__ = [
     "KVCache", "init_cache", "rollback", "select_rows", "DonatedCacheError",              # cache
     "decode_step", "compiled_decode_step",                                                # step
     "generate", "generate_tokens", "stream", "beam_search",                               # generate, beam
+    "PromptLookup",                                                                       # speculative
     "default_device",                                                                     # devices
     "score", "Score",                                                                     # scoring
     "shape_checks", "checks_enabled", "ShapeError",                                       # shapes

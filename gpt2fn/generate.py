@@ -12,6 +12,8 @@ one `decode_step` per new token -> `gpt2fn.sampling.next_token` -> ids -> increm
   tokens are prefilled again (`slide = max(1, context_length // 8)`), so each token sees between
   `context_length - slide` and `context_length` tokens of context. A prompt longer than the window is cropped
   from the left with a warning, like the seed's loop.
+- `draft=` (a draft model or prompt lookup) decodes speculatively: `gpt2fn.speculative`, dispatched from the
+  token loop below, with the same outputs (greedy) or the same distribution (sampling).
 - Every step reads the weights the caller holds, as they are (no decode layout, no copy: `gpt2fn.kernels` picks
   the kernel). Shape checks run on the prefill and the first decode step, then step aside: on every step they
   would cost more than half again the step's time for GPT-2 124M.
@@ -34,6 +36,7 @@ from .model import left_pad, positions_from_mask, trained_vocab_index
 from .params import GPTParams, check_params, tree_to
 from .sampling import SamplingOptions, next_token, row_generators
 from .shapes import checks_enabled, shape_checks
+from .speculative import Draft, PromptLookup, check_draft, speculative_steps
 from .step import compiled_decode_step, decode_step
 from .tokenizer import EOT, encode, tokenizer
 
@@ -54,13 +57,15 @@ class _Request:
     edit: Any = None  # a gpt2fn.study tap applying the edits, or None
     compile: bool = False
     logprobs: bool = False
+    draft: Draft | None = None  # speculative decoding (gpt2fn.speculative): a draft model or PromptLookup
+    draft_tokens: int = 0
 
 
 def _request(params: GPTParams, max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
              repetition_penalty: float | None, eos: bool | int | None, *, min_p: float | None = None,
              no_repeat_ngram_size: int | None = None, suppress: Sequence[int] | None = None,
              edit: Mapping[str, Callable[[Tensor], Tensor]] | None = None, compile: bool = False,
-             logprobs: bool = False) -> _Request:
+             logprobs: bool = False, draft: Any = None, draft_tokens: Any = None) -> _Request:
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     options = SamplingOptions(temperature, top_k, top_p, repetition_penalty, min_p, no_repeat_ngram_size,
@@ -82,7 +87,8 @@ def _request(params: GPTParams, max_new_tokens: int, temperature: float, top_k: 
     else:
         raise ValueError(f"eos must be True (<|endoftext|>), False/None (never stop early) or a token id in "
                          f"[0, {n_tokens}); got {eos!r}")
-    return _Request(max_new_tokens, options, eos_id, tap, bool(compile), bool(logprobs))
+    spec, k = check_draft(params, draft, draft_tokens, edit=bool(edit), compile=bool(compile))
+    return _Request(max_new_tokens, options, eos_id, tap, bool(compile), bool(logprobs), spec, k)
 
 
 def _crop_to_window(ids: Tensor, mask: Tensor | None, ctx: int) -> tuple[Tensor, Tensor | None]:
@@ -104,6 +110,11 @@ def _token_steps(params: GPTParams, ids: Tensor, mask: Tensor | None, request: _
     Each step is `decode_step` donating the cache it was given (one owner, no copy per token); with `compile`
     the one-token steps run through `compiled_decode_step()` (one graph for the whole generation). Edits
     (`request.edit`) are applied at the prefill and every step, at the absolute positions of the tokens."""
+    if request.draft is not None:  # speculative decoding: its own loop over the same decode_step
+        yield from speculative_steps(params, request.draft, ids, mask, generators, options=request.options,
+                                     eos_id=request.eos_id, max_new_tokens=request.max_new_tokens,
+                                     draft_tokens=request.draft_tokens, logprobs=request.logprobs)
+        return
     cfg, opts = params.config, request.options
     (batch, prompt_len), ctx = ids.shape, cfg.context_length
     keep = ctx - max(1, ctx // 8)  # tokens kept when the window slides
@@ -191,6 +202,9 @@ def _check_beams(request: _Request, num_beams: int, length_penalty: float, early
     check_beam_options(num_beams, num_return_sequences, length_penalty, early_stopping, request.max_new_tokens)
     if num_beams == 1:
         return None
+    if request.draft is not None:
+        raise ValueError(f"num_beams={num_beams} does not combine with draft= (speculative decoding speeds up "
+                         "greedy and sampled decoding): drop draft= or use num_beams=1")
     opts = request.options
     if not opts.greedy or opts.top_k is not None or opts.top_p is not None or opts.min_p is not None:
         raise ValueError("beam search is deterministic: temperature, top_k, top_p and min_p do not apply with "
@@ -227,7 +241,8 @@ def generate_tokens(params: GPTParams, ids: Tensor, *, max_new_tokens: int = 20,
                     pad_mask: Tensor | None = None, device: torch.device | str | None = None, compile: bool = False,
                     edit: Mapping[str, Callable[[Tensor], Tensor]] | None = None, return_logprobs: bool = False,
                     num_beams: int = 1, length_penalty: float = 1.0, early_stopping: bool | str = False,
-                    num_return_sequences: int = 1) -> Tensor | tuple[Tensor, Tensor]:
+                    num_return_sequences: int = 1, draft: GPTParams | PromptLookup | str | None = None,
+                    draft_tokens: int | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """Continue each row of `ids` `[batch, seq]`: returns `[batch, seq + new]` (the prompt, then the new ids).
 
     `new` is `max_new_tokens`, or fewer when every row has produced `eos` (an id; True means `<|endoftext|>`);
@@ -238,7 +253,7 @@ def generate_tokens(params: GPTParams, ids: Tensor, *, max_new_tokens: int = 20,
     params = _prepare(params, device)
     request = _request(params, max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos, min_p=min_p,
                        no_repeat_ngram_size=no_repeat_ngram_size, suppress=suppress, edit=edit, compile=compile,
-                       logprobs=return_logprobs)
+                       logprobs=return_logprobs, draft=draft, draft_tokens=draft_tokens)
     beams = _check_beams(request, num_beams, length_penalty, early_stopping, num_return_sequences)
     _check_seed(seed)
     if not isinstance(ids, Tensor):
@@ -379,7 +394,8 @@ def generate(params: GPTParams, prompt: str | Sequence[str], *, max_new_tokens: 
              eos: bool | int | None = True, device: torch.device | str | None = None, compile: bool = False,
              edit: Mapping[str, Callable[[Tensor], Tensor]] | None = None, return_logprobs: bool = False,
              num_beams: int = 1, length_penalty: float = 1.0, early_stopping: bool | str = False,
-             num_return_sequences: int = 1) -> Any:
+             num_return_sequences: int = 1, draft: GPTParams | PromptLookup | str | None = None,
+             draft_tokens: int | None = None) -> Any:
     """The model's continuation of `prompt` (without the prompt); a list of prompts gives a list of continuations.
 
     - `temperature=0` (default) is greedy; above 0 it samples, optionally from the `top_k` most likely ids,
@@ -399,6 +415,10 @@ def generate(params: GPTParams, prompt: str | Sequence[str], *, max_new_tokens: 
       before sampling filters) of each token the row produced (a list per prompt for a list of prompts).
     - `num_beams > 1`: beam search as `transformers`' `generate(num_beams=, do_sample=False)`, with
       `length_penalty`, `early_stopping` and `num_return_sequences` (then each prompt gives a list of texts).
+    - `draft=draft_params` (a smaller model with the same vocabulary), `draft="prompt_lookup"` or
+      `draft=PromptLookup(max_ngram=, min_ngram=)`: speculative decoding (`gpt2fn.speculative`), `draft_tokens`
+      proposals (default 4) checked per target step. Greedy text is the target's own; sampled text has the
+      target's distribution. The prompt plus `max_new_tokens` must fit the context (the window does not slide).
     """
     single = isinstance(prompt, str)
     if not single and (isinstance(prompt, (bytes, bytearray)) or not hasattr(prompt, "__iter__")):
@@ -410,7 +430,7 @@ def generate(params: GPTParams, prompt: str | Sequence[str], *, max_new_tokens: 
     params = _prepare(params, device)
     request = _request(params, max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos, min_p=min_p,
                        no_repeat_ngram_size=no_repeat_ngram_size, suppress=suppress, edit=edit, compile=compile,
-                       logprobs=return_logprobs)
+                       logprobs=return_logprobs, draft=draft, draft_tokens=draft_tokens)
     beams = _check_beams(request, num_beams, length_penalty, early_stopping, num_return_sequences)
     per = 1 if beams is None else beams["num_return_sequences"]
     texts = [""] * (len(prompts) * per)
@@ -432,7 +452,8 @@ def stream(params: GPTParams, prompt: str, *, max_new_tokens: int = 20, temperat
            min_p: float | None = None, no_repeat_ngram_size: int | None = None,
            suppress: Sequence[int] | None = None, seed: Seed = None, stop: str | Sequence[str] | None = None,
            eos: bool | int | None = True, device: torch.device | str | None = None, compile: bool = False,
-           edit: Mapping[str, Callable[[Tensor], Tensor]] | None = None) -> Iterator[str]:
+           edit: Mapping[str, Callable[[Tensor], Tensor]] | None = None,
+           draft: GPTParams | PromptLookup | str | None = None, draft_tokens: int | None = None) -> Iterator[str]:
     """Like :func:`generate` for one prompt, yielding text pieces as soon as they are final. The pieces
     concatenate to `generate`'s text; a multi-byte UTF-8 character is never split between two pieces."""
     _check_seed(seed)
@@ -440,7 +461,8 @@ def stream(params: GPTParams, prompt: str, *, max_new_tokens: int = 20, temperat
         raise ValueError(f"stream takes one prompt string, got {type(prompt).__name__}; use generate for a batch")
     params = _prepare(params, device)
     request = _request(params, max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos, min_p=min_p,
-                       no_repeat_ngram_size=no_repeat_ngram_size, suppress=suppress, edit=edit, compile=compile)
+                       no_repeat_ngram_size=no_repeat_ngram_size, suppress=suppress, edit=edit, compile=compile,
+                       draft=draft, draft_tokens=draft_tokens)
     with torch.no_grad():
         for _, piece, _ in _text_rows(params, [prompt], request, seed=seed, stop=stop):
             if piece:

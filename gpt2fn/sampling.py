@@ -27,7 +27,7 @@ from .shapes import checked
 __all__ = [
     "SamplingOptions", "check_options", "mask_vocab", "repetition_penalty", "scale_temperature", "top_k_filter",
     "top_p_filter", "min_p_filter", "no_repeat_ngram", "suppress_tokens", "greedy", "sample", "row_generators",
-    "next_token",
+    "next_token", "filter_logits",
 ]
 
 
@@ -243,12 +243,14 @@ def row_generators(seed: int | torch.Generator | Sequence[int | torch.Generator]
             for s in seeds]
 
 
-def next_token(logits: Float[Tensor, "batch vocab"], options: SamplingOptions, *, n_tokens: int,
-               generators: Sequence[torch.Generator] | None = None, seen: Bool[Tensor, "batch vocab"] | None = None,
-               allowed: Bool[Tensor, " vocab"] | None = None, history: Int[Tensor, "batch seq"] | None = None,
-               history_mask: Bool[Tensor, "batch seq"] | None = None) -> Int[Tensor, " batch"]:
-    """The whole pipeline: mask padded (or not allowed) ids, penalise repeats, ban repeated n-grams and suppressed
-    ids, then greedy or temperature/top-k/top-p/min-p sampling.
+def filter_logits(logits: Float[Tensor, "batch vocab"], options: SamplingOptions, *, n_tokens: int,
+                  seen: Bool[Tensor, "batch vocab"] | None = None, allowed: Bool[Tensor, " vocab"] | None = None,
+                  history: Int[Tensor, "batch seq"] | None = None,
+                  history_mask: Bool[Tensor, "batch seq"] | None = None) -> Float[Tensor, "batch vocab"]:
+    """The scores the next token is chosen from (fp32): padded or not allowed ids masked, repeats penalised,
+    repeated n-grams and suppressed ids banned, then (sampling only) temperature, top-k, top-p and min-p. Greedy
+    decoding takes their argmax, sampling draws from their softmax (`next_token`); speculative decoding compares
+    the target's and the draft's softmax (`gpt2fn.speculative`).
 
     `seen` (ids already in each row) feeds the repetition penalty; `history` (each row's tokens so far, prompt
     included) and `history_mask` (its real tokens, False on left padding) feed `no_repeat_ngram_size`."""
@@ -265,7 +267,7 @@ def next_token(logits: Float[Tensor, "batch vocab"], options: SamplingOptions, *
     if options.suppress:
         logits = suppress_tokens(logits, options.suppress)
     if options.greedy:
-        return greedy(logits)
+        return logits
     logits = scale_temperature(logits, options.temperature)
     if options.top_k is not None:
         logits = top_k_filter(logits, options.top_k)
@@ -273,6 +275,19 @@ def next_token(logits: Float[Tensor, "batch vocab"], options: SamplingOptions, *
         logits = top_p_filter(logits, options.top_p)
     if options.min_p is not None and options.min_p > 0:
         logits = min_p_filter(logits, options.min_p)
+    return logits
+
+
+def next_token(logits: Float[Tensor, "batch vocab"], options: SamplingOptions, *, n_tokens: int,
+               generators: Sequence[torch.Generator] | None = None, seen: Bool[Tensor, "batch vocab"] | None = None,
+               allowed: Bool[Tensor, " vocab"] | None = None, history: Int[Tensor, "batch seq"] | None = None,
+               history_mask: Bool[Tensor, "batch seq"] | None = None) -> Int[Tensor, " batch"]:
+    """The whole pipeline: `filter_logits` (mask padded or not allowed ids, penalise repeats, ban repeated n-grams
+    and suppressed ids, temperature/top-k/top-p/min-p), then greedy or one draw per row."""
+    logits = filter_logits(logits, options, n_tokens=n_tokens, seen=seen, allowed=allowed, history=history,
+                           history_mask=history_mask)
+    if options.greedy:
+        return greedy(logits)
     if generators is None:
         raise ValueError("sampling (temperature > 0) needs generators, one per row; see row_generators()")
     return sample(logits, generators)
