@@ -212,7 +212,8 @@ def test_speculative_sampling_has_the_targets_distribution_on_a_tiny_vocabulary(
     options = SamplingOptions(temperature=1.5) if case == "draft-model" else SamplingOptions(1.0, top_k=4)
     prompt = torch.tensor([[1, 4, 2, 1, 4]])  # "1 4" recurs: prompt lookup proposes "2 1"
     p = _joint(target, prompt, options)
-    out = generate_tokens(target, prompt.expand(n, -1), max_new_tokens=2, temperature=options.temperature,
+    # three new tokens, two proposals: the first round checks two, so a rejection may come after an acceptance
+    out = generate_tokens(target, prompt.expand(n, -1), max_new_tokens=3, temperature=options.temperature,
                           top_k=options.top_k, draft=draft if case == "draft-model" else "prompt_lookup",
                           draft_tokens=2, seed=1000)
     counts = torch.zeros(vocab, vocab).index_put_((out[:, 5], out[:, 6]), torch.ones(n), accumulate=True)
