@@ -294,7 +294,7 @@ def speculative_steps(params: GPTParams, draft: Draft, ids: Tensor, mask: Tensor
         done = [len(o) == new or (eos_id is not None and bool(o) and o[-1] == eos_id) for o in out]
         active_t = torch.tensor([not d for d in done], device=device)
         count = torch.tensor([width + m for m in made], dtype=torch.long, device=device)
-        ready = min(new if d else m for d, m in zip(done, made))
+        ready = min(new if d else m for d, m in zip(done, made, strict=False))
         last = new if not all(done) else max(made)
         while column < min(ready, last):
             tok = [o[column] if column < len(o) else eos_id for o in out]
@@ -315,7 +315,8 @@ def _round(params: GPTParams, draft: Draft, tcache: KVCache, dcache: KVCache | N
     the caches and the draft's per-row token count."""
     device = seq.device
     active_t = torch.tensor(active, device=device)
-    limit = [min(k, new - len(o) - 1) if a else 0 for a, o in zip(active, out)]  # proposals each row may keep
+    # proposals each row may keep
+    limit = [min(k, new - len(o) - 1) if a else 0 for a, o in zip(active, out, strict=False)]
     kr = max(limit)
     if int(tcache.length) + 1 + kr > tcache.capacity:  # no room for this round: close the gaps
         tcache = _refill(params, tcache, seq, real, count - 1, active_t)
@@ -331,7 +332,7 @@ def _round(params: GPTParams, draft: Draft, tcache: KVCache, dcache: KVCache | N
     if kr > 0 and isinstance(draft, PromptLookup):
         rows = [seq[i, :int(count[i])][real[i, :int(count[i])]] if a else seq[i, :0] for i, a in enumerate(active)]
         found = lookup_proposals(rows, kr, draft)
-        limit = [min(n, len(f)) for n, f in zip(limit, found)]  # a row proposes only what it matched
+        limit = [min(n, len(f)) for n, f in zip(limit, found, strict=False)]  # a row proposes only what it matched
         kr = max(limit)  # 0 when nothing matched: a plain step
         if kr > 0:  # filler past a row's own proposals is never accepted (its limit stops there)
             props = [(f + [0] * kr)[:kr] for f in found]

@@ -492,7 +492,8 @@ def bench_speculative(params: GPTParams, *, draft_layers: int | None = None, dra
         }
         outputs: dict[str, torch.Tensor] = {}
 
-        def runner(n: str, new: int) -> Callable[[], None]:
+        def runner(n: str, new: int, calls: dict[str, Callable[[int], torch.Tensor]] = calls,
+                   outputs: dict[str, torch.Tensor] = outputs) -> Callable[[], None]:
             def run() -> None:
                 with torch.inference_mode():
                     outputs[n] = calls[n](new)
