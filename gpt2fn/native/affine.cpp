@@ -52,13 +52,35 @@ static inline vf splat(float s) { return vf{} + s; }
 
 // VL stored elements widened to fp32 in registers.
 static inline vf widen(const float* p) { return load(p); }
+// Widening through intrinsics where the CPU has the instruction: GCC splits __builtin_convertvector from 16-bit
+// lanes into halves (bf16) or, for _Float16 without AVX512-FP16, into one vcvtph2ps per element.
+static inline vf as_vf(const void* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
 static inline vf widen(const bf16* p) {
+#if defined(__AVX512F__)
+  __m512i u = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16);
+  return as_vf(&u);
+#elif defined(__AVX2__)
+  __m256i u = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16);
+  return as_vf(&u);
+#else
   vbf h; std::memcpy(&h, p, sizeof h);
   return (vf)(__builtin_convertvector(h, vu) << 16);
+#endif
 }
 #ifdef __FLT16_MAX__  // the compiler knows _Float16 (GCC 12+, clang 15+ on x86-64 and arm64)
 #define GPT2FN_F16 1
-static inline vf widen(const _Float16* p) { vhf h; std::memcpy(&h, p, sizeof h); return __builtin_convertvector(h, vf); }
+static inline vf widen(const _Float16* p) {
+#if defined(__AVX512F__)
+  __m512 f = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return as_vf(&f);
+#elif defined(__F16C__) && defined(__AVX__)
+  __m256 f = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return as_vf(&f);
+#else
+  vhf h; std::memcpy(&h, p, sizeof h);
+  return __builtin_convertvector(h, vf);
+#endif
+}
 static inline float widen1(_Float16 v) { return float(v); }
 #else
 #define GPT2FN_F16 0
