@@ -424,8 +424,9 @@ def generate(params: GPTParams, prompt: str | Sequence[str], *, max_new_tokens: 
     - `compile`: run the one-token steps through `torch.compile` (`gpt2fn.step.compiled_decode_step`): the
       same tokens; the first call compiles (seconds), later ones reuse the graph. With `edit=` the steps run
       through `compiled_decode_step_at` (the edit tap and the step's positions are arguments): one graph, no
-      break, for steer/patch/ablate edits, traced again for a new edit (its tensors' shapes, its positions and
-      heads are part of the graph; its tensors' values are inputs).
+      break, for steer/patch/ablate edits. A new edit reuses the graph when only its tensors' values differ
+      (steering vectors and scales, patch sources: graph inputs) and is traced again when its sites, functions'
+      kind, positions, heads or tensor shapes differ (those are guarded).
     - `edit={site: fn}`: the edits of `gpt2fn.study` (`steer`, `patch`, `ablate_head`, any `fn(value) -> value`)
       applied at the prefill and at every step; `positions=` of an edit are absolute positions in the sequence.
     - `return_logprobs=True`: returns `(text, logprobs)`, the model's log-probability (log_softmax of its logits,
@@ -486,9 +487,10 @@ def stream(params: GPTParams, prompt: str, *, max_new_tokens: int = 20, temperat
     """Like :func:`generate` for one prompt, yielding text pieces as soon as they are final. The pieces
     concatenate to `generate`'s text; a multi-byte UTF-8 character is never split between two pieces.
 
-    `capture=` is refused (a ValueError when the first piece is asked for): a stream yields text only, and a piece is not a
-    position (a piece may hold several tokens or wait for the next). Capture with `generate(..., capture=)` or
-    `generate_tokens(..., capture=)`, which return the activations of every position beside the text or ids."""
+    `capture=` is refused (a ValueError when the first piece is asked for): a stream yields text only, and a
+    piece is not a position (a piece may hold several tokens or wait for the next). Capture with
+    `generate(..., capture=)` or `generate_tokens(..., capture=)`, which return the activations of every
+    position beside the text or ids."""
     if capture:
         raise ValueError("stream yields text pieces only and does not capture activations; use "
                          "gpt2fn.generate(..., capture=sites) or gpt2fn.generate_tokens(..., capture=sites), which "

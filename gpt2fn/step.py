@@ -87,7 +87,8 @@ def decode_step_at(params: GPTParams, cache: KVCache, ids: Int[Tensor, "batch se
 @functools.cache
 def compiled_decode_step_at(mode: str | None = None) -> Callable[..., tuple[Tensor, KVCache]]:
     """`torch.compile(decode_step_at, fullgraph=True, dynamic=False)`, made once per `mode`: what
-    `generate(..., compile=True, edit=)` runs its one-token steps through. The graph is traced once per edit
-    (its functions, their positions and heads and the shapes of their tensors are guarded; the tensors' values
-    are inputs) and reused at every step."""
+    `generate(..., compile=True, edit=)` runs its one-token steps through. One graph serves every step, and
+    every later edit that differs only in its tensors' values (steering vectors and scales, patch sources: graph
+    inputs); the edited sites, the edits' kinds, positions, heads and tensor shapes are guarded (a change
+    traces again)."""
     return torch.compile(decode_step_at, fullgraph=True, dynamic=False, mode=mode)

@@ -172,4 +172,10 @@ def test_compiled_edited_generation_gives_the_eager_tokens_with_one_graph(sharp)
     graphs = counters["stats"]["unique_graphs"]
     with torch._dynamo.config.patch(error_on_recompile=True):
         again = generate_tokens(sharp, ids, pad_mask=mask, max_new_tokens=12, edit=edit, compile=True)
+        # a new edit of the same kind (other vector, scale and patch values): its tensors are inputs, same graph
+        other = {"blocks.0.resid_post": steer(torch.linspace(3, -3, 24), scale=-1.5, positions=[1, 5, 8]),
+                 "blocks.1.mlp.post": patch(torch.full((96,), -0.5), positions=[0, 7]),
+                 "blocks.0.attn.z": ablate_head([0, 2])}
+        moved = generate_tokens(sharp, ids, pad_mask=mask, max_new_tokens=12, edit=other, compile=True)
     assert torch.equal(again, eager) and counters["stats"]["unique_graphs"] == graphs
+    assert torch.equal(moved, generate_tokens(sharp, ids, pad_mask=mask, max_new_tokens=12, edit=other))

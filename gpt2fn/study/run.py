@@ -283,12 +283,14 @@ def ablate_head(head: int | Sequence[int], *, value: Tensor | float = 0.0, posit
 
 
 def steer(vector: Tensor, *, scale: float = 1.0, positions: Positions = None) -> Edit:
-    """Add `scale * vector` (e.g. a `[d_model]` steering direction) to the site's value, at `positions` or all."""
+    """Add `scale * vector` (e.g. a `[d_model]` steering direction) to the site's value, at `positions` or all.
+    A number `scale` is held as a 0-d tensor, so under `torch.compile` a new scale is an input, not a new graph."""
     positions = _static(positions)
     absolute = _absolute_index(positions)
+    factor = scale if isinstance(scale, Tensor) else torch.tensor(float(scale))
 
     def edit(x: Tensor, at: Tensor | None, swapped: bool) -> Tensor:
-        add = scale * vector.to(dtype=x.dtype, device=x.device)
+        add = factor.to(device=x.device) * vector.to(dtype=x.dtype, device=x.device)
         if positions is None:
             mask = None
         else:
