@@ -35,6 +35,7 @@ from .params import (
 from .quantize import QuantizedWeightsError, dequantize, quantize
 from .scoring import Score, score
 from .shapes import ShapeError, checks_enabled, shape_checks
+from .speculative import PromptLookup
 from .step import compiled_decode_step, decode_step
 from .study import (
     Activations,
@@ -74,6 +75,7 @@ __all__ = [
     "decode_step", "compiled_decode_step",                                                # step
     "generate", "generate_tokens", "stream", "beam_search",                               # generate, beam
     "processors", "Generation",                                                           # processors, details
+    "PromptLookup",                                                                       # speculative
     "default_device",                                                                     # devices
     "score", "Score",                                                                     # scoring
     "shape_checks", "checks_enabled", "ShapeError",                                       # shapes

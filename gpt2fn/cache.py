@@ -128,16 +128,32 @@ def init_cache(config: GPTConfig, batch: int, capacity: int | None = None, *,
     return KVCache(keys, values, valid, length, positions)
 
 
-def rollback(cache: KVCache, n: int) -> KVCache:
+def rollback(cache: KVCache, n: int | Tensor) -> KVCache:
     """The cache as it was after its first `n` slots: later slots are forgotten. Each row's next position is
     recounted from the real tokens it keeps. The key/value buffers are shared with `cache`, not copied (a step
-    out of place leaves both intact; donating either one consumes both)."""
+    out of place leaves both intact; donating either one consumes both).
+
+    `n` may also be one count per row (an integer tensor `[batch]`): row `i` forgets its slots from `n[i]` on and
+    the cache's length becomes the largest count, so a row that keeps fewer has invisible slots up to the others
+    (as left padding is: they are hidden from attention and not counted in its positions). Speculative decoding
+    rolls back this way when rows accept different numbers of drafted tokens (`gpt2fn.speculative`)."""
     cache.check_live()
+    slot = torch.arange(cache.capacity, device=cache.valid.device)
+    if isinstance(n, Tensor):
+        if n.shape != (cache.batch,) or n.dtype.is_floating_point or n.dtype.is_complex or n.dtype == torch.bool:
+            raise ValueError(f"rollback's per-row n must be an integer tensor [batch={cache.batch}]; got {n.dtype} "
+                             f"of shape {list(n.shape)}")
+        n = n.to(cache.valid.device)
+        if not torch.compiler.is_compiling() and (int(n.min()) < 0 or int(n.max()) > int(cache.length)):
+            raise ValueError(f"rollback needs per-row counts in [0, length={int(cache.length)}] (it cannot roll "
+                             f"forward); got {n.tolist()}")
+        valid = cache.valid & (slot < n[:, None])
+        return dataclasses.replace(cache, valid=valid, length=n.max().to(cache.length.dtype).reshape(()),
+                                   positions=valid.sum(-1))
     if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= cache.capacity:
         raise ValueError(f"rollback needs an integer n in [0, capacity={cache.capacity}], got {n!r}")
     if not torch.compiler.is_compiling() and n > int(cache.length):
         raise ValueError(f"cannot roll forward: the cache holds {int(cache.length)} slots, asked for {n}")
-    slot = torch.arange(cache.capacity, device=cache.valid.device)
     valid = cache.valid & (slot < n)
     # the result shares the buffers, so it shares the ticket: donating either one consumes both
     return dataclasses.replace(cache, valid=valid, length=torch.full_like(cache.length, n),

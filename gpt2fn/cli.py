@@ -52,9 +52,10 @@ def add_dtype_option(parser: argparse.ArgumentParser, help_text: str = _DTYPE_HE
 
 def add_model_options(parser: argparse.ArgumentParser, *, preset: bool = True, model_aliases: tuple[str, ...] = (),
                       default: str = "--model gpt2", seed_help: str | None = None, dtype_help: str = _DTYPE_HELP,
-                      dtype_default: str | None = None) -> None:
+                      dtype_default: str | None = None, quantize: bool = True) -> None:
     """Where the weights come from, one of `--checkpoint PATH`, `--model NAME` (a hub name) or, with `preset`,
-    `--preset NAME` (random weights, seeded by `--seed`); then `--device` and `--dtype`. `default` names the source
+    `--preset NAME` (random weights, seeded by `--seed`); then `--device`, `--dtype` and, with `quantize` (commands
+    that only read the weights), `--quantize int8` (`gpt2fn.quantize` after loading). `default` names the source
     used when none is given (for the help text; `load_model` takes it as an argument)."""
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--checkpoint", metavar="PATH", default=None,
@@ -68,6 +69,10 @@ def add_model_options(parser: argparse.ArgumentParser, *, preset: bool = True, m
                             help=seed_help or "seed of the random weights for --preset (default 0)")
     add_device_option(parser)
     add_dtype_option(parser, dtype_help, dtype_default)
+    if quantize:
+        parser.add_argument("--quantize", choices=("int8",), default=None,
+                            help="quantize the loaded weights to int8, one fp32 scale per output column "
+                                 "(gpt2fn.quantize); an int8 checkpoint loads as int8 without it")
 
 
 def device_option(args: argparse.Namespace) -> torch.device:
@@ -107,9 +112,17 @@ def load_model(args: argparse.Namespace, *, device: torch.device | None = None, 
         name = default_preset
     if name is not None:
         config = preset(name, **(overrides or {}))
-        return init_params(config, seed=args.seed, device=device, dtype=dtype), f"preset {name}"
-    source = args.checkpoint or args.model or "gpt2"
-    return load(source, device=device, dtype=dtype), source
+        params, source = init_params(config, seed=args.seed, device=device, dtype=dtype), f"preset {name}"
+    else:
+        source = args.checkpoint or args.model or "gpt2"
+        params = load(source, device=device, dtype=dtype)
+    if getattr(args, "quantize", None) is not None:
+        from .quantize import quantize
+
+        if dtype is not None and dtype != torch.float32:
+            raise CLIError(f"--quantize {args.quantize} quantizes fp32 weights; drop --dtype {args.dtype}")
+        params = quantize(params, args.quantize)
+    return params, source
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,6 +14,8 @@ saw into a `gpt2fn.details.Generation` (with the final cache; `cache=` continues
   tokens are prefilled again (`slide = max(1, context_length // 8)`), so each token sees between
   `context_length - slide` and `context_length` tokens of context. A prompt longer than the window is cropped
   from the left with a warning, like the seed's loop.
+- `draft=` (a draft model or prompt lookup) decodes speculatively: `gpt2fn.speculative`, dispatched from the
+  token loop below, with the same outputs (greedy) or the same distribution (sampling).
 - Every step reads the weights the caller holds, as they are (no decode layout, no copy: `gpt2fn.kernels` picks
   the kernel). Shape checks run on the prefill and the first decode step, then step aside: on every step they
   would cost more than half again the step's time for GPT-2 124M.
@@ -31,14 +33,15 @@ from torch import Tensor
 from .beam import beam_search, check_beam_options
 from .cache import KVCache, init_cache, rollback
 from .checks import check_prompt_ids
-from .details import Generation, Recorder, check_top_logprobs, continuation_cache
+from .details import Recorder, check_top_logprobs, continuation_cache
 from .devices import parse_device
 from .model import left_pad, trained_vocab_index
 from .params import GPTParams, check_params, tree_to
 from .processors import PAD, LogitsProcessor, apply_processors, check_processors
 from .sampling import SamplingOptions, choose, filter_logits, row_generators
 from .shapes import checks_enabled, shape_checks
-from .step import compiled_decode_step, decode_step
+from .speculative import Draft, PromptLookup, check_draft, speculative_steps
+from .step import compiled_decode_step, compiled_decode_step_at, decode_step, decode_step_at
 from .tokenizer import EOT, encode, tokenizer
 
 __all__ = ["generate", "generate_tokens", "stream"]
@@ -55,28 +58,33 @@ class _Request:
     max_new_tokens: int
     options: SamplingOptions
     eos_id: int | None
-    edit: Any = None  # a gpt2fn.study tap applying the edits, or None
+    edit: Any = None  # a gpt2fn.study tap applying the edits and recording the captures, or None
     compile: bool = False
     logprobs: bool = False
     processors: tuple[LogitsProcessor, ...] = ()  # gpt2fn.processors, applied after the built-in filters
+    capture: bool = False  # whether `edit` records captures (`gpt2fn.study.run.generation_tap`)
+    draft: Draft | None = None  # speculative decoding (gpt2fn.speculative): a draft model or PromptLookup
+    draft_tokens: int = 0
 
 
 def _request(params: GPTParams, max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
              repetition_penalty: float | None, eos: bool | int | None, *, min_p: float | None = None,
              no_repeat_ngram_size: int | None = None, suppress: Sequence[int] | None = None,
              edit: Mapping[str, Callable[[Tensor], Tensor]] | None = None, compile: bool = False,
-             logprobs: bool = False, processors: Sequence[LogitsProcessor] | None = None) -> _Request:
+             logprobs: bool = False, processors: Sequence[LogitsProcessor] | None = None,
+             capture: str | Sequence[str] | None = None, draft: Any = None, draft_tokens: Any = None) -> _Request:
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     options = SamplingOptions(temperature, top_k, top_p, repetition_penalty, min_p, no_repeat_ngram_size,
                               None if suppress is None else tuple(suppress))
     tap = None
-    if edit:
-        if compile:
-            raise ValueError("compile=True traces the plain decode step; edits run eagerly: drop compile= or edit=")
-        from .study.run import edit_tap  # study builds on the model, not the other way round
+    if edit or capture:
+        if capture and compile:
+            raise ValueError("capture= records each step's activations eagerly; compile=True compiles the steps: "
+                             "drop one of them")
+        from .study.run import generation_tap  # study builds on the model, not the other way round
 
-        tap = edit_tap(params.config, edit)
+        tap = generation_tap(params.config, edit, capture or ())
     n_tokens = params.config.n_tokens
     if eos is True:
         eos_id = EOT if EOT < n_tokens else None  # a model with a smaller vocabulary has no <|endoftext|>
@@ -87,8 +95,15 @@ def _request(params: GPTParams, max_new_tokens: int, temperature: float, top_k: 
     else:
         raise ValueError(f"eos must be True (<|endoftext|>), False/None (never stop early) or a token id in "
                          f"[0, {n_tokens}); got {eos!r}")
+    spec, k = check_draft(params, draft, draft_tokens, edit=bool(edit), compile=bool(compile))
+    if capture and spec is not None:
+        raise ValueError("capture= records one-token steps; speculative decoding checks several tokens per "
+                         "step: drop capture= or draft=")
+    if processors and spec is not None:
+        raise ValueError("processors= are not applied by speculative decoding (its rejection rule compares the "
+                         "built-in filtered distributions of both models): drop processors= or draft=")
     return _Request(max_new_tokens, options, eos_id, tap, bool(compile), bool(logprobs),
-                    check_processors(processors, n_tokens))
+                    check_processors(processors, n_tokens), capture=bool(capture), draft=spec, draft_tokens=k)
 
 
 def _crop_to_window(ids: Tensor, mask: Tensor | None, ctx: int) -> tuple[Tensor, Tensor | None]:
@@ -109,10 +124,22 @@ def _token_steps(params: GPTParams, ids: Tensor, mask: Tensor | None, request: _
     sampling filter), computed only when the request asks for it.
 
     Each step is `decode_step` donating the cache it was given (one owner, no copy per token); with `compile`
-    the one-token steps run through `compiled_decode_step()` (one graph for the whole generation). Edits
-    (`request.edit`) are applied at the prefill and every step, at the absolute positions of the tokens."""
+    the one-token steps run through `compiled_decode_step()` (with edits `compiled_decode_step_at()`, the edit
+    tap an argument: one graph for the whole generation either way). Edits
+    (`request.edit`) are applied at the prefill and every step, at the absolute positions of the tokens. With
+    `request.capture` the last token is run through the model too (one step more, so the captures cover every
+    position of the final ids) and the sequence must fit the context window (no slide)."""
+    if request.draft is not None:  # speculative decoding: its own loop over the same decode_step
+        yield from speculative_steps(params, request.draft, ids, mask, generators, options=request.options,
+                                     eos_id=request.eos_id, max_new_tokens=request.max_new_tokens,
+                                     draft_tokens=request.draft_tokens, logprobs=request.logprobs)
+        return
     cfg, opts = params.config, request.options
     (batch, prompt_len), ctx = ids.shape, cfg.context_length
+    if request.capture and prompt_len + request.max_new_tokens > ctx:
+        raise ValueError(f"capture= needs the whole sequence inside the context window: prompt {prompt_len} + "
+                         f"max_new_tokens {request.max_new_tokens} > context_length {ctx}; past the window "
+                         "generation slides and no single forward gives the captures. Lower max_new_tokens")
     keep = ctx - max(1, ctx // 8)  # tokens kept when the window slides
     if mask is not None and bool(mask.all()):
         mask = None
@@ -143,6 +170,7 @@ def _token_steps(params: GPTParams, ids: Tensor, mask: Tensor | None, request: _
         allowed = trained_vocab_index(cfg, ids.device)[1] >= 0
     step_fn = compiled_decode_step() if request.compile else decode_step
     edit = request.edit
+    edited_step = compiled_decode_step_at() if request.compile else decode_step_at  # one graph for every step
 
     def tap_for(tokens: Tensor, pad: Tensor | None, before: KVCache) -> Any:  # the edits at absolute positions
         if edit is None:
@@ -154,14 +182,14 @@ def _token_steps(params: GPTParams, ids: Tensor, mask: Tensor | None, request: _
     def one_step(tok: Tensor, cache: KVCache) -> tuple[Tensor, KVCache]:
         if edit is None:
             return step_fn(params, cache, tok[:, None], donate=True, last_only=True)
-        return decode_step(params, cache, tok[:, None], donate=True, last_only=True,
-                           tap=edit.at(cache.positions[:, None]))
+        return edited_step(params, cache, tok[:, None], edit, cache.positions[:, None], donate=True, last_only=True)
 
     def finish(tok: Tensor) -> None:  # details: the last token into the cache too, so it holds the whole sequence
         if record is not None:
             record.cache = None if slid or filled == capacity else one_step(tok, cache)[1]
 
-    logits, cache = decode_step(params, cache, ids, pad_mask=mask, donate=donate, last_only=True,
+    every = request.capture and any(s.startswith(("final_norm", "logits")) for s in edit.capture)
+    logits, cache = decode_step(params, cache, ids, pad_mask=mask, donate=donate, last_only=not every,
                                 tap=tap_for(ids, mask, cache))
     slid = False
     if record is not None:
@@ -195,7 +223,8 @@ def _token_steps(params: GPTParams, ids: Tensor, mask: Tensor | None, request: _
             finish(tok)
             raise
         end = prompt_len + step + 1
-        if step == request.max_new_tokens - 1 or (request.eos_id is not None and bool(done.all())):
+        last = step == request.max_new_tokens - 1 or (request.eos_id is not None and bool(done.all()))
+        if last and not request.capture:
             finish(tok)
             return
         history[:, end - 1] = tok
@@ -213,6 +242,8 @@ def _token_steps(params: GPTParams, ids: Tensor, mask: Tensor | None, request: _
             logits, cache = one_step(tok, cache)
         filled += 1
         checking = False
+        if last:  # capturing: the last token went through the model as well
+            return
 
 
 def _prepare(params: GPTParams, device: torch.device | str | None) -> GPTParams:
@@ -230,12 +261,16 @@ def _check_beams(request: _Request, num_beams: int, length_penalty: float, early
     check_beam_options(num_beams, num_return_sequences, length_penalty, early_stopping, request.max_new_tokens)
     if num_beams == 1:
         return None
+    if request.draft is not None:
+        raise ValueError(f"num_beams={num_beams} does not combine with draft= (speculative decoding speeds up "
+                         "greedy and sampled decoding): drop draft= or use num_beams=1")
     opts = request.options
     if not opts.greedy or opts.top_k is not None or opts.top_p is not None or opts.min_p is not None:
         raise ValueError("beam search is deterministic: temperature, top_k, top_p and min_p do not apply with "
                          f"num_beams={num_beams}; leave them unset (or use num_beams=1 to sample)")
     if request.edit is not None or request.compile or request.logprobs:
-        raise ValueError("num_beams > 1 does not combine with edit=, compile=True or return_logprobs=True")
+        raise ValueError("num_beams > 1 does not combine with edit=, capture=, compile=True or "
+                         "return_logprobs=True")
     if opts.repetition_penalty is not None or opts.no_repeat_ngram_size is not None or opts.suppress is not None:
         raise ValueError("repetition_penalty, no_repeat_ngram_size and suppress are not applied by beam search "
                          "here; leave them unset with num_beams > 1")
@@ -252,6 +287,9 @@ def _recorder(request: _Request, beams: dict[str, Any] | None, cache: KVCache | 
         raise ValueError("output_logits and top_logprobs are parts of the details record: add return_details=True")
     if beams is not None and (details or cache is not None):
         raise ValueError("num_beams > 1 does not combine with return_details=True or cache=")
+    if (details or cache is not None) and (request.draft is not None or request.capture):
+        raise ValueError("return_details=True and cache= follow one-token steps; they do not combine with draft= "
+                         "(several tokens per step) or capture= yet: drop one of them")
     if details and logprobs:
         raise ValueError("return_details=True already holds the log-probabilities (.logprobs): drop return_logprobs")
     if not details:
@@ -287,7 +325,8 @@ def generate_tokens(params: GPTParams, ids: Tensor, *, max_new_tokens: int = 20,
                     num_beams: int = 1, length_penalty: float = 1.0, early_stopping: bool | str = False,
                     num_return_sequences: int = 1, processors: Sequence[LogitsProcessor] | None = None,
                     cache: KVCache | None = None, return_details: bool = False, output_logits: bool = False,
-                    top_logprobs: int | None = None) -> Tensor | tuple[Tensor, Tensor] | Generation:
+                    top_logprobs: int | None = None, capture: str | Sequence[str] | None = None,
+                    draft: GPTParams | PromptLookup | str | None = None, draft_tokens: int | None = None) -> Any:
     """Continue each row of `ids` `[batch, seq]`: returns `[batch, seq + new]` (the prompt, then the new ids).
 
     `new` is `max_new_tokens`, or fewer when every row has produced `eos` (an id; True means `<|endoftext|>`);
@@ -296,11 +335,18 @@ def generate_tokens(params: GPTParams, ids: Tensor, *, max_new_tokens: int = 20,
     `[batch * num_return_sequences, seq + new]`, each prompt's best hypotheses first. Options as in :func:`generate`
     (`processors`, `return_details`, `output_logits`, `top_logprobs` included); `cache=` (a `Generation`'s cache):
     `ids` are the tokens that follow the cached ones, and the result equals generating from the whole sequence.
+
+    `capture=[sites]` (names or patterns, as in `gpt2fn.study.forward_with`) returns `(ids, acts)` (or
+    `(ids, logprobs, acts)`): `acts[site]` holds every position of the returned ids along the site's sequence
+    axis, the prompt's from the prefill and one per new token (the last one is run through the model too), and
+    equals `forward_with(params, ids, capture=sites, edit=edit, pad_mask=mask)[1]` up to float rounding, where
+    `mask` is `pad_mask` followed by True for the new tokens. See :func:`generate` for what each position holds.
     """
     params = _prepare(params, device)
     request = _request(params, max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos, min_p=min_p,
                        no_repeat_ngram_size=no_repeat_ngram_size, suppress=suppress, edit=edit, compile=compile,
-                       logprobs=return_logprobs or return_details, processors=processors)
+                       logprobs=return_logprobs or return_details, processors=processors, capture=capture,
+                       draft=draft, draft_tokens=draft_tokens)
     beams = _check_beams(request, num_beams, length_penalty, early_stopping, num_return_sequences)
     record = _recorder(request, beams, cache, details=return_details, logits=output_logits,
                        top_logprobs=top_logprobs, logprobs=return_logprobs, vocab=params.config.vocab_size)
@@ -312,12 +358,21 @@ def generate_tokens(params: GPTParams, ids: Tensor, *, max_new_tokens: int = 20,
     pad_mask = None if pad_mask is None else pad_mask.to(params.device)
     check_prompt_ids(ids, pad_mask, params.config.n_tokens)
     if request.max_new_tokens == 0 and record is None:
-        return (ids, torch.zeros(ids.shape[0], 0)) if return_logprobs else ids
-    new, logprobs = _continue(params, ids, pad_mask, request, beams, seed, cache, record)
-    if record is not None:
-        return record.result(request.eos_id, ids.shape[0])
-    prompt = ids if beams is None else ids.repeat_interleave(beams["num_return_sequences"], dim=0)
-    out = torch.cat([prompt, new], dim=1)
+        out, logprobs = ids, torch.zeros(ids.shape[0], 0)
+        if request.capture:  # nothing is generated: the captures are the prompt's own forward
+            from .study.run import forward_with
+
+            acts = forward_with(params, ids, capture=capture, edit=edit, pad_mask=pad_mask)[1]
+    else:
+        new, logprobs = _continue(params, ids, pad_mask, request, beams, seed, cache, record)
+        if record is not None:
+            return record.result(request.eos_id, ids.shape[0])
+        prompt = ids if beams is None else ids.repeat_interleave(beams["num_return_sequences"], dim=0)
+        out = torch.cat([prompt, new], dim=1)
+        if request.capture:
+            acts = request.edit.stacked()
+    if request.capture:
+        return (out, logprobs, acts) if return_logprobs else (out, acts)
     return (out, logprobs) if return_logprobs else out
 
 
@@ -410,7 +465,7 @@ def _text_rows(params: GPTParams, prompts: Sequence[str], request: _Request, *, 
     check_prompt_ids(ids, mask, params.config.n_tokens)
     n_rows = len(prompts) * (1 if beams is None else beams["num_return_sequences"])
     rows = [TextStream(stops) for _ in range(n_rows)]
-    if request.max_new_tokens > 0 or record is not None:
+    if request.max_new_tokens > 0 or record is not None or request.capture:
         if beams is not None:
             steps: Iterator[tuple[Tensor, Tensor | None]] = iter(
                 [(t, None) for t in _continue(params, ids, mask, request, beams, seed)[0].T])
@@ -429,7 +484,7 @@ def _text_rows(params: GPTParams, prompts: Sequence[str], request: _Request, *, 
                     if record is not None and rows[i].done:
                         record.stop_row(i, "eos" if t == request.eos_id else "stop")
                     yield i, piece, None if lps is None else lps[i]
-                if all(r.done for r in rows):
+                if all(r.done for r in rows) and not request.capture:  # captures run on to the ids' end
                     break
         finally:
             close = getattr(steps, "close", None)
@@ -450,7 +505,8 @@ def generate(params: GPTParams, prompt: str | Sequence[str], *, max_new_tokens: 
              num_beams: int = 1, length_penalty: float = 1.0, early_stopping: bool | str = False,
              num_return_sequences: int = 1, processors: Sequence[LogitsProcessor] | None = None,
              cache: KVCache | None = None, return_details: bool = False, output_logits: bool = False,
-             top_logprobs: int | None = None) -> Any:
+             top_logprobs: int | None = None, capture: str | Sequence[str] | None = None,
+             draft: GPTParams | PromptLookup | str | None = None, draft_tokens: int | None = None) -> Any:
     """The model's continuation of `prompt` (without the prompt); a list of prompts gives a list of continuations.
 
     - `temperature=0` (default) is greedy; above 0 it samples, optionally from the `top_k` most likely ids,
@@ -463,7 +519,11 @@ def generate(params: GPTParams, prompt: str | Sequence[str], *, max_new_tokens: 
       included in the text), or after `max_new_tokens`.
     - `device`: where to run (params are moved if elsewhere); None runs where the params are.
     - `compile`: run the one-token steps through `torch.compile` (`gpt2fn.step.compiled_decode_step`): the
-      same tokens; the first call compiles (seconds), later ones reuse the graph.
+      same tokens; the first call compiles (seconds), later ones reuse the graph. With `edit=` the steps run
+      through `compiled_decode_step_at` (the edit tap and the step's positions are arguments): one graph, no
+      break, for steer/patch/ablate edits. A new edit reuses the graph when only its tensors' values differ
+      (steering vectors and scales, patch sources: graph inputs) and is traced again when its sites, functions'
+      kind, positions, heads or tensor shapes differ (those are guarded).
     - `edit={site: fn}`: the edits of `gpt2fn.study` (`steer`, `patch`, `ablate_head`, any `fn(value) -> value`)
       applied at the prefill and at every step; `positions=` of an edit are absolute positions in the sequence.
     - `return_logprobs=True`: returns `(text, logprobs)`, the model's log-probability (log_softmax of its logits,
@@ -477,6 +537,23 @@ def generate(params: GPTParams, prompt: str | Sequence[str], *, max_new_tokens: 
     - `cache=`: a `Generation`'s cache; `prompt` is then the text that follows it (one string per cached row), and
       the rows continue as if prefilled from the cached tokens and `encode(prompt)` (no second prefill). The
       cache is not consumed; it grows (a copy) when it lacks room. Penalties and processors see this call's ids.
+    - `capture=[sites]` (names or patterns of `gpt2fn.study`): returns `(text, acts)` (`(text, logprobs, acts)`
+      with `return_logprobs`), the activations of every position, stacked along each site's sequence axis,
+      with a batch axis of one row per prompt (one for a single prompt). Position `j` is token `j` of the ids
+      `generate_tokens(params, ids, pad_mask=mask, capture=...)` returns for `ids, mask = left_pad(prompts'
+      tokens)`: the left-padded prompt (from the prefill), then one position per new token; the last new token
+      is run through the model too, so `acts` equal `forward_with(params, those ids, capture=, edit=,
+      pad_mask=)` at every position (`tests/test_generate_capture.py`). With a capture the batch runs until
+      every row has its EOS or `max_new_tokens` (a stop string ends a row's text, not its tokens), so a row's
+      positions after its EOS hold the run over the EOS fill, and positions of left padding hold what that
+      forward gives there (the pad token at position 0, seeing only itself): mask them with the pad mask.
+      Edits apply as without a capture, and captured sites hold the edited values. The whole sequence must fit
+      the context window (past it generation slides: refused); capture does not combine with `compile=True`
+      or beams. :func:`stream` does not capture.
+    - `draft=draft_params` (a smaller model with the same vocabulary), `draft="prompt_lookup"` or
+      `draft=PromptLookup(max_ngram=, min_ngram=)`: speculative decoding (`gpt2fn.speculative`), `draft_tokens`
+      proposals (default 4) checked per target step. Greedy text is the target's own; sampled text has the
+      target's distribution. The prompt plus `max_new_tokens` must fit the context (the window does not slide).
     """
     single = isinstance(prompt, str)
     if not single and (isinstance(prompt, (bytes, bytearray)) or not hasattr(prompt, "__iter__")):
@@ -488,7 +565,8 @@ def generate(params: GPTParams, prompt: str | Sequence[str], *, max_new_tokens: 
     params = _prepare(params, device)
     request = _request(params, max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos, min_p=min_p,
                        no_repeat_ngram_size=no_repeat_ngram_size, suppress=suppress, edit=edit, compile=compile,
-                       logprobs=return_logprobs or return_details, processors=processors)
+                       logprobs=return_logprobs or return_details, processors=processors, capture=capture,
+                       draft=draft, draft_tokens=draft_tokens)
     beams = _check_beams(request, num_beams, length_penalty, early_stopping, num_return_sequences)
     record = _recorder(request, beams, cache, details=return_details, logits=output_logits,
                        top_logprobs=top_logprobs, logprobs=return_logprobs, vocab=params.config.vocab_size)
@@ -507,6 +585,9 @@ def generate(params: GPTParams, prompt: str | Sequence[str], *, max_new_tokens: 
     lps: Any = logprobs
     if single:
         out, lps = out[0], logprobs[0]
+    if request.capture:
+        acts = request.edit.stacked()
+        return (out, lps, acts) if return_logprobs else (out, acts)
     return (out, lps) if return_logprobs else out
 
 
@@ -516,17 +597,28 @@ def stream(params: GPTParams, prompt: str, *, max_new_tokens: int = 20, temperat
            suppress: Sequence[int] | None = None, seed: Seed = None, stop: str | Sequence[str] | None = None,
            eos: bool | int | None = True, device: torch.device | str | None = None, compile: bool = False,
            edit: Mapping[str, Callable[[Tensor], Tensor]] | None = None,
-           processors: Sequence[LogitsProcessor] | None = None, cache: KVCache | None = None) -> Iterator[str]:
+           processors: Sequence[LogitsProcessor] | None = None, cache: KVCache | None = None,
+           capture: str | Sequence[str] | None = None, draft: GPTParams | PromptLookup | str | None = None,
+           draft_tokens: int | None = None) -> Iterator[str]:
     """Like :func:`generate` for one prompt, yielding text pieces as soon as they are final. The pieces
     concatenate to `generate`'s text; a multi-byte UTF-8 character is never split between two pieces.
-    `processors` and `cache` as in :func:`generate`."""
+    `processors`, `cache` and `draft` as in :func:`generate`.
+
+    `capture=` is refused (a ValueError when the first piece is asked for): a stream yields text only, and a
+    piece is not a position (a piece may hold several tokens or wait for the next). Capture with
+    `generate(..., capture=)` or `generate_tokens(..., capture=)`, which return the activations of every
+    position beside the text or ids."""
+    if capture:
+        raise ValueError("stream yields text pieces only and does not capture activations; use "
+                         "gpt2fn.generate(..., capture=sites) or gpt2fn.generate_tokens(..., capture=sites), which "
+                         "return them beside the text or ids")
     _check_seed(seed)
     if not isinstance(prompt, str):
         raise ValueError(f"stream takes one prompt string, got {type(prompt).__name__}; use generate for a batch")
     params = _prepare(params, device)
     request = _request(params, max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos, min_p=min_p,
                        no_repeat_ngram_size=no_repeat_ngram_size, suppress=suppress, edit=edit, compile=compile,
-                       processors=processors)
+                       processors=processors, draft=draft, draft_tokens=draft_tokens)
     _recorder(request, None, cache, details=False, logits=False, top_logprobs=None, logprobs=False,
               vocab=params.config.vocab_size)  # checks cache=
     with torch.no_grad():

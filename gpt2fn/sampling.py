@@ -247,8 +247,10 @@ def filter_logits(logits: Float[Tensor, "batch vocab"], options: SamplingOptions
                   seen: Bool[Tensor, "batch vocab"] | None = None, allowed: Bool[Tensor, " vocab"] | None = None,
                   history: Int[Tensor, "batch seq"] | None = None,
                   history_mask: Bool[Tensor, "batch seq"] | None = None) -> Float[Tensor, "batch vocab"]:
-    """The built-in filters of `options`, in order: mask padded (or not allowed) ids, penalise repeats, ban repeated
-    n-grams and suppressed ids, then (when sampling) temperature, top-k, top-p and min-p. Returns fp32 logits.
+    """The scores the next token is chosen from (fp32): padded or not allowed ids masked, repeats penalised,
+    repeated n-grams and suppressed ids banned, then (sampling only) temperature, top-k, top-p and min-p. Greedy
+    decoding takes their argmax, sampling draws from their softmax (`next_token`); speculative decoding compares
+    the target's and the draft's softmax (`gpt2fn.speculative`).
 
     `seen` (ids already in each row) feeds the repetition penalty; `history` (each row's tokens so far, prompt
     included) and `history_mask` (its real tokens, False on left padding) feed `no_repeat_ngram_size`. The same

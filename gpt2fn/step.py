@@ -18,6 +18,7 @@ caller holds (no decode layout, no copy), the same key-visibility rule (`gpt2fn.
 
 import functools
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -30,7 +31,14 @@ from .model import walk
 from .params import GPTParams
 from .shapes import check_record, checked
 
-__all__ = ["decode_step", "compiled_decode_step"]
+__all__ = ["decode_step", "compiled_decode_step", "decode_step_at", "compiled_decode_step_at", "PositionalTap"]
+
+
+class PositionalTap(Protocol):
+    """A tap that is bound to the absolute positions of a call's tokens: `tap.at(positions [batch, seq]) -> Tap`
+    (the edit taps of `gpt2fn.study`, whose `positions=` count from the start of the sequence)."""
+
+    def at(self, positions: Tensor) -> Tap: ...
 
 
 @checked
@@ -64,3 +72,23 @@ def compiled_decode_step(mode: str | None = None) -> Callable[..., tuple[Tensor,
     """`torch.compile(decode_step, fullgraph=True, dynamic=False)`, made once per `mode` (e.g. "reduce-overhead"
     for CUDA graphs) so every generation reuses its graphs. Call it like `decode_step` (without a tap)."""
     return torch.compile(decode_step, fullgraph=True, dynamic=False, mode=mode)
+
+
+def decode_step_at(params: GPTParams, cache: KVCache, ids: Int[Tensor, "batch seq"], tap: PositionalTap,
+                   at: Int[Tensor, "batch seq"], *, pad_mask: Bool[Tensor, "batch seq"] | None = None,
+                   donate: bool = False, last_only: bool = False) -> tuple[Float[Tensor, "batch _seq vocab"], KVCache]:
+    """`decode_step(params, cache, ids, tap=tap.at(at), ...)`: the tap is bound to the tokens' absolute positions
+    `at` inside the call. Compiled (`compiled_decode_step_at()`), the positions are then a tensor argument and
+    the tap (with the tensors its edits hold: steering vectors, patch sources) the same object at every step, so
+    one graph serves a whole edited generation, as `compiled_decode_step` does for a plain one."""
+    return decode_step(params, cache, ids, pad_mask=pad_mask, tap=tap.at(at), donate=donate, last_only=last_only)
+
+
+@functools.cache
+def compiled_decode_step_at(mode: str | None = None) -> Callable[..., tuple[Tensor, KVCache]]:
+    """`torch.compile(decode_step_at, fullgraph=True, dynamic=False)`, made once per `mode`: what
+    `generate(..., compile=True, edit=)` runs its one-token steps through. One graph serves every step, and
+    every later edit that differs only in its tensors' values (steering vectors and scales, patch sources: graph
+    inputs); the edited sites, the edits' kinds, positions, heads and tensor shapes are guarded (a change
+    traces again)."""
+    return torch.compile(decode_step_at, fullgraph=True, dynamic=False, mode=mode)

@@ -9,6 +9,8 @@ prompt + 128 new; batch 1 and 8; fp32 and bf16; new tokens/s and time to first t
 fp32/int8 and llama.cpp F32/F16 where their environments exist), `prefill` (one forward
 over 1024 tokens, last-position and all logits), `checks` (shape checks on vs off), `train` (one optimizer step
 of the small config), `load` (seconds and peak resident memory of a 124M checkpoint, a child process each),
+`speculative` (batch 1: the target alone against `draft=` its own first layers, and prompt lookup on a repetitive
+prompt, each beside transformers' `assistant_model=` / `prompt_lookup_num_tokens=`, with acceptance rates),
 `score` (`gpt2fn.score` over a batch of 8 texts of different lengths against a left-padded `transformers`
 forward computing the same per-token losses), `patching` (activation patching of resid_pre), `attribution`
 (attribution patching of every head against exact head patching), `sae` (an SAE spliced in against the unedited
@@ -55,8 +57,8 @@ import bench_peers as peers  # noqa: E402
 import gpt2fn  # noqa: E402
 from gpt2fn import GPTParams  # noqa: E402
 
-WORKLOADS = ("limits", "products", "default", "decode", "formats", "beam", "prefill", "checks", "train", "load",
-             "score", "patching", "attribution", "sae", "memory")
+WORKLOADS = ("limits", "products", "default", "decode", "formats", "beam", "speculative", "prefill", "checks",
+             "train", "load", "score", "patching", "attribution", "sae", "memory")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8}
 """Decode formats: a floating dtype of every weight, or int8 (`gpt2fn.quantize`: int8 matrices, fp32 scales)."""
 GPT2FN, HF, SEED = "gpt2fn", "transformers", "seed loop (no cache)"
@@ -268,6 +270,9 @@ def bench_decode(params: GPTParams, *, batch: int, prompt_len: int = 16, new_tok
     device, dtype = params.device, params.dtype
     case = f"{_dtype_name(dtype)} b{batch}"
     with_hf = with_hf and dtype != torch.int8  # transformers has no int8 weight-only CPU path of its own
+    # nor a fast fp16 one: its fp16 CPU products ran 10x below its bf16 (fp16 b8: 9 minutes for one case on the
+    # AMD EPYC); the fp16 targets are llama.cpp F16's, so the fp16 cases leave transformers out on CPU
+    with_hf = with_hf and not (dtype == torch.float16 and device.type == "cpu")
     ids = torch.randint(0, params.config.n_tokens, (batch, prompt_len),
                         generator=torch.Generator().manual_seed(batch)).to(device)
     name, gen = gpt2fn_decoder(params)
@@ -425,6 +430,89 @@ def bench_beam(params: GPTParams, *, num_beams: int = 4, prompt_len: int = 16, n
         extra = {"num_beams": num_beams, "prompt_len": prompt_len, "new_tokens": new_tokens,
                  "ids_agree_with_gpt2fn": float(got.shape == ref.shape and torch.equal(got, ref))}
         results.append(Result("beam", case, n, "tok/s", [new_tokens / t for t in times[n]], extra=extra))
+    return results
+
+
+def first_layers(params: GPTParams, n_layers: int) -> GPTParams:
+    """A draft made of the target's first `n_layers` blocks (its embeddings, final norm and head): the same
+    vocabulary, no training needed (an early exit of the target, as in self-speculative decoding)."""
+    return params.replace(config=params.config.replace(n_layers=n_layers), blocks=params.blocks[:n_layers])
+
+
+def bench_speculative(params: GPTParams, *, draft_layers: int | None = None, draft_tokens: int = 4,
+                      prompt_len: int = 16, new_tokens: int = 64, repeats: int = 3) -> list[Result]:
+    """Speculative decoding, batch 1, greedy, `new_tokens` after a `prompt_len` prompt: new tokens/s of the target
+    alone against `draft=` (the target's first `draft_layers` blocks, default a quarter) on a random prompt, and
+    against `draft="prompt_lookup"` on a repetitive prompt (a phrase said over and over); beside them
+    transformers' assisted generation (`assistant_model=`, constant `num_assistant_tokens`) and prompt lookup
+    (`prompt_lookup_num_tokens=`) on the same weights. `acceptance_rate` is gpt2fn's accepted / proposed drafts
+    (greedy: transformers proposes and keeps the same tokens on the same pair). Random weights make a poor draft:
+    the rate, not the code, decides the speed-up."""
+    from gpt2fn.sampling import SamplingOptions
+    from gpt2fn.speculative import PromptLookup, speculative_steps
+
+    device, cfg = params.device, params.config
+    layers = draft_layers or max(1, cfg.n_layers // 4)
+    draft = first_layers(params, layers)
+    g = torch.Generator().manual_seed(7)
+    random_ids = torch.randint(0, cfg.n_tokens, (1, prompt_len), generator=g).to(device)
+    phrase = torch.randint(0, cfg.n_tokens, (max(2, prompt_len // 4),), generator=g)
+    repetitive = phrase.repeat(prompt_len // phrase.numel() + 1)[:prompt_len][None].to(device)
+    hf = peers.hf_from_params(params)
+    hf_draft = peers.hf_from_params(draft)
+    hf_draft.generation_config.num_assistant_tokens = draft_tokens
+    hf_draft.generation_config.num_assistant_tokens_schedule = "constant"
+    hf_kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=True)
+
+    def acceptance(proposer: Any, ids: torch.Tensor) -> float:
+        stats: dict[str, int] = {}
+        with torch.inference_mode():
+            for _ in speculative_steps(params, proposer, ids, None, None, options=SamplingOptions(), eos_id=None,
+                                       max_new_tokens=new_tokens, draft_tokens=draft_tokens, stats=stats):
+                pass
+        return stats["accepted"] / max(1, stats["proposed"])
+
+    results = []
+    for label, ids, proposer, hf_extra in (
+            (f"draft {layers}/{cfg.n_layers} layers k{draft_tokens}", random_ids, draft,
+             dict(assistant_model=hf_draft)),
+            (f"prompt lookup k{draft_tokens}", repetitive, PromptLookup(),
+             dict(prompt_lookup_num_tokens=draft_tokens, max_matching_ngram_size=3))):
+        case = f"{_dtype_name(params.dtype)} b1 {label}"
+        spec_name = f"{GPT2FN} draft={'prompt_lookup' if isinstance(proposer, PromptLookup) else 'model'}"
+        hf_spec = f"{HF} {'assistant_model=' if 'assistant_model' in hf_extra else 'prompt_lookup_num_tokens='}"
+        calls: dict[str, Callable[[int], torch.Tensor]] = {
+            spec_name: lambda new, ids=ids, proposer=proposer: gpt2fn.generate_tokens(
+                params, ids, max_new_tokens=new, eos=False, draft=proposer, draft_tokens=draft_tokens),
+            f"{GPT2FN} alone": lambda new, ids=ids: gpt2fn.generate_tokens(params, ids, max_new_tokens=new,
+                                                                             eos=False),
+            hf_spec: lambda new, ids=ids, extra=hf_extra: hf.generate(ids, attention_mask=torch.ones_like(ids),
+                                                                    **(hf_kw | {"max_new_tokens": new,
+                                                                                "min_new_tokens": new}), **extra),
+            f"{HF} alone": lambda new, ids=ids: hf.generate(ids, attention_mask=torch.ones_like(ids),
+                                                            **(hf_kw | {"max_new_tokens": new,
+                                                                        "min_new_tokens": new})),
+        }
+        outputs: dict[str, torch.Tensor] = {}
+
+        def runner(n: str, new: int, calls: dict[str, Callable[[int], torch.Tensor]] = calls,
+                   outputs: dict[str, torch.Tensor] = outputs) -> Callable[[], None]:
+            def run() -> None:
+                with torch.inference_mode():
+                    outputs[n] = calls[n](new)
+            return run
+
+        times = interleaved({n: runner(n, new_tokens) for n in calls}, repeats=repeats, device=device,
+                            warmup={n: runner(n, min(4, new_tokens)) for n in calls})
+        rate = acceptance(proposer, ids)
+        ref = outputs[f"{GPT2FN} alone"][:, prompt_len:]
+        for n in calls:
+            got = outputs[n][:, prompt_len:]
+            extra = {"prompt_len": prompt_len, "new_tokens": new_tokens, "draft_tokens": draft_tokens,
+                     "draft_layers": layers if "prompt" not in label else 0, "acceptance_rate": rate,
+                     "ids_agree_with_gpt2fn": float(got.shape == ref.shape and torch.equal(got, ref))}
+            results.append(Result("speculative", case, n, "tok/s", [new_tokens / t for t in times[n]],
+                                  extra=extra))
     return results
 
 
@@ -1197,8 +1285,8 @@ def run(plan: Plan, device: torch.device) -> tuple[list[Result], list[str]]:
     results: list[Result] = []
     notes: list[str] = []
     cfg = plan_config(plan)
-    needs_model = {"default", "decode", "formats", "beam", "prefill", "checks", "score", "patching", "attribution",
-                   "sae"} & set(plan.only)
+    needs_model = {"default", "decode", "formats", "beam", "speculative", "prefill", "checks", "score", "patching",
+                   "attribution", "sae"} & set(plan.only)
     params = gpt2fn.init_params(cfg, seed=0, device=device) if needs_model else None
     if "limits" in plan.only:
         with _stage("limits"):
@@ -1248,6 +1336,10 @@ def run(plan: Plan, device: torch.device) -> tuple[list[Result], list[str]]:
         with _stage("beam fp32 k4"):
             results += bench_beam(params, prompt_len=plan.prompt_len, new_tokens=min(64, plan.new_tokens),
                                   repeats=plan.repeats)
+    if "speculative" in plan.only:
+        with _stage("speculative b1"):
+            results += bench_speculative(params, prompt_len=plan.prompt_len, new_tokens=min(64, plan.new_tokens),
+                                         repeats=plan.repeats)
     if "prefill" in plan.only:
         with _stage("prefill"):
             # prefills are short and the two contenders close: two more rounds than the decodes

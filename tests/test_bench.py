@@ -47,6 +47,26 @@ def test_decode_contenders_agree_on_greedy_ids_and_report_throughput_and_ttft(ti
         assert by[("decode", c)].metric == "tok/s" and by[("ttft", c)].metric == "ms"
 
 
+def test_speculative_workload_reports_acceptance_beside_transformers_assisted_generation(tiny_config):
+    params = gpt2fn.init_params(tiny_config, seed=5)
+    results = bench.bench_speculative(params, prompt_len=8, new_tokens=6, repeats=1)
+    for r in results:
+        _check_result(r)
+    assert {r.workload for r in results} == {"speculative"}
+    by_case: dict[str, set[str]] = {}
+    for r in results:
+        by_case.setdefault(r.case, set()).add(r.contender)
+        assert 0.0 <= r.extra["acceptance_rate"] <= 1.0
+        if r.contender.startswith(bench.GPT2FN):  # speculative greedy is the target's own greedy
+            assert r.extra["ids_agree_with_gpt2fn"] == 1.0, r
+    assert sorted(by_case) == ["fp32 b1 draft 1/2 layers k4", "fp32 b1 prompt lookup k4"]
+    assert by_case["fp32 b1 draft 1/2 layers k4"] == {"gpt2fn draft=model", "gpt2fn alone",
+                                                      "transformers assistant_model=", "transformers alone"}
+    assert by_case["fp32 b1 prompt lookup k4"] == {"gpt2fn draft=prompt_lookup", "gpt2fn alone",
+                                                   "transformers prompt_lookup_num_tokens=", "transformers alone"}
+    assert bench.plan_from(bench.parse_args(["--only", "speculative"])).only == ("speculative",)
+
+
 def test_prefill_checks_train_and_limits_each_produce_interleaved_results(tiny_config):
     params = gpt2fn.init_params(tiny_config, seed=2)
     results = (bench.bench_limits(torch.device("cpu"), mbytes=4, gemm_n=32, repeats=1)

@@ -21,6 +21,7 @@ EXPECT = {
     "attribution_patching.py": "AtP per head vs exact head patching: correlation",
     "sparse_autoencoder.py": "spliced with the error term, max |logit change|: 0.00e+00",
     "intervention_sweep.py": "max |vmap - loop| over the scales",
+    "generate_with_capture.py": "max |generate capture - forward_with on the final ids|",
 }
 
 # examples that train take a reduced size here (their defaults are the full size, minutes)
@@ -46,3 +47,7 @@ def test_example_runs_offline_on_random_weights(path, monkeypatch, capsys):
     if path.name == "induction_heads.py":
         assert "induction head: 1." in out and "path patching 0." in out
 
+    if path.name == "generate_with_capture.py":
+        # the captures while generating (plain and steered) are forward_with's on the final ids
+        gaps = [float(line.rsplit(": ", 1)[1]) for line in out.splitlines() if "max |" in line]
+        assert len(gaps) == 2 and max(gaps) < 1e-4, gaps

@@ -120,7 +120,7 @@ def test_no_repeat_ngram_and_suppress_hold_through_generate(sharp):
     (dict(min_p=1.5), "min_p"),
     (dict(no_repeat_ngram_size=0), "no_repeat_ngram_size"),
     (dict(edit={"blocks.9.resid_post": steer(torch.ones(24))}), "blocks.9.resid_post"),
-    (dict(edit={"blocks.0.resid_post": steer(torch.ones(24))}, compile=True), "compile"),
+    (dict(capture=["blocks.0.resid_post"], compile=True), "compile"),
 ])
 def test_bad_generation_options_name_the_argument_and_the_range(sharp, kwargs, message):
     with pytest.raises(ValueError, match=message):

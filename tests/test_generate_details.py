@@ -241,3 +241,16 @@ def test_bad_details_and_cache_arguments_raise_clear_errors(sharp):
         generate_tokens(sharp, ids, cache=r.cache)
     with pytest.raises(TypeError, match="cache must be a gpt2fn.KVCache"):
         list(stream(sharp, "x", cache=3))
+
+
+@pytest.mark.parametrize(("options", "match"), [
+    (dict(return_details=True, draft="prompt_lookup"), "do not combine with draft="),
+    (dict(return_details=True, capture=["blocks.0.resid_pre"]), "do not combine with draft= .*or capture="),
+    (dict(processors=[lambda logits, ids: logits], draft="prompt_lookup"), "drop processors= or draft="),
+])
+def test_details_cache_and_processors_refuse_draft_and_capture_by_name(sharp, options, match):
+    """One-token-step features (details, the continuation cache, processors) and the multi-token or capturing loops
+    are refused together with a ValueError naming what to drop, not half applied."""
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with pytest.raises(ValueError, match=match):
+        generate_tokens(sharp, ids, max_new_tokens=3, **options)

@@ -48,6 +48,25 @@ def test_the_in_place_kernel_equals_the_plain_product(threads, rows, d_in, d_out
 
 
 @needs_native
+@settings(max_examples=30)
+@given(d_in=st.integers(1, 81), d_out=st.integers(1, 200), bias=st.booleans(), w_gap=st.sampled_from([0, 3, 16]),
+       seed=st.integers(0, 2**31 - 1))
+def test_one_input_row_takes_the_four_stream_walk_and_equals_the_plain_product(threads, d_in, d_out, bias, w_gap,
+                                                                                seed):
+    """One fp32 row (every decode step at batch 1) takes the kernel's one-row walk (`kc=0`): K past a multiple of 4,
+    widths past whole vectors, strided matrices."""
+    from gpt2fn.kernels import _chunk
+
+    assert _chunk(1, torch.float32) == 0
+    g = torch.Generator().manual_seed(seed)
+    w = _strided(torch.randn(d_in, d_out, generator=g), w_gap)
+    b = torch.randn(d_out, generator=g) if bias else None
+    x = torch.randn(1, d_in, generator=g)
+    want = x @ w if b is None else x @ w + b
+    torch.testing.assert_close(affine(x, w, b), want, atol=1e-5, rtol=1e-5)
+
+
+@needs_native
 @settings(max_examples=40)
 @given(rows=st.integers(1, 80), d_in=st.integers(1, 100), vocab=st.integers(1, 300), gap=st.sampled_from([0, 7]),
        seed=st.integers(0, 2**31 - 1))

@@ -245,3 +245,18 @@ def test_the_score_benchmark_compares_equal_losses(pair):
     results = bench.bench_score(pair[0], batch=3, seq=20, repeats=1)
     assert [r.contender for r in results] == [bench.GPT2FN, bench.HF]
     assert all(r.median > 0 and r.extra["max_abs_diff"] < 1e-4 for r in results)
+
+
+def test_eval_quantize_int8_scores_the_quantized_tree(tmp_path, capsys):
+    """`gpt2fn eval --quantize int8` scores `gpt2fn.quantize(params, "int8")`: the score of that tree, near the fp32
+    one (per-column int8 weights); with a 16-bit `--dtype` it is refused in one line naming the fix."""
+    (tmp_path / "t.txt").write_text(TEXT, encoding="utf-8")
+    args = ["eval", "--preset", "mini", "--seed", "2", "--data", str(tmp_path / "t.txt"), "--json"]
+    assert main([*args, "--quantize", "int8"]) == 0
+    got = json.loads(capsys.readouterr().out)["mean_loss"]
+    params = init_params(gpt2fn.preset("mini"), seed=2)
+    assert got == pytest.approx(score(gpt2fn.quantize(params, "int8"), TEXT).mean_loss, abs=1e-6)
+    assert got == pytest.approx(score(params, TEXT).mean_loss, abs=2e-2)
+    assert got != score(params, TEXT).mean_loss
+    assert main([*args, "--quantize", "int8", "--dtype", "bf16"]) == 1
+    assert "drop --dtype" in capsys.readouterr().err

@@ -26,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         p, model_aliases=("--init",), default="--preset mini",
         seed_help="seeds init, data order and dropout (default 0)",
         dtype_help="compute dtype: fp32 (default), bf16 or fp16 (or float32, bfloat16, float16); master weights "
-                   "and AdamW moments stay fp32, fp16 uses dynamic loss scaling", dtype_default="fp32")
+                   "and AdamW moments stay fp32, fp16 uses dynamic loss scaling", dtype_default="fp32", quantize=False)
     p.add_argument("--set", metavar="FIELD=VALUE", action="append", default=[],
                    help="override a config field of --preset, e.g. --set n_layers=4 --set emb_dim=192")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out exactly")

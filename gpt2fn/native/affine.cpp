@@ -52,13 +52,35 @@ static inline vf splat(float s) { return vf{} + s; }
 
 // VL stored elements widened to fp32 in registers.
 static inline vf widen(const float* p) { return load(p); }
+// Widening through intrinsics where the CPU has the instruction: GCC splits __builtin_convertvector from 16-bit
+// lanes into halves (bf16) or, for _Float16 without AVX512-FP16, into one vcvtph2ps per element.
+static inline vf as_vf(const void* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
 static inline vf widen(const bf16* p) {
+#if defined(__AVX512F__)
+  __m512i u = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16);
+  return as_vf(&u);
+#elif defined(__AVX2__)
+  __m256i u = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16);
+  return as_vf(&u);
+#else
   vbf h; std::memcpy(&h, p, sizeof h);
   return (vf)(__builtin_convertvector(h, vu) << 16);
+#endif
 }
 #ifdef __FLT16_MAX__  // the compiler knows _Float16 (GCC 12+, clang 15+ on x86-64 and arm64)
 #define GPT2FN_F16 1
-static inline vf widen(const _Float16* p) { vhf h; std::memcpy(&h, p, sizeof h); return __builtin_convertvector(h, vf); }
+static inline vf widen(const _Float16* p) {
+#if defined(__AVX512F__)
+  __m512 f = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return as_vf(&f);
+#elif defined(__F16C__) && defined(__AVX__)
+  __m256 f = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return as_vf(&f);
+#else
+  vhf h; std::memcpy(&h, p, sizeof h);
+  return __builtin_convertvector(h, vf);
+#endif
+}
 static inline float widen1(_Float16 v) { return float(v); }
 #else
 #define GPT2FN_F16 0
@@ -177,6 +199,39 @@ static void tail_columns(const float* x, int64_t rows, int64_t K, int64_t ldx, c
     }
 }
 
+// One input row: y[c0, c1) = (x @ W[:, c0:c1]) * s + b with y itself as the accumulator (it stays in L1: a few KB
+// per thread). Four rows of W at a time, each read front to back across the thread's whole column range, so the
+// reads are four long sequential streams; no per-band calls or register blocks, which only pay for several rows.
+template <class W>
+static void one_row(const float* __restrict x, int64_t K, const W* __restrict w, int64_t ldw, const float* s,
+                    const float* b, float* __restrict y, int64_t c0, int64_t c1) {
+  for (int64_t c = c0; c < c1; c += VL) store(y + c, vf{});
+  int64_t k = 0;
+  for (; k + 4 <= K; k += 4) {
+    const vf x0 = splat(x[k]), x1 = splat(x[k + 1]), x2 = splat(x[k + 2]), x3 = splat(x[k + 3]);
+    const W *w0 = w + k * ldw, *w1 = w0 + ldw, *w2 = w1 + ldw, *w3 = w2 + ldw;
+    for (int64_t c = c0; c < c1; c += VL) {
+      vf a = load(y + c);
+      a += x0 * widen(w0 + c);
+      a += x1 * widen(w1 + c);
+      a += x2 * widen(w2 + c);
+      a += x3 * widen(w3 + c);
+      store(y + c, a);
+    }
+  }
+  for (; k < K; ++k) {
+    const vf xk = splat(x[k]);
+    const W* wk = w + k * ldw;
+    for (int64_t c = c0; c < c1; c += VL) store(y + c, load(y + c) + xk * widen(wk + c));
+  }
+  for (int64_t c = c0; c < c1; c += VL) {
+    vf a = load(y + c);
+    if (s) a *= load(s + c);
+    if (b) a += load(b + c);
+    store(y + c, a);
+  }
+}
+
 template <int G, int R, class W>
 static inline void dots(const float* __restrict x, int64_t ldx, const W* __restrict e, int64_t lde, int64_t K,
                         const float* sc, float* __restrict y, int64_t ldy) {
@@ -234,14 +289,14 @@ static void dot_columns(const float* x, int64_t rows, int64_t K, int64_t ldx, co
 template <class W>
 static int affine(const float* x, int64_t rows, int64_t K, int64_t ldx, const W* w, int64_t N, int64_t ldw,
                   const float* s, const float* b, float* y, int64_t ldy, int threads, int64_t kc) {
-  if (kc <= 0) kc = 16;
   const int64_t nvec = N / VL, tail = N - nvec * VL;
   threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, nvec)));
 #pragma omp parallel num_threads(threads)
   {
     const int t = omp_get_thread_num(), T = omp_get_num_threads();
     const int64_t v0 = nvec * t / T, v1 = nvec * (t + 1) / T;
-    if (v1 > v0) columns(x, rows, K, ldx, w, ldw, s, b, y, ldy, v0 * VL, v1 - v0, kc);
+    if (v1 > v0 && rows == 1 && kc == 0) one_row(x, K, w, ldw, s, b, y, v0 * VL, v1 * VL);
+    else if (v1 > v0) columns(x, rows, K, ldx, w, ldw, s, b, y, ldy, v0 * VL, v1 - v0, kc > 0 ? kc : 16);
     if (t == T - 1 && tail) tail_columns(x, rows, K, ldx, w, ldw, s, b, y, ldy, nvec * VL, tail);
   }
   return 0;
@@ -268,7 +323,8 @@ int gpt2fn_vector_width(void) { return VL; }
 int gpt2fn_has_f16(void) { return GPT2FN_F16; }
 
 // y [rows, N] (row stride ldy) = (x [rows, K] (row stride ldx) @ W [K, N] (row stride ldw)) * s + b, fp32 x, y, s
-// and b; s (one scale per column, int8 only) and b may be null. kc: rows of W per chunk (0: the default).
+// and b; s (one scale per column, int8 only) and b may be null. kc: rows of W per chunk of the register-blocked
+// walk; 0 picks the default (one input row: the four-stream walk `one_row`; more: chunks of 16).
 // gpt2fn_affine_t: y = (x @ E^T) * s, E [N, K] (row stride lde), s one scale per row of E (int8 only) or null.
 // One pair per stored type: f32, bf16, f16, i8. Each returns 0.
 #define GPT2FN_TYPE(name, W)                                                                                   \

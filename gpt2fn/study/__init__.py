@@ -56,6 +56,10 @@ Decomposition (`gpt2fn.study.decompose`, over `(params, acts)`; `run_for_decompo
 `stack_head_results`, `stack_neuron_results`, `apply_ln_to_stack` (frozen-scale norm), `logit_attribution`,
 `decompose_logit` (direct logit attribution at any point and granularity, neurons chunked) -> `Components`.
 Part of a run: `forward_with(params, resid, start_at_layer=L, stop_at_layer=M, ...)` (see `gpt2fn.forward`).
+While generating: `gpt2fn.generate_tokens(..., capture=sites, edit=...)` returns `(ids, acts)`, every position
+stacked along the sequence axis, equal to `forward_with` on the final ids (`generation_tap` records the steps).
+Compiled: `torch.compile(forward_with, fullgraph=True)` with steer/patch/ablate edits is one graph (an edit reads
+its positions and heads once, when made); `generate(..., compile=True, edit=)` one graph for every step.
 Transforms: `patching_sweep` (layers x positions as one batch on fused attention; its engine `batched_runs`),
 `head_patching_sweep` (layer x head [x position] at `attn.z/q/k/v/pattern/scores/result`), `path_patching_sweep` /
 `path_patch` (sender head or MLP -> `Receiver`s through the residual stream only, Wang et al. 2022),

@@ -12,10 +12,10 @@ from torch import Tensor
 
 from ..model import forward
 from ..params import GPTParams
-from .sites import Activations, resolve_sites
+from .sites import Activations, resolve_sites, site_dims
 
 __all__ = ["Edit", "forward_with", "run_with_capture", "patch", "ablate_head", "steer", "edit_tap",
-           "resolve_edits"]
+           "generation_tap", "resolve_edits"]
 
 Edit = Callable[[Tensor], Tensor]
 """A pure function from a site's value to its replacement (same shape)."""
@@ -28,16 +28,36 @@ class _StudyTap:
     """The tap of one `forward_with` call: applies edits, then stores the requested sites (after the edit)."""
 
     def __init__(self, capture: Iterable[str], edit: Mapping[str, Edit], explicit_attention: bool,
-                 positions: Tensor | None = None) -> None:
+                 positions: Tensor | None = None, log: list[dict[str, Tensor]] | None = None) -> None:
         self.capture = frozenset(capture)
         self.edit = dict(edit)
         self.explicit_attention = explicit_attention
         self.positions = positions  # [batch, seq] absolute positions of this call's queries (decoding), or None
         self.store: dict[str, Tensor] = {}
+        self.log = log  # generation: the store of every call made through `.at`, in order (see `generation_tap`)
 
     def at(self, positions: Tensor) -> "_StudyTap":
-        """The same edits for a call whose queries sit at absolute `positions` `[batch, seq]` (a decode step)."""
-        return _StudyTap(self.capture, self.edit, self.explicit_attention, positions)
+        """The same edits for a call whose queries sit at absolute `positions` `[batch, seq]` (a decode step).
+        With a `log` (a generation that captures), the new tap's store is appended to it."""
+        child = _StudyTap(self.capture, self.edit, self.explicit_attention, positions, self.log)
+        if self.log is not None and self.capture:
+            self.log.append(child.store)
+        return child
+
+    def stacked(self) -> Activations:
+        """The captures of every call made through `.at` (a prefill, then one-token steps), concatenated along
+        each site's sequence (query) axis; a key axis (`attn.scores`/`attn.pattern`, over the cache's slots) is
+        cut to the sequence's length, so each site has the shape `forward_with` gives on the whole sequence."""
+        if not self.log:
+            raise ValueError("nothing was captured: this tap made no calls with a capture")
+        length = sum(store[next(iter(store))].shape[_seq_axis(next(iter(store)))] for store in self.log)
+        out = {}
+        for site in self.log[0]:
+            parts = [store[site] for store in self.log]
+            if site_dims(site).endswith("kv_seq"):
+                parts = [t[..., :length] for t in parts]
+            out[site] = torch.cat(parts, dim=_seq_axis(site))
+        return Activations(out)
 
     def wants(self, site: str) -> bool:
         if self.explicit_attention and site.endswith((".attn.scores", ".attn.pattern")):
@@ -104,6 +124,19 @@ def edit_tap(config: Any, edit: Mapping[str, Edit]) -> _StudyTap:
     return _StudyTap((), resolve_edits(config, edit), False)
 
 
+def generation_tap(config: Any, edit: Mapping[str, Edit] | None, capture: str | Iterable[str]) -> _StudyTap:
+    """The tap of `generate(..., edit=, capture=)`: applies `edit` and, when `capture` names sites, records what
+    each prefill and decode step made through `.at(positions)` captures; `.stacked()` lines them up along the
+    sequence axis. The sites are checked here (a ValueError naming the valid ones), before any work."""
+    sites = resolve_sites(config, capture, what="capture")
+    return _StudyTap(sites, resolve_edits(config, edit), False, log=[] if sites else None)
+
+
+def _seq_axis(site: str) -> int:
+    """The query (sequence) axis of a site's value, with its batch axis present (`embed.pos` included)."""
+    return site_dims(site).replace("*batch", "batch").split().index("seq")
+
+
 def run_with_capture(params: GPTParams, ids: Tensor, sites: str | Iterable[str], **forward_kwargs: Any
                      ) -> tuple[Any, Activations]:
     """`(logits, acts)` with the named sites captured: `forward_with(params, ids, capture=sites)`."""
@@ -134,12 +167,30 @@ def _index_mask(spec: int | Sequence[int] | Tensor, size: int, device: torch.dev
     return torch.zeros(size, dtype=torch.bool, device=device).index_fill(0, flat, True)
 
 
-def _absolute_mask(x: Tensor, positions: Positions, at: Tensor) -> Tensor:
-    """Where the queries at absolute positions `at` `[batch, seq]` are among `positions`, shaped to broadcast
+def _static(spec: Positions | Heads) -> Any:
+    """An index argument of an edit as Python ints, read once when the edit is made (a bool mask stays a
+    tensor), so applying the edit reads no tensor's values: `torch.compile` traces it without a graph break."""
+    if isinstance(spec, Tensor) and spec.dtype != torch.bool:
+        return tuple(int(i) for i in spec.flatten().tolist())
+    if isinstance(spec, Sequence) and not isinstance(spec, (str, bytes)):
+        return tuple(int(i) for i in spec)
+    return spec
+
+
+def _absolute_index(positions: Positions) -> tuple[int, ...] | None:
+    """`positions` (after `_static`) as the absolute positions a decode step compares its own with."""
+    if positions is None:
+        return None
+    if isinstance(positions, int):
+        return (positions,)
+    if isinstance(positions, Tensor):  # a bool mask over positions 0, 1, ...
+        return tuple(int(i) for i in positions.nonzero().flatten().tolist())
+    return tuple(positions)
+
+
+def _absolute_mask(x: Tensor, index: tuple[int, ...], at: Tensor) -> Tensor:
+    """Where the queries at absolute positions `at` `[batch, seq]` are among `index`, shaped to broadcast
     against `x` (`[batch, seq, 1]`, or `[batch, 1, seq, 1]` with a heads axis)."""
-    index = [positions] if isinstance(positions, int) else (
-        positions.flatten().tolist() if isinstance(positions, Tensor) and positions.dtype != torch.bool
-        else positions.nonzero().flatten().tolist() if isinstance(positions, Tensor) else list(positions))
     if any(int(i) < 0 for i in index):
         raise ValueError(f"positions {index} must be >= 0 while generating: they are absolute positions in the "
                          "sequence (count from the start, not from the end)")
@@ -203,6 +254,9 @@ def patch(source: Tensor | float, *, positions: Positions = None, heads: Heads =
     """Replace the site's value by `source` (broadcastable: another run's activation, a mean, 0.0), everywhere or
     only at `positions` (query axis) and/or `heads`. `patch(acts[site])` with the run's own capture is the
     identity; with another prompt's capture it is activation patching."""
+    positions, heads = _static(positions), _static(heads)
+    absolute = _absolute_index(positions)
+
     def edit(x: Tensor, at: Tensor | None, swapped: bool) -> Tensor:
         src = torch.as_tensor(source, dtype=x.dtype, device=x.device)
         if swapped and src.ndim == 4:  # a capture of the site itself: [batch seq heads d] -> [batch heads seq d]
@@ -211,7 +265,7 @@ def patch(source: Tensor | float, *, positions: Positions = None, heads: Heads =
         if at is None or positions is None:
             mask = _where_mask(x, None if at is not None else positions, heads)
         else:
-            mask = _absolute_mask(x, positions, at)
+            mask = _absolute_mask(x, absolute, at)
             if heads is not None:
                 mask = mask & _where_mask(x, None, heads)
         if inside is not None:
@@ -229,12 +283,17 @@ def ablate_head(head: int | Sequence[int], *, value: Tensor | float = 0.0, posit
 
 
 def steer(vector: Tensor, *, scale: float = 1.0, positions: Positions = None) -> Edit:
-    """Add `scale * vector` (e.g. a `[d_model]` steering direction) to the site's value, at `positions` or all."""
+    """Add `scale * vector` (e.g. a `[d_model]` steering direction) to the site's value, at `positions` or all.
+    A number `scale` is held as a 0-d tensor, so under `torch.compile` a new scale is an input, not a new graph."""
+    positions = _static(positions)
+    absolute = _absolute_index(positions)
+    factor = scale if isinstance(scale, Tensor) else torch.tensor(float(scale))
+
     def edit(x: Tensor, at: Tensor | None, swapped: bool) -> Tensor:
-        add = scale * vector.to(dtype=x.dtype, device=x.device)
+        add = factor.to(device=x.device) * vector.to(dtype=x.dtype, device=x.device)
         if positions is None:
             mask = None
         else:
-            mask = _where_mask(x, positions, None) if at is None else _absolute_mask(x, positions, at)
+            mask = _where_mask(x, positions, None) if at is None else _absolute_mask(x, absolute, at)
         return x + (add if mask is None else mask.to(x.dtype) * add)
     return _PositionalEdit(edit)
