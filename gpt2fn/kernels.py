@@ -25,8 +25,10 @@ threads, ms per step): on an AMD EPYC (AVX-512) torch's `x @ W + b` takes 20 ms 
 against the native kernel's 16, 20-22 and 38; the tied head `x @ tok_emb.T` 13 ms against 5.5 (it is 154 MB:
 28 GB/s). On an Intel Xeon (AVX-512 + VNNI) MKL's 1-row product is already near the bandwidth (17.4 ms) and a
 prototype of this kernel gave 17.2; at 8 rows MKL packed 26.2 against the prototype's 31 (see docs/performance.md
-for the rows of each CPU). One policy, no per-CPU switch: the kernel is never slower than torch where it was
-measured at 1 row and leads by 1.5-2x at 2-64 rows on the AMD; `NATIVE_MAX_ROWS` is where torch's GEMM catches up.
+for the rows of each CPU; the 2026-12-07 run on the AMD, at a lower bandwidth that day: native 25.8 / 38.3 / 78.2 ms
+against torch's 36 / 93 / 125 at 1 / 8 / 32 rows). One policy, no per-CPU switch: the kernel is never slower than
+torch where it was measured at 1 row and leads by 1.5-2x at 2-64 rows on the AMD; `NATIVE_MAX_ROWS` is where torch's
+GEMM catches up.
 """
 
 import math
