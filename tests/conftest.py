@@ -8,7 +8,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
-from gpt2fn import GPTConfig, init_params, preset
+from gpt2fn import GPTConfig, GPTParams, init_params, preset
 
 # The project's own scripts (scripts/bench.py, scripts/bench_peers.py) are imported by their tests as modules, for
 # real: an ImportError in one of them fails those tests; it is never turned into a skip.
@@ -48,6 +48,20 @@ def threads(request: pytest.FixtureRequest):
     torch.set_num_threads(request.param)
     yield request.param
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def sharp() -> GPTParams:
+    """preset("tiny") with the token embedding scaled by 8: sharp logits, so greedy ties cannot flip on float
+    rounding (a module may define its own `sharp` with another scale)."""
+    p = init_params(preset("tiny"), seed=0)
+    return p.replace(tok_emb=p.tok_emb * 8)
+
+
+@pytest.fixture(scope="module")
+def wordy() -> GPTParams:
+    """GPT-2's vocabulary (text round-trips through the real tokenizer), width 32."""
+    return init_params(preset("mini", emb_dim=32, n_heads=2, context_length=64), seed=1)
 
 
 @pytest.fixture(scope="session")

@@ -8,21 +8,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import gpt2fn
-from gpt2fn import forward, generate_tokens, init_params, preset
+from gpt2fn import forward, generate_tokens
 from gpt2fn.model import left_pad
 from gpt2fn.study import ablate_head, forward_with, patch, steer
-
-
-@pytest.fixture(scope="module")
-def sharp():
-    p = init_params(preset("tiny"), seed=0)
-    return p.replace(tok_emb=p.tok_emb * 8)  # sharp logits: greedy ties cannot flip on float rounding
-
-
-@pytest.fixture(scope="module")
-def wordy():
-    """GPT-2's vocabulary (text round-trips through the real tokenizer), width 32."""
-    return init_params(preset("mini", emb_dim=32, n_heads=2, context_length=64), seed=1)
 
 
 def _ids(seed: int, batch: int, seq: int) -> torch.Tensor:
