@@ -7,6 +7,7 @@ Models are `preset("tiny")` with the token embedding scaled up ("sharp" logits, 
 greedy choices are far from ties and stable across code paths (a multi-token verification step and one-token
 steps round differently in the last bits)."""
 
+import dataclasses
 import math
 
 import pytest
@@ -24,7 +25,7 @@ from gpt2fn.step import decode_step
 
 
 def _model(seed: int, sharp: float = 30.0, **cfg) -> GPTParams:
-    p = init_params(preset("tiny", context_length=64, **cfg), seed=seed)
+    p = init_params(preset("tiny", **{"context_length": 64, **cfg}), seed=seed)
     return p.replace(tok_emb=p.tok_emb * sharp)
 
 
@@ -109,19 +110,43 @@ def test_filters_and_logprobs_hold_while_decoding_speculatively():
     torch.testing.assert_close(spec_lp, plain_lp, atol=1e-4, rtol=1e-4)
 
 
-def test_decoding_stays_exact_in_caches_of_exactly_prompt_plus_new_slots(monkeypatch):
+def _cycling(seed: int, **cfg) -> GPTParams:
+    """A sharp model whose head maps each token's embedding to a fixed other token: greedy decoding walks a
+    permutation's cycle instead of repeating the last token (what random sharp models do), so a noisy copy of it
+    is right on some tokens and wrong on others."""
+    p = _model(seed, tie_head=False, **cfg)
+    perm = torch.randperm(p.tok_emb.shape[0], generator=torch.Generator().manual_seed(seed))
+    return p.replace(head=p.tok_emb[perm.argsort()].T.contiguous())
+
+
+def test_caches_are_rebuilt_when_gaps_fill_them_and_greedy_output_stays_the_targets(monkeypatch):
+    """A context of exactly prompt + new tokens: rows that accept different counts leave gaps, the slots run out,
+    and both caches are rebuilt mid-generation (spies prove each rebuild ran); the output is still exact."""
     import gpt2fn.speculative as spec
 
-    calls = []
-    real_refill = spec._refill
-    monkeypatch.setattr(spec, "_refill", lambda *a, **kw: calls.append(1) or real_refill(*a, **kw))
-    real_init = spec.init_cache  # caches of exactly prompt + new slots: any gap forces a rebuild
-    monkeypatch.setattr(spec, "init_cache", lambda cfg, batch, capacity, **kw: real_init(cfg, batch, 6 + 52, **kw))
-    ids, mask = left_pad(_rows(4, [6, 3, 5]))
-    plain = generate_tokens(TARGET, ids, pad_mask=mask, max_new_tokens=52)
-    got = generate_tokens(TARGET, ids, pad_mask=mask, max_new_tokens=52, draft=_noisy_copy(TARGET, 1.5), draft_tokens=6)
+    rebuilt = {"target": 0, "draft": 0}
+    real_refill, real_rollback = spec._refill, spec.rollback
+
+    def refill(params, cache, *a, **kw):
+        rebuilt["target"] += int(cache.length) > 0  # its first call is the prompt's prefill into the empty cache
+        return real_refill(params, cache, *a, **kw)
+
+    def roll(cache, n):  # the draft's rebuild empties its filled cache (the draft has one layer, the target two)
+        rebuilt["draft"] += isinstance(n, int) and n == 0 and len(cache.keys) == 1 and int(cache.length) > 0
+        return real_rollback(cache, n)
+
+    monkeypatch.setattr(spec, "_refill", refill)
+    monkeypatch.setattr(spec, "rollback", roll)
+    width, new = 6, 26
+    target = _cycling(0, context_length=width + new)
+    draft = _noisy_copy(target, 1.5)
+    draft = draft.replace(blocks=draft.blocks[:1], config=dataclasses.replace(draft.config, n_layers=1))
+    ids, mask = left_pad(_rows(4, [width, 3, 5]))
+    plain = generate_tokens(target, ids, pad_mask=mask, max_new_tokens=new)
+    assert len(set(plain[0, width:].tolist())) > new // 2  # the target does not just repeat a token
+    got = generate_tokens(target, ids, pad_mask=mask, max_new_tokens=new, draft=draft, draft_tokens=6)
+    assert rebuilt["target"] >= 1 and rebuilt["draft"] >= 1
     assert torch.equal(got, plain)
-    assert len(calls) >= 1  # the target's cache was filled through _refill (rebuilds are not forced here)
 
 
 def test_text_generation_and_stream_take_a_draft():
