@@ -25,7 +25,6 @@ export MALLOC_MMAP_THRESHOLD_="${MALLOC_MMAP_THRESHOLD_:-33554432}" MALLOC_TRIM_
 exec "$py" - <<'PY'
 import json
 import os
-import re
 import shutil
 import sys
 import time
@@ -68,7 +67,7 @@ if params is not None:
     sys.exit(0)
 
 # --- train a small GPT-2 on CPython's own documentation text ---
-import pydoc_data.topics  # noqa: E402
+from gpt2fn.train.data import pydoc_prose  # noqa: E402 - its docstring says how the text is cleaned and why
 
 seconds = float(os.environ.get("GPT2FN_DEMO_SECONDS", "120"))
 threads = int(os.environ.get("GPT2FN_DEMO_THREADS", "2"))
@@ -76,25 +75,7 @@ if out.exists():
     shutil.rmtree(out)
 corpus = out / "corpus" / "pydoc_topics.txt"
 corpus.parent.mkdir(parents=True)
-# whitespace normalised (indentation and runs of spaces become one space, at most one blank line): the small
-# model then spends its two minutes on words rather than on counting spaces
-text = "\n\n".join(pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics))
-text = re.sub(r"\n{3,}", "\n\n", re.sub(r"[ \t]*\n[ \t]*", "\n", re.sub(r"[ \t]+", " ", text)))
-text = re.sub(r"(?<!\n)\n(?!\n)", " ", text)  # lines wrapped inside a paragraph are one line of prose
-
-
-def prose(paragraph: str) -> bool:
-    """A paragraph of sentences, not grammar rules, code, dunder names, headings or one-line notes."""
-    plain = sum(c.isalpha() or c == " " for c in paragraph) / len(paragraph)
-    return "::=" not in paragraph and "__" not in paragraph and plain > 0.9 and len(paragraph.split()) >= 8
-
-
-# typographic quotes and dashes as ASCII: a byte-level BPE splits them into byte tokens that a small model
-# recombines wrongly (printed as U+FFFD)
-text = text.translate(str.maketrans({"\u2019": "'", "\u2018": "'", "\u201c": '"', "\u201d": '"', "\u2014": "-",
-                                     "\u2013": "-", "\u2026": "..."})).encode("ascii", "ignore").decode()
-text = "\n\n".join(p for p in text.split("\n\n") if p.strip() and prose(p))
-corpus.write_text(text)
+corpus.write_text(pydoc_prose())
 print(f"training a small GPT-2 from scratch for about {seconds:.0f} s on {threads} CPU threads, on CPython's "
       f"pydoc_data documentation text ({corpus.stat().st_size / 1e6:.2f} MB) -> {out}")
 # --vocab corpus: the softmax spans the ~3,500 ids this text uses instead of all 50,257, which would otherwise

@@ -8,7 +8,16 @@ with checkpoints that lose nothing, and data parallel with torchrun. See `gpt2fn
 """
 
 from ..losses import perplexity
-from .data import corpus_files, eval_starts, load_tokens, sample_batch, sample_starts, split_tokens, windows
+from .data import (
+    corpus_files,
+    eval_starts,
+    load_tokens,
+    pydoc_prose,
+    sample_batch,
+    sample_starts,
+    split_tokens,
+    windows,
+)
 from .distributed import DistInfo, all_reduce_mean
 from .loop import TrainConfig, TrainResult, describe_schedule, evaluate, train
 from .optim import (
@@ -29,6 +38,7 @@ __all__ = [
     "AdamWHParams", "AdamWState", "adamw_init", "adamw_update", "clip_by_global_norm", "decay_mask", "global_norm",
     "warmup_cosine",
     "corpus_files", "load_tokens", "split_tokens", "sample_batch", "sample_starts", "windows", "eval_starts",
+    "pydoc_prose",
     "StepMetrics", "loss_and_grads", "accumulated_grads", "train_step",
     "TrainConfig", "TrainResult", "train", "evaluate", "perplexity", "describe_schedule",
     "LossScale", "loss_scale_init", "loss_scale_update", "unscale", "cast_tree", "compute_dtype",

@@ -16,6 +16,7 @@ Two processes tokenizing one corpus at once tokenize it once (the entry's lock).
 
 import hashlib
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -26,10 +27,38 @@ from torch import Tensor
 from ..files import cache_dir as user_cache_dir
 from ..files import cached_entry
 
-__all__ = ["corpus_files", "encode_documents", "load_tokens", "split_tokens", "sample_batch", "sample_starts",
-           "windows", "eval_starts", "default_cache_dir"]
+__all__ = ["pydoc_prose", "corpus_files", "encode_documents", "load_tokens", "split_tokens", "sample_batch",
+           "sample_starts", "windows", "eval_starts", "default_cache_dir"]
 
 _FORMAT = b"gpt2fn-tokens-v1"
+
+
+def _is_prose(paragraph: str) -> bool:
+    """A paragraph of sentences, not grammar rules, code, dunder names, headings or one-line notes."""
+    plain = sum(c.isalpha() or c == " " for c in paragraph) / len(paragraph)
+    return "::=" not in paragraph and "__" not in paragraph and plain > 0.9 and len(paragraph.split()) >= 8
+
+
+def pydoc_prose() -> str:
+    """The prose paragraphs of the documentation every CPython ships (`pydoc_data.topics`, about 50k GPT-2
+    tokens), one paragraph a line, separated by blank lines: an offline corpus (`scripts/demo.sh` trains on it, and
+    `scripts/bench.py --spec-trained` trains its speculative pair on it).
+
+    Whitespace is normalised (indentation and runs of spaces become one space, lines wrapped inside a paragraph
+    are joined, at most one blank line): a small model then spends its minutes on words rather than on counting
+    spaces. Typographic quotes and dashes become ASCII, since a byte-level BPE splits them into byte tokens that a
+    small model recombines wrongly (printed as U+FFFD); other non-ASCII characters are dropped. Grammar rules,
+    code, dunder names, headings and one-line notes are left out."""
+    import pydoc_data.topics
+
+    topics = pydoc_data.topics.topics
+    text = "\n\n".join(topics[k] for k in sorted(topics))
+    text = re.sub(r"\n{3,}", "\n\n", re.sub(r"[ \t]*\n[ \t]*", "\n", re.sub(r"[ \t]+", " ", text)))
+    text = re.sub(r"(?<!\n)\n(?!\n)", " ", text)  # lines wrapped inside a paragraph are one line of prose
+    text = text.translate(str.maketrans({"\u2019": "'", "\u2018": "'", "\u201c": '"', "\u201d": '"',
+                                         "\u2014": "-", "\u2013": "-", "\u2026": "..."}))
+    text = text.encode("ascii", "ignore").decode()
+    return "\n\n".join(p for p in text.split("\n\n") if p.strip() and _is_prose(p))
 
 
 def default_cache_dir() -> Path:
