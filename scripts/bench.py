@@ -3,6 +3,7 @@
     .venv/bin/python scripts/bench.py                         # the full run (about 10 minutes on 2 cores)
     .venv/bin/python scripts/bench.py --quick                 # fewer repeats and tokens: a fast look
     .venv/bin/python scripts/bench.py --only decode,prefill --out bench.json
+    .venv/bin/python scripts/bench.py --only speculative --spec-trained runs/spec-pair   # trains the pair first
 
 Workloads (`--only`, comma separated): `limits` (memory bandwidth, GEMM throughput), `decode` (greedy, 16-token
 prompt + 128 new; batch 1 and 8; fp32 and bf16; new tokens/s and time to first token; on the CPU also CTranslate2
@@ -10,7 +11,8 @@ fp32/int8 and llama.cpp F32/F16 where their environments exist), `prefill` (one 
 over 1024 tokens, last-position and all logits), `checks` (shape checks on vs off), `train` (one optimizer step
 of the small config), `load` (seconds and peak resident memory of a 124M checkpoint, a child process each),
 `speculative` (batch 1: the target alone against `draft=` its own first layers, and prompt lookup on a repetitive
-prompt, each beside transformers' `assistant_model=` / `prompt_lookup_num_tokens=`, with acceptance rates),
+prompt, each beside transformers' `assistant_model=` / `prompt_lookup_num_tokens=`, with acceptance rates; with
+`--spec-trained DIR` also a 6-layer target and a 2-layer draft trained on the demo's text, on held-out text),
 `score` (`gpt2fn.score` over a batch of 8 texts of different lengths against a left-padded `transformers`
 forward computing the same per-token losses), `patching` (activation patching of resid_pre), `attribution`
 (attribution patching of every head against exact head patching), `sae` (an SAE spliced in against the unedited
@@ -25,19 +27,22 @@ call. Each joins the decode cases of gpt2fn's formats it is set against (CTransl
 llama.cpp F16: bf16 and fp16; CTranslate2 int8: int8) and the `formats` accuracy rows. They need GPT-2's
 vocabulary: `--preset tiny --vocab-size 50257` for a fast look. Absent ones are skipped with a note.
 
-Method: random weights (speed does not depend on the values); every contender of a case holds the same weights
-(greedy ids are compared as a sanity check); contenders run interleaved, in alternating order, after a warm-up;
-medians with min-max over the repeats; ratios are gpt2fn's median over the peer's.
+Method: random weights (speed does not depend on the values; the `--spec-trained` pair is trained, since a
+speculative speed-up depends on how often the draft agrees with the target); every contender of a case holds the
+same weights (greedy ids are compared as a sanity check); contenders run interleaved, in alternating order, after
+a warm-up; medians with min-max over the repeats; ratios are gpt2fn's median over the peer's.
 """
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import gc
 import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -439,30 +444,58 @@ def first_layers(params: GPTParams, n_layers: int) -> GPTParams:
     return params.replace(config=params.config.replace(n_layers=n_layers), blocks=params.blocks[:n_layers])
 
 
-def bench_speculative(params: GPTParams, *, draft_layers: int | None = None, draft_tokens: int = 4,
-                      prompt_len: int = 16, new_tokens: int = 64, repeats: int = 3) -> list[Result]:
-    """Speculative decoding, batch 1, greedy, `new_tokens` after a `prompt_len` prompt: new tokens/s of the target
-    alone against `draft=` (the target's first `draft_layers` blocks, default a quarter) on a random prompt, and
-    against `draft="prompt_lookup"` on a repetitive prompt (a phrase said over and over); beside them
+def hf_trained_vocab(config: gpt2fn.GPTConfig, device: torch.device) -> dict[str, Any]:
+    """`generate` keywords that keep transformers to a `--vocab corpus` model's trained ids, as gpt2fn's generation
+    does (`config.trained_vocab`); none for a full-vocabulary model. A precomputed mask, as gpt2fn's: transformers'
+    own `suppress_tokens` (what `gpt2fn.save_hf` writes) runs `isin` over the ~47k other ids at every step, a cost
+    gpt2fn does not pay."""
+    if config.trained_vocab is None:
+        return {}
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    outside = torch.ones(config.vocab_size, dtype=torch.bool, device=device)
+    outside[torch.tensor(config.trained_vocab, device=device)] = False
+
+    class TrainedVocab(LogitsProcessor):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            return scores.masked_fill(outside[:scores.shape[-1]], float("-inf"))
+
+    return {"logits_processor": LogitsProcessorList([TrainedVocab()])}
+
+
+def bench_speculative(params: GPTParams, *, draft: GPTParams | None = None, draft_layers: int | None = None,
+                      prompt: torch.Tensor | None = None, lookup_prompt: torch.Tensor | None = None,
+                      draft_tokens: int = 4, prompt_len: int = 16, new_tokens: int = 64, repeats: int = 3,
+                      label: str = "", extra: dict[str, Any] | None = None) -> list[Result]:
+    """Speculative decoding, batch 1, greedy, `new_tokens` after a prompt: new tokens/s of the target alone
+    against `draft=` a draft model on `prompt`, and against `draft="prompt_lookup"` on `lookup_prompt`; beside them
     transformers' assisted generation (`assistant_model=`, constant `num_assistant_tokens`) and prompt lookup
     (`prompt_lookup_num_tokens=`) on the same weights. `acceptance_rate` is gpt2fn's accepted / proposed drafts
-    (greedy: transformers proposes and keeps the same tokens on the same pair). Random weights make a poor draft:
-    the rate, not the code, decides the speed-up."""
+    (greedy: transformers proposes and keeps the same tokens on the same pair).
+
+    By default (random weights) the draft is the target's first `draft_layers` blocks (default a quarter), the
+    prompt `prompt_len` random ids and the lookup prompt a random phrase said over and over: random weights make a
+    poor draft, the rate, not the code, decides the speed-up. `bench_speculative_trained` passes a trained pair and
+    prompts of their corpus instead (`[1, len]` ids each); `label` starts its case names and `extra` joins every
+    result's extras (the pair's configs and training)."""
     from gpt2fn.sampling import SamplingOptions
     from gpt2fn.speculative import PromptLookup, speculative_steps
 
     device, cfg = params.device, params.config
-    layers = draft_layers or max(1, cfg.n_layers // 4)
-    draft = first_layers(params, layers)
+    if draft is None:
+        draft = first_layers(params, draft_layers or max(1, cfg.n_layers // 4))
     g = torch.Generator().manual_seed(7)
-    random_ids = torch.randint(0, cfg.n_tokens, (1, prompt_len), generator=g).to(device)
-    phrase = torch.randint(0, cfg.n_tokens, (max(2, prompt_len // 4),), generator=g)
-    repetitive = phrase.repeat(prompt_len // phrase.numel() + 1)[:prompt_len][None].to(device)
+    if prompt is None:
+        prompt = torch.randint(0, cfg.n_tokens, (1, prompt_len), generator=g)
+    if lookup_prompt is None:
+        phrase = torch.randint(0, cfg.n_tokens, (max(2, prompt_len // 4),), generator=g)
+        lookup_prompt = phrase.repeat(prompt_len // phrase.numel() + 1)[:prompt_len][None]
+    prompt, lookup_prompt = prompt.to(device), lookup_prompt.to(device)
     hf = peers.hf_from_params(params)
     hf_draft = peers.hf_from_params(draft)
     hf_draft.generation_config.num_assistant_tokens = draft_tokens
     hf_draft.generation_config.num_assistant_tokens_schedule = "constant"
-    hf_kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=True)
+    hf_kw = dict(do_sample=False, use_cache=True, **hf_trained_vocab(cfg, device))
 
     def acceptance(proposer: Any, ids: torch.Tensor) -> float:
         stats: dict[str, int] = {}
@@ -473,12 +506,12 @@ def bench_speculative(params: GPTParams, *, draft_layers: int | None = None, dra
         return stats["accepted"] / max(1, stats["proposed"])
 
     results = []
-    for label, ids, proposer, hf_extra in (
-            (f"draft {layers}/{cfg.n_layers} layers k{draft_tokens}", random_ids, draft,
-             dict(assistant_model=hf_draft)),
-            (f"prompt lookup k{draft_tokens}", repetitive, PromptLookup(),
+    layers = f"{draft.config.n_layers}/{cfg.n_layers} layers"
+    for case_label, ids, proposer, hf_extra in (
+            (f"draft {layers} k{draft_tokens}", prompt, draft, dict(assistant_model=hf_draft)),
+            (f"prompt lookup k{draft_tokens}", lookup_prompt, PromptLookup(),
              dict(prompt_lookup_num_tokens=draft_tokens, max_matching_ngram_size=3))):
-        case = f"{_dtype_name(params.dtype)} b1 {label}"
+        case = f"{_dtype_name(params.dtype)} b1 {label}{case_label}"
         spec_name = f"{GPT2FN} draft={'prompt_lookup' if isinstance(proposer, PromptLookup) else 'model'}"
         hf_spec = f"{HF} {'assistant_model=' if 'assistant_model' in hf_extra else 'prompt_lookup_num_tokens='}"
         calls: dict[str, Callable[[int], torch.Tensor]] = {
@@ -486,12 +519,10 @@ def bench_speculative(params: GPTParams, *, draft_layers: int | None = None, dra
                 params, ids, max_new_tokens=new, eos=False, draft=proposer, draft_tokens=draft_tokens),
             f"{GPT2FN} alone": lambda new, ids=ids: gpt2fn.generate_tokens(params, ids, max_new_tokens=new,
                                                                              eos=False),
-            hf_spec: lambda new, ids=ids, extra=hf_extra: hf.generate(ids, attention_mask=torch.ones_like(ids),
-                                                                    **(hf_kw | {"max_new_tokens": new,
-                                                                                "min_new_tokens": new}), **extra),
+            hf_spec: lambda new, ids=ids, more=hf_extra: hf.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new, **hf_kw, **more),
             f"{HF} alone": lambda new, ids=ids: hf.generate(ids, attention_mask=torch.ones_like(ids),
-                                                            **(hf_kw | {"max_new_tokens": new,
-                                                                        "min_new_tokens": new})),
+                                                            max_new_tokens=new, min_new_tokens=new, **hf_kw),
         }
         outputs: dict[str, torch.Tensor] = {}
 
@@ -505,15 +536,136 @@ def bench_speculative(params: GPTParams, *, draft_layers: int | None = None, dra
         times = interleaved({n: runner(n, new_tokens) for n in calls}, repeats=repeats, device=device,
                             warmup={n: runner(n, min(4, new_tokens)) for n in calls})
         rate = acceptance(proposer, ids)
-        ref = outputs[f"{GPT2FN} alone"][:, prompt_len:]
+        width = ids.shape[1]
+        ref = outputs[f"{GPT2FN} alone"][:, width:]
         for n in calls:
-            got = outputs[n][:, prompt_len:]
-            extra = {"prompt_len": prompt_len, "new_tokens": new_tokens, "draft_tokens": draft_tokens,
-                     "draft_layers": layers if "prompt" not in label else 0, "acceptance_rate": rate,
-                     "ids_agree_with_gpt2fn": float(got.shape == ref.shape and torch.equal(got, ref))}
+            got = outputs[n][:, width:]
+            more = {"prompt_len": width, "new_tokens": new_tokens, "draft_tokens": draft_tokens,
+                    "draft_layers": draft.config.n_layers if "prompt" not in case_label else 0,
+                    "acceptance_rate": rate,
+                    "ids_agree_with_gpt2fn": float(got.shape == ref.shape and torch.equal(got, ref))}
             results.append(Result("speculative", case, n, "tok/s", [new_tokens / t for t in times[n]],
-                                  extra=extra))
+                                  extra=more | (extra or {})))
     return results
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How one model of the trained speculative pair learns, from scratch, with `gpt2fn.train.train` on the demo's
+    corpus (`gpt2fn.train.pydoc_prose`) and its recipe (windows of 128, no weight decay, softmax over the
+    corpus's own ids: `vocab="corpus"`, so both models share `config.trained_vocab`)."""
+
+    config: gpt2fn.GPTConfig
+    seconds: float
+    """The time budget: training stops and saves once it has passed (`TrainConfig.max_time`)."""
+    steps: int
+    """The cosine schedule's length, sized to the budget on a 2-core CPU; a slower machine stops earlier."""
+    lr: float
+    batch_size: int = 4
+
+    def train_config(self, data: Path, out: Path, *, device: torch.device, cache_dir: Path) -> Any:
+        from gpt2fn.train import TrainConfig
+
+        return TrainConfig(data=str(data), out=str(out), steps=self.steps, batch_size=self.batch_size,
+                           context=self.config.context_length, lr=self.lr, min_lr=self.lr / 20,
+                           warmup=min(30, self.steps // 10), weight_decay=0.0, eval_every=0, save_every=0,
+                           log_every=10, val_fraction=SPEC_VAL_FRACTION, seed=0, device=str(device),
+                           max_time=self.seconds, vocab="corpus", cache_dir=str(cache_dir), progress=False)
+
+
+SPEC_VAL_FRACTION = 0.05
+"""The corpus's tail that neither model trains on: the prompts come from it."""
+SPEC_PAIR = {  # a 6-layer target of width 384 and a 2-layer draft of width 128 (the MLP is 4x the width in both)
+    "target": Recipe(gpt2fn.preset("small", context_length=128), seconds=180.0, steps=300, lr=1.5e-3),
+    "draft": Recipe(gpt2fn.preset("mini", n_layers=2, context_length=128), seconds=60.0, steps=1000, lr=4e-3),
+}
+"""The default trained pair (`--spec-trained`); `--spec-train-seconds` changes the budgets."""
+TRAINING_FILE = "training.json"
+
+
+def _model_summary(params: GPTParams) -> dict[str, Any]:
+    config = params.config.to_dict()
+    trained = config.pop("trained_vocab")
+    return {"config": config, "trained_ids": None if trained is None else len(trained),
+            "parameters": gpt2fn.count_params(params)}
+
+
+def trained_pair(directory: Path, *, device: torch.device, recipes: dict[str, Recipe] | None = None
+                 ) -> dict[str, tuple[GPTParams, dict[str, Any]]]:
+    """`{"target": (params, training), "draft": (params, training)}` from `directory`, training each one that is
+    not there yet (its `Recipe`). Layout: `corpus/pydoc_topics.txt` (the text), `tokens/` (its token cache),
+    and `target/`, `draft/`: each a `gpt2fn train` run folder (`model.safetensors` through `gpt2fn.save`,
+    metrics, loss plot; not the training state, which only a resumed run would read) with `training.json`
+    (config, seconds, steps, final training and validation loss). A model trains in `.NAME.partial/`, renamed to
+    `NAME/` once complete, so an interrupted run leaves no half model to reuse. A saved model is reused whatever
+    budget trained it (its `training.json` says); one whose config is not the recipe's is refused (SystemExit
+    naming the fix)."""
+    from gpt2fn.files import atomic_write_text
+    from gpt2fn.train import pydoc_prose, train
+    from gpt2fn.train.loop import MODEL_FILE
+    from gpt2fn.train.state import STATE_FILE
+
+    recipes = SPEC_PAIR if recipes is None else recipes
+    corpus = directory / "corpus" / "pydoc_topics.txt"
+    if not corpus.is_file():
+        corpus.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(corpus, pydoc_prose())
+    pair = {}
+    for name, recipe in recipes.items():
+        run = directory / name
+        if not run.exists():
+            partial = directory / f".{name}.partial"
+            shutil.rmtree(partial, ignore_errors=True)
+            with _stage(f"speculative pair: train the {name} for up to {recipe.seconds:g} s"):
+                t0 = time.perf_counter()
+                result = train(gpt2fn.init_params(recipe.config, seed=0),
+                               recipe.train_config(corpus, partial, device=device, cache_dir=directory / "tokens"))
+                seconds = time.perf_counter() - t0
+            record = {**_model_summary(result.params), "budget_seconds": recipe.seconds, "train_seconds": seconds,
+                      "steps": result.step, "schedule_steps": recipe.steps, "lr": recipe.lr,
+                      "batch_size": recipe.batch_size, "train_loss": result.train_loss, "val_loss": result.val_loss,
+                      "stopped_by": result.stopped_by}
+            atomic_write_text(partial / TRAINING_FILE, json.dumps(record, indent=1))
+            (partial / STATE_FILE).unlink(missing_ok=True)  # weights and AdamW moments to resume: never resumed
+            os.replace(partial, run)
+        if not (run / TRAINING_FILE).is_file():
+            raise SystemExit(f"error: {run} holds no {TRAINING_FILE}: it is not a model this bench trained; remove "
+                             "it (the bench then trains it) or pass another --spec-trained folder")
+        params = gpt2fn.load(run / MODEL_FILE, device=device)
+        if params.config.replace(trained_vocab=None) != recipe.config:
+            raise SystemExit(f"error: {run} holds a {name} of config {params.config.replace(trained_vocab=None)}; "
+                             f"this run asks for {recipe.config}: remove {run} to train it again, or pass another "
+                             "--spec-trained folder")
+        pair[name] = (params, json.loads((run / TRAINING_FILE).read_text()))
+    return pair
+
+
+def corpus_prompt(directory: Path, *, prompt_len: int, context: int) -> torch.Tensor:
+    """`[1, prompt_len]` ids from the start of the corpus tail that the pair did not train on (`trained_pair`'s
+    split): ordinary prose of the same documentation, so the acceptance rate is that of real text."""
+    from gpt2fn.train import load_tokens, split_tokens
+
+    tokens = load_tokens(directory / "corpus" / "pydoc_topics.txt", cache_dir=directory / "tokens")
+    _, held_out = split_tokens(tokens, val_fraction=SPEC_VAL_FRACTION, context=context)
+    if len(held_out) < prompt_len:
+        raise SystemExit(f"error: the held-out text has {len(held_out)} tokens, fewer than the prompt's {prompt_len}")
+    return torch.tensor(held_out[:prompt_len].astype("int64"))[None]
+
+
+def bench_speculative_trained(directory: Path, *, device: torch.device, recipes: dict[str, Recipe] | None = None,
+                              draft_tokens: int = 4, prompt_len: int = 16, new_tokens: int = 64, repeats: int = 3
+                              ) -> list[Result]:
+    """`bench_speculative` on a pair trained on one text (`trained_pair`: trained first where `directory` does not
+    hold it yet), with a prompt of held-out text for both the draft model and prompt lookup. Cases start with
+    "trained"; every result's `pair` extra holds both models' configs, parameter counts, training seconds and
+    steps, and final training and validation losses."""
+    pair = trained_pair(directory, device=device, recipes=recipes)
+    (target, t_info), (draft, d_info) = pair["target"], pair["draft"]
+    prompt = corpus_prompt(directory, prompt_len=prompt_len,
+                           context=max(target.config.context_length, draft.config.context_length))
+    return bench_speculative(target, draft=draft, prompt=prompt, lookup_prompt=prompt, draft_tokens=draft_tokens,
+                             new_tokens=new_tokens, repeats=repeats, label="trained ",
+                             extra={"pair": {"target": t_info, "draft": d_info}})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1189,6 +1341,8 @@ class Plan:
     vocab_size: int | None = None  # overrides the preset's (the engines need GPT-2's 50257)
     limit_mb: int = 1024
     gemm_n: int = 2048
+    spec_trained: str | None = None  # the speculative workload also measures the pair trained in this folder
+    spec_seconds: tuple[float, float] = (SPEC_PAIR["target"].seconds, SPEC_PAIR["draft"].seconds)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -1216,6 +1370,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--memory-preset", default="gpt2-xl",
                    help="model whose decode peak RSS the memory workload measures (default gpt2-xl, 1.5B)")
     p.add_argument("--seed-preset", default="seed", help="model for the seed-format .pth load (default seed)")
+    p.add_argument("--spec-trained", type=Path, default=None, metavar="DIR",
+                   help="the speculative workload also measures a pair trained on the demo's text: a 6-layer, "
+                        "384-wide target and a 2-layer, 128-wide draft, trained first (for --spec-train-seconds) "
+                        "where DIR does not hold them yet, then reused")
+    p.add_argument("--spec-train-seconds", default=None, metavar="TARGET,DRAFT",
+                   help="training budgets of the --spec-trained pair in seconds (default 180,60)")
     p.add_argument("--child-load", nargs=3, metavar=("KIND", "PATH", "N_HEADS"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -1234,6 +1394,23 @@ def plan_from(args: argparse.Namespace) -> Plan:
     plan.engines = not args.no_engines
     plan.vocab_size = args.vocab_size
     plan.new_tokens = args.new_tokens or plan.new_tokens
+    if args.spec_train_seconds and not args.spec_trained:
+        raise SystemExit("error: --spec-train-seconds sets the budgets of the --spec-trained pair: add "
+                         "--spec-trained DIR, or drop it")
+    if args.spec_trained:
+        if "speculative" not in plan.only:
+            raise SystemExit("error: --spec-trained measures a trained pair in the speculative workload: add "
+                             "speculative to --only, or drop --spec-trained")
+        plan.spec_trained = str(args.spec_trained)
+    if args.spec_train_seconds:
+        try:
+            target_s, draft_s = (float(x) for x in args.spec_train_seconds.split(","))
+        except ValueError:
+            raise SystemExit(f"error: --spec-train-seconds takes two numbers, TARGET,DRAFT (e.g. 180,60); got "
+                             f"{args.spec_train_seconds!r}") from None
+        if not (target_s > 0 and draft_s > 0):
+            raise SystemExit(f"error: --spec-train-seconds must be positive; got {args.spec_train_seconds!r}")
+        plan.spec_seconds = (target_s, draft_s)
     if args.batches:
         plan.batches = tuple(int(b) for b in args.batches.split(","))
     if args.dtypes:
@@ -1340,6 +1517,14 @@ def run(plan: Plan, device: torch.device) -> tuple[list[Result], list[str]]:
         with _stage("speculative b1"):
             results += bench_speculative(params, prompt_len=plan.prompt_len, new_tokens=min(64, plan.new_tokens),
                                          repeats=plan.repeats)
+        if plan.spec_trained is not None:
+            target_s, draft_s = plan.spec_seconds
+            recipes = {"target": dataclasses.replace(SPEC_PAIR["target"], seconds=target_s),
+                       "draft": dataclasses.replace(SPEC_PAIR["draft"], seconds=draft_s)}
+            with _stage(f"speculative b1, the pair trained in {plan.spec_trained}"):
+                results += bench_speculative_trained(Path(plan.spec_trained), device=device, recipes=recipes,
+                                                     prompt_len=plan.prompt_len,
+                                                     new_tokens=min(64, plan.new_tokens), repeats=plan.repeats)
     if "prefill" in plan.only:
         with _stage("prefill"):
             # prefills are short and the two contenders close: two more rounds than the decodes

@@ -67,6 +67,59 @@ def test_speculative_workload_reports_acceptance_beside_transformers_assisted_ge
     assert bench.plan_from(bench.parse_args(["--only", "speculative"])).only == ("speculative",)
 
 
+def _tiny_pair(seconds: float = 2.0) -> dict[str, "bench.Recipe"]:
+    small = dict(vocab_size=50257, context_length=32, n_heads=2)  # GPT-2's ids: the corpus is GPT-2 tokens
+    return {"target": bench.Recipe(gpt2fn.preset("mini", n_layers=2, emb_dim=32, **small), seconds, 15, 4e-3),
+            "draft": bench.Recipe(gpt2fn.preset("mini", n_layers=1, emb_dim=16, **small), seconds, 15, 4e-3)}
+
+
+def test_speculative_bench_trains_a_pair_on_the_demo_text_then_reuses_it(tmp_path, monkeypatch):
+    recipes = _tiny_pair()
+    results = bench.bench_speculative_trained(tmp_path, device=torch.device("cpu"), recipes=recipes, prompt_len=8,
+                                              new_tokens=6, repeats=1)
+    assert (tmp_path / "corpus" / "pydoc_topics.txt").read_text() == gpt2fn.train.pydoc_prose()
+    by_case: dict[str, set[str]] = {}
+    for r in results:
+        _check_result(r)
+        by_case.setdefault(r.case, set()).add(r.contender)
+        assert 0.0 <= r.extra["acceptance_rate"] <= 1.0 and r.extra["prompt_len"] == 8
+        if r.contender.startswith(bench.GPT2FN):  # speculative greedy is the target's own greedy
+            assert r.extra["ids_agree_with_gpt2fn"] == 1.0, r
+        for name, recipe in recipes.items():  # each model's config and training travel with every result
+            info = r.extra["pair"][name]
+            assert gpt2fn.GPTConfig.from_dict(info["config"]) == recipe.config
+            assert info["trained_ids"] > 100 and 0 < info["train_seconds"] and 0 < info["steps"] <= recipe.steps
+            assert info["train_loss"] > 0 and info["val_loss"] > 0 and info["budget_seconds"] == recipe.seconds
+    assert by_case == {"fp32 b1 trained draft 1/2 layers k4": {"gpt2fn draft=model", "gpt2fn alone",
+                                                              "transformers assistant_model=", "transformers alone"},
+                       "fp32 b1 trained prompt lookup k4": {"gpt2fn draft=prompt_lookup", "gpt2fn alone",
+                                                            "transformers prompt_lookup_num_tokens=",
+                                                            "transformers alone"}}
+    # the prompt is held-out corpus text, the same for both cases
+    prompt = bench.corpus_prompt(tmp_path, prompt_len=8, context=32)[0]
+    assert gpt2fn.tokenizer.decode(prompt.tolist()) in gpt2fn.train.pydoc_prose()
+    # a second run reuses the saved pair; a folder holding another config is refused with the fix
+    monkeypatch.setattr(gpt2fn.train, "train", lambda *a, **kw: pytest.fail("the saved pair was trained again"))
+    pair = bench.trained_pair(tmp_path, device=torch.device("cpu"), recipes=recipes)
+    assert pair["draft"][0].config.trained_vocab == pair["target"][0].config.trained_vocab is not None
+    wider = dict(recipes, draft=bench.Recipe(recipes["draft"].config.replace(emb_dim=32), 2.0, 15, 4e-3))
+    with pytest.raises(SystemExit, match="remove .*draft to train it again"):
+        bench.trained_pair(tmp_path, device=torch.device("cpu"), recipes=wider)
+
+
+def test_spec_trained_options_reach_the_plan_and_are_checked():
+    plan = bench.plan_from(bench.parse_args(["--only", "speculative", "--spec-trained", "runs/p",
+                                             "--spec-train-seconds", "30,10"]))
+    assert plan.spec_trained == "runs/p" and plan.spec_seconds == (30.0, 10.0)
+    assert bench.plan_from(bench.parse_args(["--only", "speculative"])).spec_trained is None
+    for argv, message in ((["--only", "decode", "--spec-trained", "p"], "add speculative to --only"),
+                          (["--only", "speculative", "--spec-train-seconds", "5,5"], "add --spec-trained"),
+                          (["--only", "speculative", "--spec-trained", "p", "--spec-train-seconds", "5"],
+                           "two numbers")):
+        with pytest.raises(SystemExit, match=message):
+            bench.plan_from(bench.parse_args(argv))
+
+
 def test_prefill_checks_train_and_limits_each_produce_interleaved_results(tiny_config):
     params = gpt2fn.init_params(tiny_config, seed=2)
     results = (bench.bench_limits(torch.device("cpu"), mbytes=4, gemm_n=32, repeats=1)
