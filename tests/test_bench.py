@@ -75,36 +75,41 @@ def _tiny_pair(seconds: float = 2.0) -> dict[str, "bench.Recipe"]:
 
 def test_speculative_bench_trains_a_pair_on_the_demo_text_then_reuses_it(tmp_path, monkeypatch):
     recipes = _tiny_pair()
-    results = bench.bench_speculative_trained(tmp_path, device=torch.device("cpu"), recipes=recipes, prompt_len=8,
-                                              new_tokens=6, repeats=1)
-    assert (tmp_path / "corpus" / "pydoc_topics.txt").read_text() == gpt2fn.train.pydoc_prose()
+    monkeypatch.setattr(bench, "SPEC_PAIR", recipes)  # the command's pair, small: seconds from the command line
+    pair_dir, out = tmp_path / "pair", tmp_path / "bench.json"
+    assert bench.main(["--only", "speculative", "--preset", "tiny", "--spec-trained", str(pair_dir),
+                       "--spec-train-seconds", "3,2", "--new-tokens", "6", "--repeats", "1",
+                       "--threads", str(torch.get_num_threads()), "--out", str(out)]) == 0
+    assert (pair_dir / "corpus" / "pydoc_topics.txt").read_text() == gpt2fn.train.pydoc_prose()
+    results = [r for r in json.loads(out.read_text())["results"] if "trained" in r["case"]]
     by_case: dict[str, set[str]] = {}
     for r in results:
-        _check_result(r)
-        by_case.setdefault(r.case, set()).add(r.contender)
-        assert 0.0 <= r.extra["acceptance_rate"] <= 1.0 and r.extra["prompt_len"] == 8
-        if r.contender.startswith(bench.GPT2FN):  # speculative greedy is the target's own greedy
-            assert r.extra["ids_agree_with_gpt2fn"] == 1.0, r
-        for name, recipe in recipes.items():  # each model's config and training travel with every result
-            info = r.extra["pair"][name]
+        assert r["samples"] and all(x > 0 for x in r["samples"]), r
+        by_case.setdefault(r["case"], set()).add(r["contender"])
+        assert 0.0 <= r["extra"]["acceptance_rate"] <= 1.0 and r["extra"]["prompt_len"] == 16
+        if r["contender"].startswith(bench.GPT2FN):  # speculative greedy is the target's own greedy
+            assert r["extra"]["ids_agree_with_gpt2fn"] == 1.0, r
+        for name, budget in (("target", 3.0), ("draft", 2.0)):  # each model's config and training, in every row
+            info, recipe = r["extra"]["pair"][name], recipes[name]
             assert gpt2fn.GPTConfig.from_dict(info["config"]) == recipe.config
             assert info["trained_ids"] > 100 and 0 < info["train_seconds"] and 0 < info["steps"] <= recipe.steps
-            assert info["train_loss"] > 0 and info["val_loss"] > 0 and info["budget_seconds"] == recipe.seconds
+            assert info["train_loss"] > 0 and info["val_loss"] > 0 and info["budget_seconds"] == budget
     assert by_case == {"fp32 b1 trained draft 1/2 layers k4": {"gpt2fn draft=model", "gpt2fn alone",
                                                               "transformers assistant_model=", "transformers alone"},
                        "fp32 b1 trained prompt lookup k4": {"gpt2fn draft=prompt_lookup", "gpt2fn alone",
                                                             "transformers prompt_lookup_num_tokens=",
                                                             "transformers alone"}}
-    # the prompt is held-out corpus text, the same for both cases
-    prompt = bench.corpus_prompt(tmp_path, prompt_len=8, context=32)[0]
+    assert not (pair_dir / "target" / "state.safetensors").exists()  # only the weights are kept
+    # the prompt is held-out corpus text
+    prompt = bench.corpus_prompt(pair_dir, prompt_len=16, context=32)[0]
     assert gpt2fn.tokenizer.decode(prompt.tolist()) in gpt2fn.train.pydoc_prose()
     # a second run reuses the saved pair; a folder holding another config is refused with the fix
     monkeypatch.setattr(gpt2fn.train, "train", lambda *a, **kw: pytest.fail("the saved pair was trained again"))
-    pair = bench.trained_pair(tmp_path, device=torch.device("cpu"), recipes=recipes)
+    pair = bench.trained_pair(pair_dir, device=torch.device("cpu"), recipes=recipes)
     assert pair["draft"][0].config.trained_vocab == pair["target"][0].config.trained_vocab is not None
     wider = dict(recipes, draft=bench.Recipe(recipes["draft"].config.replace(emb_dim=32), 2.0, 15, 4e-3))
     with pytest.raises(SystemExit, match="remove .*draft to train it again"):
-        bench.trained_pair(tmp_path, device=torch.device("cpu"), recipes=wider)
+        bench.trained_pair(pair_dir, device=torch.device("cpu"), recipes=wider)
 
 
 def test_spec_trained_options_reach_the_plan_and_are_checked():
