@@ -217,6 +217,8 @@ def attention(p: AttentionParams, x: Float[Tensor, "batch seq d_model"], *, n_he
             raise ValueError("attention with cache buffers `kv` needs `slots` and `mask` (see gpt2fn.step)")
         kv = (write_slots(kv[0], slots, k, donate=donate), write_slots(kv[1], slots, v, donate=donate))
         k, v = kv
+        if mask.shape[-1] < k.shape[2]:  # the mask covers the slots written so far (`gpt2fn.model.walk`)
+            k, v = k[:, :, :mask.shape[-1]], v[:, :, :mask.shape[-1]]
     explicit = _wants(tap, f"{site}.scores") or _wants(tap, f"{site}.pattern")
     if not explicit and (generator is None or drop_rate == 0.0):
         z = attend_fast(q, k, v, key_mask, mask)

@@ -183,6 +183,10 @@ def walk(params: GPTParams, inputs: Tensor, *, cache: KVCache | None = None, pos
     - With `cache` (decoding): `inputs` are written into the cache's slots `length .. length+seq`, positions
       continue each row's count, and queries see every valid slot up to their own (`layers.key_visibility`, the
       rule a forward uses too). `donate` writes into the cache's buffers in place. Returns the new cache.
+      Attention spans the whole capacity (static shapes, one compiled graph for every step), except in eager
+      CPU decoding without a tap, where the mask and the keys it covers stop at the last slot written: the slots
+      after it are invisible anyway, and reading them is not free (GPT-2 124M at batch 8 over a 144-slot capacity:
+      85 MB of fp32 keys and values per step, a third of its bf16 weights).
     - `start` (`inputs` is then the residual stream entering that block), `stop` (return the residual stream
       entering that block), `logits=False` (return the final-norm features): parts of the same walk.
     Returns `(logits or features or residual stream, new cache or None)`. Input checks belong to the callers."""
@@ -195,7 +199,10 @@ def walk(params: GPTParams, inputs: Tensor, *, cache: KVCache | None = None, pos
         if positions is None:
             positions = (cache.positions[:, None] + real.long().cumsum(-1) - 1).clamp(min=0)
         valid = cache.valid.index_copy_(1, slots, real) if donate else cache.valid.index_copy(1, slots, real)
-        mask = key_visibility(slots, valid, cache.capacity)
+        width = cache.capacity
+        if tap is None and inputs.device.type == "cpu" and not torch.compiler.is_compiling():
+            width = int(cache.length) + seq  # eager CPU decoding attends over the slots written so far only
+        mask = key_visibility(slots, valid[:, :width], width)
         pad_mask = None
     elif pad_mask is not None and positions is None and start is None:
         positions = positions_from_mask(pad_mask)

@@ -34,7 +34,7 @@ from typing import IO
 
 from ..files import cache_dir, cached_entry
 
-__all__ = ["library", "available", "status", "vector_width", "has_type", "STORED_TYPES"]
+__all__ = ["library", "available", "status", "vector_width", "has_type", "int8_integer", "STORED_TYPES"]
 
 STORED_TYPES = ("f32", "bf16", "f16", "i8")
 """The stored weight types the kernel reads (fp32, bf16, fp16, int8 with per-column scales); f16 only where the
@@ -108,6 +108,7 @@ def library() -> ctypes.CDLL | None:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.gpt2fn_vector_width.restype = ctypes.c_int
     lib.gpt2fn_has_f16.restype = ctypes.c_int
+    lib.gpt2fn_i8_integer.restype = ctypes.c_int
     for name in STORED_TYPES if lib.gpt2fn_has_f16() else tuple(t for t in STORED_TYPES if t != "f16"):
         fn = getattr(lib, f"gpt2fn_affine_{name}")
         fn.restype = ctypes.c_int
@@ -135,6 +136,16 @@ def has_type(name: str) -> bool:
     """Whether the loaded kernel has the entry points for stored type `name` (one of `STORED_TYPES`)."""
     lib = library()
     return lib is not None and name in STORED_TYPES and (name != "f16" or bool(lib.gpt2fn_has_f16()))
+
+
+@functools.cache
+def int8_integer() -> bool:
+    """Whether int8 products are integer sums (AVX-512BW): each input row rounded to 16-bit integers with one scale
+    (at most `min(32767, (2**31 - 1) // 127 // K)` levels, so K products never overflow int32), summed exactly, then
+    scaled. False: the int8 weights are widened to fp32 like the 16-bit ones (the fp32 product of the dequantized
+    weights, up to summation order)."""
+    lib = library()
+    return lib is not None and bool(lib.gpt2fn_i8_integer())
 
 
 @functools.cache

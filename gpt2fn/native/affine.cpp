@@ -21,6 +21,9 @@
 // dotted with a block of R input rows, G*R vector accumulators, reduced once at the end. Every E row is read once
 // per block of R input rows, front to back.
 #include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
 #include <cstdint>
 #include <cstring>
 #include <omp.h>
@@ -286,6 +289,278 @@ static void dot_columns(const float* x, int64_t rows, int64_t K, int64_t ldx, co
   for (; n < n1; ++n) dot_rows<1, RB>(x, rows, ldx, e + n * lde, lde, K, s(n), y + n, ldy);
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// int8 weights with integer products (AVX-512BW; vpdpwssd where the CPU has VNNI, else vpmaddwd + vpaddd).
+//
+// Each input row is rounded to 16-bit integers with one scale, xq = round(x / sx), |xq| <= amax, where
+// amax = min(32767, (2^31 - 1) / (127 K)) so that no sum of K products |xq| |q| overflows int32. The sums are then
+// exact integers, y = sum_k xq[k] q[k, c] * (sx * s[c]) + b[c]: the only rounding is the input's, at most sx / 2 =
+// max|x| / (2 amax) per element (1/44000 .. 1/5000 of the row's largest for K = 768 .. 6400), far below the weights'
+// own 8-bit step, and the result is independent of the thread count and of how K is cut.
+//
+// [K, N] (gpt2fn_affine_i8): rows k and k+1 of 32 columns are sign-extended to int16 and interleaved in pairs
+// (vpunpcklwd / vpunpckhwd per 128-bit lane), so one vpdpwssd multiplies 16 columns by (xq[k], xq[k+1]) broadcast
+// as one dword: 64 multiply-adds per instruction for every input row. The accumulators hold the columns in the
+// unpack's order (lo: 8j + m, hi: 8j + 4 + m for lane j, m < 4) and are put back in order once, at the end.
+// Between chunks of K they are parked in y as int32 bits. [N, K] (gpt2fn_affine_t_i8, the tied head): each row
+// of E is contiguous along K, so 32 of its int8 widen to int16 and meet 32 of xq directly.
+#if defined(__AVX512BW__)
+#define GPT2FN_I8DOT 1
+static inline __m512i dp16(__m512i acc, __m512i a, __m512i b) {
+#if defined(__AVX512VNNI__)
+  return _mm512_dpwssd_epi32(acc, a, b);
+#else
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(a, b));
+#endif
+}
+
+static inline int64_t even(int64_t k) { return (k + 1) / 2 * 2; }
+
+// Row r of x -> xq[r, 0..even(K)) (zero padded) and its scale sx[r] (NaN for a row holding inf or NaN, so the
+// row's outputs are NaN, as the fp32 product's would be non-finite).
+static void quantize_rows(const float* x, int64_t rows, int64_t K, int64_t ldx, int16_t* xq, int64_t ldq,
+                          float* sx) {
+  const float amax = float(std::min<int64_t>(32767, (int64_t(2147483647) / 127) / std::max<int64_t>(1, K)));
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * ldx;
+    int16_t* q = xq + r * ldq;
+    __m512 m = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(xr + k)));
+    float top = _mm512_reduce_max_ps(m);
+    bool finite = true;
+    for (int64_t i = 0; i < K; ++i) finite &= std::isfinite(xr[i]);
+    for (; k < K; ++k) top = std::max(top, std::fabs(xr[k]));
+    if (!finite || top == 0.0f) {
+      std::memset(q, 0, sizeof(int16_t) * even(K));
+      sx[r] = finite ? 0.0f : std::numeric_limits<float>::quiet_NaN();
+      continue;
+    }
+    const __m512 inv = _mm512_set1_ps(amax / top);
+    for (k = 0; k + 16 <= K; k += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + k),
+                          _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xr + k), inv))));
+    for (; k < K; ++k) q[k] = int16_t(std::nearbyint(xr[k] * (amax / top)));
+    if (K % 2) q[K] = 0;
+    sx[r] = top / amax;
+  }
+}
+
+static inline __m512i load_i32(const float* p) { return _mm512_loadu_si512(p); }
+static inline void store_i32(float* p, __m512i v) { _mm512_storeu_si512(p, v); }
+static inline __m512i widen16(const int8_t* p) {
+  return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+// acc over k in [k0, k1) for R rows x NB blocks of 32 columns: park[r][block] (int32 in y) (+)= sum xq * q.
+// K_total: the odd last row (K odd) pairs with a zero row.
+template <int R, int NB>
+static inline void iband(const int16_t* __restrict xq, int64_t ldq, const int8_t* __restrict w, int64_t ldw,
+                         int64_t k0, int64_t k1, int64_t K, float* __restrict y, int64_t ldy, bool first, bool last,
+                         const float* sx, const float* s, const float* b) {
+  __m512i acc[R][NB][2];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NB; ++j)
+      for (int h = 0; h < 2; ++h)
+        acc[r][j][h] = first ? _mm512_setzero_si512() : load_i32(y + r * ldy + j * 32 + h * 16);
+  int64_t k = k0;
+  for (; k + 2 <= k1; k += 2) {
+    const int8_t* w0 = w + k * ldw;
+    if (PD > 0 && k + PD < K)
+      for (int j = 0; j < NB; ++j) {
+        __builtin_prefetch(w0 + PD * ldw + j * 32);
+        __builtin_prefetch(w0 + (PD + 1) * ldw + j * 32);
+      }
+    __m512i p[NB][2];
+    for (int j = 0; j < NB; ++j) {
+      const __m512i a = widen16(w0 + j * 32), c = widen16(w0 + ldw + j * 32);
+      p[j][0] = _mm512_unpacklo_epi16(a, c);
+      p[j][1] = _mm512_unpackhi_epi16(a, c);
+    }
+    for (int r = 0; r < R; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, xq + r * ldq + k, 4);
+      const __m512i xv = _mm512_set1_epi32(pair);
+      for (int j = 0; j < NB; ++j) {
+        acc[r][j][0] = dp16(acc[r][j][0], p[j][0], xv);
+        acc[r][j][1] = dp16(acc[r][j][1], p[j][1], xv);
+      }
+    }
+  }
+  if (k < k1) {  // the odd last row of W (k == K - 1), paired with zero
+    const int8_t* w0 = w + k * ldw;
+    __m512i p[NB][2];
+    for (int j = 0; j < NB; ++j) {
+      const __m512i a = widen16(w0 + j * 32), c = _mm512_setzero_si512();
+      p[j][0] = _mm512_unpacklo_epi16(a, c);
+      p[j][1] = _mm512_unpackhi_epi16(a, c);
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m512i xv = _mm512_set1_epi32(int32_t(uint16_t(xq[r * ldq + k])));
+      for (int j = 0; j < NB; ++j) {
+        acc[r][j][0] = dp16(acc[r][j][0], p[j][0], xv);
+        acc[r][j][1] = dp16(acc[r][j][1], p[j][1], xv);
+      }
+    }
+  }
+  if (!last) {
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < NB; ++j)
+        for (int h = 0; h < 2; ++h) store_i32(y + r * ldy + j * 32 + h * 16, acc[r][j][h]);
+    return;
+  }
+  // columns back in order: out[c'] takes lo dword 4j + m (m = c' % 8 < 4) or hi dword 4j + m - 4, j = c' / 8
+  const __m512i first16 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i second16 = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  for (int r = 0; r < R; ++r) {
+    const __m512 rs = _mm512_set1_ps(sx[r]);
+    for (int j = 0; j < NB; ++j) {
+      const __m512 lo = _mm512_cvtepi32_ps(acc[r][j][0]), hi = _mm512_cvtepi32_ps(acc[r][j][1]);
+      for (int h = 0; h < 2; ++h) {
+        const int64_t c = j * 32 + h * 16;
+        // one rounding, whatever the compiler contracts: fma(sum, sx * s, b)
+        const __m512 v = _mm512_permutex2var_ps(lo, h ? second16 : first16, hi);
+        _mm512_storeu_ps(y + r * ldy + c, _mm512_fmadd_ps(v, _mm512_mul_ps(rs, _mm512_loadu_ps(s + c)),
+                                                          b ? _mm512_loadu_ps(b + c) : _mm512_setzero_ps()));
+      }
+    }
+  }
+}
+
+template <int NB>
+constexpr int irmax() { return std::min(8, (31 - 2 * NB - 2) / (2 * NB)); }
+
+template <int NB>
+static inline void iband_rows(const int16_t* xq, int64_t ldq, int64_t rows, const int8_t* w, int64_t ldw, int64_t k0,
+                              int64_t k1, int64_t K, float* y, int64_t ldy, bool first, bool last, const float* sx,
+                              const float* s, const float* b) {
+  constexpr int R = irmax<NB>();
+  for (int64_t r0 = 0; r0 < rows; r0 += R) {
+    const int16_t* xr = xq + r0 * ldq;
+    float* yr = y + r0 * ldy;
+    switch (std::min<int64_t>(R, rows - r0)) {
+#define GPT2FN_CASE(n) \
+  case n: if constexpr (n <= R) iband<n, NB>(xr, ldq, w, ldw, k0, k1, K, yr, ldy, first, last, sx + r0, s, b); break;
+      GPT2FN_CASE(1) GPT2FN_CASE(2) GPT2FN_CASE(3) GPT2FN_CASE(4)
+      GPT2FN_CASE(5) GPT2FN_CASE(6) GPT2FN_CASE(7) GPT2FN_CASE(8)
+#undef GPT2FN_CASE
+    }
+  }
+}
+
+// Columns [c0, c0 + 32 nblk) of y, K in chunks of kc rows (even).
+static void iblocks(const int16_t* xq, int64_t ldq, const float* sx, int64_t rows, int64_t K, const int8_t* w,
+                    int64_t ldw, const float* s, const float* b, float* y, int64_t ldy, int64_t c0, int64_t nblk,
+                    int64_t kc, int nb) {
+  for (int64_t k0 = 0; k0 < K; k0 += kc) {
+    const int64_t k1 = std::min(K, k0 + kc);
+    const bool first = k0 == 0, last = k1 == K;
+    int64_t j = 0;
+#define GPT2FN_BAND(n)                                                                                     \
+  iband_rows<n>(xq, ldq, rows, w + c0 + j * 32, ldw, k0, k1, K, y + c0 + j * 32, ldy, first, last, sx,     \
+                s + c0 + j * 32, b ? b + c0 + j * 32 : nullptr)
+    if (nb >= 4) for (; j + 4 <= nblk; j += 4) GPT2FN_BAND(4);
+    if (nb >= 2) for (; j + 2 <= nblk; j += 2) GPT2FN_BAND(2);
+    for (; j < nblk; ++j) GPT2FN_BAND(1);
+#undef GPT2FN_BAND
+  }
+}
+
+// The last N % 32 columns, exact integer sums.
+static void itail(const int16_t* xq, int64_t ldq, const float* sx, int64_t rows, int64_t K, const int8_t* w,
+                  int64_t ldw, const float* s, const float* b, float* y, int64_t ldy, int64_t c0, int64_t n) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = c0; c < c0 + n; ++c) {
+      int32_t acc = 0;
+      for (int64_t k = 0; k < K; ++k) acc += int32_t(xq[r * ldq + k]) * int32_t(w[k * ldw + c]);
+      y[r * ldy + c] = std::fma(float(acc), sx[r] * s[c], b ? b[c] : 0.0f);
+    }
+}
+
+static int affine_i8dot(const float* x, int64_t rows, int64_t K, int64_t ldx, const int8_t* w, int64_t N,
+                        int64_t ldw, const float* s, const float* b, float* y, int64_t ldy, int threads, int64_t kc) {
+  const int64_t ldq = even(K) + 32;  // room for a vector read past an odd K
+  std::vector<int16_t> xq(rows * ldq);
+  std::vector<float> sx(rows);
+  quantize_rows(x, rows, K, ldx, xq.data(), ldq, sx.data());
+  const int64_t nblk = N / 32, tail = N - nblk * 32;
+  threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, std::max<int64_t>(1, nblk))));
+  kc = kc > 0 ? even(kc) : (rows <= 2 ? 16 : 256);
+  const int nb = rows == 1 ? 4 : rows <= 3 ? 2 : 1;
+#pragma omp parallel num_threads(threads)
+  {
+    const int t = omp_get_thread_num(), T = omp_get_num_threads();
+    const int64_t j0 = nblk * t / T, j1 = nblk * (t + 1) / T;
+    if (j1 > j0) iblocks(xq.data(), ldq, sx.data(), rows, K, w, ldw, s, b, y, ldy, j0 * 32, j1 - j0, kc, nb);
+    if (t == T - 1 && tail) itail(xq.data(), ldq, sx.data(), rows, K, w, ldw, s, b, y, ldy, nblk * 32, tail);
+  }
+  return 0;
+}
+
+template <int G, int R>
+static inline void idots(const int16_t* __restrict xq, int64_t ldq, const int8_t* __restrict e, int64_t lde,
+                         int64_t K, const float* sx, const float* se, float* __restrict y, int64_t ldy) {
+  __m512i acc[G][R];
+  for (int g = 0; g < G; ++g)
+    for (int r = 0; r < R; ++r) acc[g][r] = _mm512_setzero_si512();
+  const int64_t kv = K / 32 * 32;
+  for (int64_t k = 0; k < kv; k += 32) {
+    __m512i ev[G];
+    for (int g = 0; g < G; ++g) ev[g] = widen16(e + g * lde + k);
+    for (int r = 0; r < R; ++r) {
+      const __m512i xv = _mm512_loadu_si512(xq + r * ldq + k);
+      for (int g = 0; g < G; ++g) acc[g][r] = dp16(acc[g][r], ev[g], xv);
+    }
+  }
+  for (int g = 0; g < G; ++g)
+    for (int r = 0; r < R; ++r) {
+      int32_t sum = _mm512_reduce_add_epi32(acc[g][r]);
+      for (int64_t k = kv; k < K; ++k) sum += int32_t(e[g * lde + k]) * int32_t(xq[r * ldq + k]);
+      y[r * ldy + g] = float(sum) * (sx[r] * se[g]);
+    }
+}
+
+template <int G, int R>
+static void idot_rows(const int16_t* xq, int64_t ldq, int64_t rows, const int8_t* e, int64_t lde, int64_t K,
+                      const float* sx, const float* se, float* y, int64_t ldy) {
+  for (int64_t r0 = 0; r0 < rows; r0 += R) {
+    const int16_t* xr = xq + r0 * ldq;
+    float* yr = y + r0 * ldy;
+    switch (std::min<int64_t>(R, rows - r0)) {
+#define GPT2FN_CASE(n) \
+  case n: if constexpr (n <= R) idots<G, n>(xr, ldq, e, lde, K, sx + r0, se, yr, ldy); break;
+      GPT2FN_CASE(1) GPT2FN_CASE(2) GPT2FN_CASE(3) GPT2FN_CASE(4) GPT2FN_CASE(5) GPT2FN_CASE(6)
+#undef GPT2FN_CASE
+    }
+  }
+}
+
+static int affine_t_i8dot(const float* x, int64_t rows, int64_t K, int64_t ldx, const int8_t* e, int64_t N,
+                          int64_t lde, const float* s, float* y, int64_t ldy, int threads) {
+  const int64_t ldq = even(K) + 32;
+  std::vector<int16_t> xq(rows * ldq);
+  std::vector<float> sx(rows);
+  quantize_rows(x, rows, K, ldx, xq.data(), ldq, sx.data());
+  threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, N / 8)));
+#pragma omp parallel num_threads(threads)
+  {
+    const int t = omp_get_thread_num(), T = omp_get_num_threads();
+    const int64_t n1 = N * (t + 1) / T;
+    int64_t n = N * t / T;
+    if (rows == 1) {
+      for (; n + 8 <= n1; n += 8) idots<8, 1>(xq.data(), ldq, e + n * lde, lde, K, sx.data(), s + n, y + n, ldy);
+    } else {
+      for (; n + 4 <= n1; n += 4)
+        idot_rows<4, 6>(xq.data(), ldq, rows, e + n * lde, lde, K, sx.data(), s + n, y + n, ldy);
+    }
+    for (; n < n1; ++n) idot_rows<1, 6>(xq.data(), ldq, rows, e + n * lde, lde, K, sx.data(), s + n, y + n, ldy);
+  }
+  return 0;
+}
+#else
+#define GPT2FN_I8DOT 0
+#endif
+
 template <class W>
 static int affine(const float* x, int64_t rows, int64_t K, int64_t ldx, const W* w, int64_t N, int64_t ldw,
                   const float* s, const float* b, float* y, int64_t ldy, int threads, int64_t kc) {
@@ -342,6 +617,26 @@ GPT2FN_TYPE(bf16, bf16)
 #if GPT2FN_F16
 GPT2FN_TYPE(f16, _Float16)
 #endif
-GPT2FN_TYPE(i8, int8_t)
 #undef GPT2FN_TYPE
+
+// int8: the integer products where the CPU has them (GPT2FN_I8DOT), else widened to fp32 like the others.
+int gpt2fn_affine_i8(const float* x, int64_t rows, int64_t K, int64_t ldx, const void* w, int64_t N, int64_t ldw,
+                     const float* s, const float* b, float* y, int64_t ldy, int threads, int64_t kc) {
+#if GPT2FN_I8DOT
+  return affine_i8dot(x, rows, K, ldx, static_cast<const int8_t*>(w), N, ldw, s, b, y, ldy, threads, kc);
+#else
+  return affine(x, rows, K, ldx, static_cast<const int8_t*>(w), N, ldw, s, b, y, ldy, threads, kc);
+#endif
+}
+int gpt2fn_affine_t_i8(const float* x, int64_t rows, int64_t K, int64_t ldx, const void* e, int64_t N, int64_t lde,
+                       const float* s, float* y, int64_t ldy, int threads) {
+#if GPT2FN_I8DOT
+  return affine_t_i8dot(x, rows, K, ldx, static_cast<const int8_t*>(e), N, lde, s, y, ldy, threads);
+#else
+  return affine_t(x, rows, K, ldx, static_cast<const int8_t*>(e), N, lde, s, y, ldy, threads);
+#endif
+}
+
+// Whether int8 products are integer sums of 16-bit-rounded inputs (1) or fp32 products of widened weights (0).
+int gpt2fn_i8_integer(void) { return GPT2FN_I8DOT; }
 }
