@@ -344,10 +344,12 @@ def format_params(params: GPTParams, name: str) -> GPTParams:
     return params if DTYPES[name] == params.dtype else gpt2fn.tree_to(params, dtype=DTYPES[name])
 
 
-def bench_formats(params: GPTParams, *, batch: int = 4, seq: int = 64,
+def bench_formats(params: GPTParams, *, batch: int = 2, seq: int = 64,
                   engines: dict[str, peers.EngineWorker] | None = None) -> list[Result]:
     """The accuracy of each stored format: max and mean absolute logit error against the fp32 model on the same
-    weights (one forward of `batch` x `seq` random ids), with the logits' standard deviation for scale.
+    weights (one forward of `batch` x `seq` random ids), with the logits' standard deviation for scale. 2 x 64 =
+    128 rows, `kernels.NATIVE_MAX_ROWS`: the products decoding runs (the native kernel, int8 as integer sums where
+    the CPU has them), not torch's GEMM of a longer prefill.
 
     Case `fp32` holds the fp32 implementations that are not the reference (transformers, CTranslate2 fp32,
     llama.cpp F32); each 8- and 16-bit engine joins the case of gpt2fn's format it is set against (`EnginePeer`'s
