@@ -6,6 +6,7 @@
 // T is the stored type of W (E): f32, bf16, f16, or i8 with one fp32 scale per output column (y = (x @ Q) * s + b).
 // x, y, b and s are fp32; stored elements are widened to fp32 in registers and accumulated in fp32, so 16-bit and
 // 8-bit weights cost their own bytes of memory traffic and nothing else.
+// (int8 on AVX-512BW: integer products instead, see "int8 weights with integer products" below.)
 //
 // Built on first use by gpt2fn/native with the machine's C++ compiler (-O3 -march=native -fopenmp) and called
 // through ctypes; every caller has a torch fallback. OpenMP resolves to the libgomp torch loaded, so these
