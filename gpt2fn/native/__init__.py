@@ -5,7 +5,8 @@ on some of the CPUs gpt2fn is built on (the AMD EPYC most of all), and decoding 
 its tied head `x @ tok_emb.T` runs at about half the bandwidth of the other orientation in torch. `affine.cpp`
 reads the stored matrices in place (`[in, out]` and, for the tied head, `[vocab, d_model]`), fp32, bf16, fp16 or
 int8 with per-column scales, widens them to fp32 in registers and keeps a block of rows x a band of columns of
-fp32 accumulators (int8 with AVX-512BW: exact integer sums of 16-bit-rounded inputs instead, `int8_integer`). The policy that decides when it is used is `gpt2fn.kernels`.
+fp32 accumulators (int8 with AVX-512BW: exact integer sums of 16-bit-rounded inputs instead, `int8_integer`).
+The policy that decides when it is used is `gpt2fn.kernels`.
 
 How it is built: the source ships in the package; the first call compiles it with `$CXX` (default `c++`),
 `-O3 -march=native -fopenmp`, into the user cache (`$XDG_CACHE_HOME/gpt2fn/native/<key>/`, default
