@@ -200,7 +200,8 @@ def walk(params: GPTParams, inputs: Tensor, *, cache: KVCache | None = None, pos
             positions = (cache.positions[:, None] + real.long().cumsum(-1) - 1).clamp(min=0)
         valid = cache.valid.index_copy_(1, slots, real) if donate else cache.valid.index_copy(1, slots, real)
         width = cache.capacity
-        if tap is None and inputs.device.type == "cpu" and not torch.compiler.is_compiling():
+        if (tap is None and inputs.device.type == "cpu" and not torch.compiler.is_compiling()
+                and not torch._C._functorch.is_functorch_wrapped_tensor(cache.length)):  # a readable count
             width = int(cache.length) + seq  # eager CPU decoding attends over the slots written so far only
         mask = key_visibility(slots, valid[:, :width], width)
         pad_mask = None
