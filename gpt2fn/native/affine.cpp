@@ -23,10 +23,11 @@
 // per block of R input rows, front to back.
 #include <algorithm>
 #include <cmath>
-#include <limits>
-#include <vector>
 #include <cstdint>
 #include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
 #include <omp.h>
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -148,22 +149,29 @@ static inline void band(const float* __restrict x, int64_t ldx, const W* __restr
     for (int j = 0; j < NV; ++j) store(y + r * ldy + j * VL, acc[r][j]);
 }
 
-// One band of NV vectors for every row block, over one chunk of K.
-template <int NV, class W>
-static inline void band_rows(const float* x, int64_t rows, int64_t ldx, const W* w, int64_t ldw, int64_t k_len,
-                             Out o, float* y, int64_t ldy, bool first, bool last) {
-  constexpr int R = rmax(NV);
+// f(std::integral_constant<int, n>{}, r0) for each block of up to R rows starting at row r0 (n rows in it): every
+// register-blocked kernel below is instantiated for each block height it can meet, and called through this.
+template <int R, class F>
+static inline void row_blocks(int64_t rows, F&& f) {
+  static_assert(1 <= R && R <= 8, "row blocks of 1 to 8 rows");
   for (int64_t r0 = 0; r0 < rows; r0 += R) {
-    const float* xr = x + r0 * ldx;
-    float* yr = y + r0 * ldy;
     switch (std::min<int64_t>(R, rows - r0)) {
 #define GPT2FN_CASE(n) \
-  case n: if constexpr (n <= R) band<n, NV>(xr, ldx, w, ldw, k_len, o, yr, ldy, first, last); break;
+  case n: if constexpr (n <= R) f(std::integral_constant<int, n>{}, r0); break;
       GPT2FN_CASE(1) GPT2FN_CASE(2) GPT2FN_CASE(3) GPT2FN_CASE(4)
       GPT2FN_CASE(5) GPT2FN_CASE(6) GPT2FN_CASE(7) GPT2FN_CASE(8)
 #undef GPT2FN_CASE
     }
   }
+}
+
+// One band of NV vectors for every row block, over one chunk of K.
+template <int NV, class W>
+static inline void band_rows(const float* x, int64_t rows, int64_t ldx, const W* w, int64_t ldw, int64_t k_len,
+                             Out o, float* y, int64_t ldy, bool first, bool last) {
+  row_blocks<rmax(NV)>(rows, [&](auto n, int64_t r0) {
+    band<decltype(n)::value, NV>(x + r0 * ldx, ldx, w, ldw, k_len, o, y + r0 * ldy, ldy, first, last);
+  });
 }
 
 static inline Out at(const float* s, const float* b, int64_t c) { return {s ? s + c : nullptr, b ? b + c : nullptr}; }
@@ -263,16 +271,9 @@ static inline void dots(const float* __restrict x, int64_t ldx, const W* __restr
 template <int G, int R, class W>
 static void dot_rows(const float* x, int64_t rows, int64_t ldx, const W* e, int64_t lde, int64_t K,
                      const float* sc, float* y, int64_t ldy) {
-  for (int64_t r0 = 0; r0 < rows; r0 += R) {
-    const float* xr = x + r0 * ldx;
-    float* yr = y + r0 * ldy;
-    switch (std::min<int64_t>(R, rows - r0)) {
-#define GPT2FN_CASE(n) \
-  case n: if constexpr (n <= R) dots<G, n>(xr, ldx, e, lde, K, sc, yr, ldy); break;
-      GPT2FN_CASE(1) GPT2FN_CASE(2) GPT2FN_CASE(3) GPT2FN_CASE(4) GPT2FN_CASE(5) GPT2FN_CASE(6)
-#undef GPT2FN_CASE
-    }
-  }
+  row_blocks<R>(rows, [&](auto n, int64_t r0) {
+    dots<G, decltype(n)::value>(x + r0 * ldx, ldx, e, lde, K, sc, y + r0 * ldy, ldy);
+  });
 }
 
 // Output columns [n0, n1) of y = x @ E^T.
@@ -326,12 +327,20 @@ static void quantize_rows(const float* x, int64_t rows, int64_t K, int64_t ldx, 
     const float* xr = x + r * ldx;
     int16_t* q = xq + r * ldq;
     __m512 m = _mm512_setzero_ps();
+    __mmask16 nan = 0;  // max drops NaN, so it is looked for beside it (inf survives the max)
     int64_t k = 0;
-    for (; k + 16 <= K; k += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(xr + k)));
+    for (; k + 16 <= K; k += 16) {
+      const __m512 v = _mm512_loadu_ps(xr + k);
+      nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+      m = _mm512_max_ps(m, _mm512_abs_ps(v));
+    }
     float top = _mm512_reduce_max_ps(m);
-    bool finite = true;
-    for (int64_t i = 0; i < K; ++i) finite &= std::isfinite(xr[i]);
-    for (; k < K; ++k) top = std::max(top, std::fabs(xr[k]));
+    bool finite = nan == 0;
+    for (; k < K; ++k) {
+      finite &= !std::isnan(xr[k]);
+      top = std::max(top, std::fabs(xr[k]));
+    }
+    finite &= std::isfinite(top);
     if (!finite || top == 0.0f) {
       std::memset(q, 0, sizeof(int16_t) * even(K));
       sx[r] = finite ? 0.0f : std::numeric_limits<float>::quiet_NaN();
@@ -346,6 +355,18 @@ static void quantize_rows(const float* x, int64_t rows, int64_t K, int64_t ldx, 
     sx[r] = top / amax;
   }
 }
+
+// The input rows rounded for the integer products: xq [rows, ld] (ld = even(K) + 32, room for a vector read past
+// an odd K) and one scale per row.
+struct RoundedRows {
+  int64_t ld;
+  std::vector<int16_t> q;
+  std::vector<float> s;
+  RoundedRows(const float* x, int64_t rows, int64_t K, int64_t ldx)
+      : ld(even(K) + 32), q(rows * ld), s(rows) {
+    quantize_rows(x, rows, K, ldx, q.data(), ld, s.data());
+  }
+};
 
 static inline __m512i load_i32(const float* p) { return _mm512_loadu_si512(p); }
 static inline void store_i32(float* p, __m512i v) { _mm512_storeu_si512(p, v); }
@@ -435,18 +456,10 @@ template <int NB>
 static inline void iband_rows(const int16_t* xq, int64_t ldq, int64_t rows, const int8_t* w, int64_t ldw, int64_t k0,
                               int64_t k1, int64_t K, float* y, int64_t ldy, bool first, bool last, const float* sx,
                               const float* s, const float* b) {
-  constexpr int R = irmax<NB>();
-  for (int64_t r0 = 0; r0 < rows; r0 += R) {
-    const int16_t* xr = xq + r0 * ldq;
-    float* yr = y + r0 * ldy;
-    switch (std::min<int64_t>(R, rows - r0)) {
-#define GPT2FN_CASE(n) \
-  case n: if constexpr (n <= R) iband<n, NB>(xr, ldq, w, ldw, k0, k1, K, yr, ldy, first, last, sx + r0, s, b); break;
-      GPT2FN_CASE(1) GPT2FN_CASE(2) GPT2FN_CASE(3) GPT2FN_CASE(4)
-      GPT2FN_CASE(5) GPT2FN_CASE(6) GPT2FN_CASE(7) GPT2FN_CASE(8)
-#undef GPT2FN_CASE
-    }
-  }
+  row_blocks<irmax<NB>()>(rows, [&](auto n, int64_t r0) {
+    iband<decltype(n)::value, NB>(xq + r0 * ldq, ldq, w, ldw, k0, k1, K, y + r0 * ldy, ldy, first, last, sx + r0,
+                                  s, b);
+  });
 }
 
 // Columns [c0, c0 + 32 nblk) of y, K in chunks of kc rows (even).
@@ -480,10 +493,10 @@ static void itail(const int16_t* xq, int64_t ldq, const float* sx, int64_t rows,
 
 static int affine_i8dot(const float* x, int64_t rows, int64_t K, int64_t ldx, const int8_t* w, int64_t N,
                         int64_t ldw, const float* s, const float* b, float* y, int64_t ldy, int threads, int64_t kc) {
-  const int64_t ldq = even(K) + 32;  // room for a vector read past an odd K
-  std::vector<int16_t> xq(rows * ldq);
-  std::vector<float> sx(rows);
-  quantize_rows(x, rows, K, ldx, xq.data(), ldq, sx.data());
+  const RoundedRows xr(x, rows, K, ldx);
+  const int16_t* xq = xr.q.data();
+  const float* sx = xr.s.data();
+  const int64_t ldq = xr.ld;
   const int64_t nblk = N / 32, tail = N - nblk * 32;
   threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, std::max<int64_t>(1, nblk))));
   kc = kc > 0 ? even(kc) : (rows <= 2 ? 16 : 256);
@@ -492,8 +505,8 @@ static int affine_i8dot(const float* x, int64_t rows, int64_t K, int64_t ldx, co
   {
     const int t = omp_get_thread_num(), T = omp_get_num_threads();
     const int64_t j0 = nblk * t / T, j1 = nblk * (t + 1) / T;
-    if (j1 > j0) iblocks(xq.data(), ldq, sx.data(), rows, K, w, ldw, s, b, y, ldy, j0 * 32, j1 - j0, kc, nb);
-    if (t == T - 1 && tail) itail(xq.data(), ldq, sx.data(), rows, K, w, ldw, s, b, y, ldy, nblk * 32, tail);
+    if (j1 > j0) iblocks(xq, ldq, sx, rows, K, w, ldw, s, b, y, ldy, j0 * 32, j1 - j0, kc, nb);
+    if (t == T - 1 && tail) itail(xq, ldq, sx, rows, K, w, ldw, s, b, y, ldy, nblk * 32, tail);
   }
   return 0;
 }
@@ -524,24 +537,17 @@ static inline void idots(const int16_t* __restrict xq, int64_t ldq, const int8_t
 template <int G, int R>
 static void idot_rows(const int16_t* xq, int64_t ldq, int64_t rows, const int8_t* e, int64_t lde, int64_t K,
                       const float* sx, const float* se, float* y, int64_t ldy) {
-  for (int64_t r0 = 0; r0 < rows; r0 += R) {
-    const int16_t* xr = xq + r0 * ldq;
-    float* yr = y + r0 * ldy;
-    switch (std::min<int64_t>(R, rows - r0)) {
-#define GPT2FN_CASE(n) \
-  case n: if constexpr (n <= R) idots<G, n>(xr, ldq, e, lde, K, sx + r0, se, yr, ldy); break;
-      GPT2FN_CASE(1) GPT2FN_CASE(2) GPT2FN_CASE(3) GPT2FN_CASE(4) GPT2FN_CASE(5) GPT2FN_CASE(6)
-#undef GPT2FN_CASE
-    }
-  }
+  row_blocks<R>(rows, [&](auto n, int64_t r0) {
+    idots<G, decltype(n)::value>(xq + r0 * ldq, ldq, e, lde, K, sx + r0, se, y + r0 * ldy, ldy);
+  });
 }
 
 static int affine_t_i8dot(const float* x, int64_t rows, int64_t K, int64_t ldx, const int8_t* e, int64_t N,
                           int64_t lde, const float* s, float* y, int64_t ldy, int threads) {
-  const int64_t ldq = even(K) + 32;
-  std::vector<int16_t> xq(rows * ldq);
-  std::vector<float> sx(rows);
-  quantize_rows(x, rows, K, ldx, xq.data(), ldq, sx.data());
+  const RoundedRows xr(x, rows, K, ldx);
+  const int16_t* xq = xr.q.data();
+  const float* sx = xr.s.data();
+  const int64_t ldq = xr.ld;
   threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, N / 8)));
 #pragma omp parallel num_threads(threads)
   {
@@ -549,12 +555,11 @@ static int affine_t_i8dot(const float* x, int64_t rows, int64_t K, int64_t ldx, 
     const int64_t n1 = N * (t + 1) / T;
     int64_t n = N * t / T;
     if (rows == 1) {
-      for (; n + 8 <= n1; n += 8) idots<8, 1>(xq.data(), ldq, e + n * lde, lde, K, sx.data(), s + n, y + n, ldy);
+      for (; n + 8 <= n1; n += 8) idots<8, 1>(xq, ldq, e + n * lde, lde, K, sx, s + n, y + n, ldy);
     } else {
-      for (; n + 4 <= n1; n += 4)
-        idot_rows<4, 6>(xq.data(), ldq, rows, e + n * lde, lde, K, sx.data(), s + n, y + n, ldy);
+      for (; n + 4 <= n1; n += 4) idot_rows<4, 6>(xq, ldq, rows, e + n * lde, lde, K, sx, s + n, y + n, ldy);
     }
-    for (; n < n1; ++n) idot_rows<1, 6>(xq.data(), ldq, rows, e + n * lde, lde, K, sx.data(), s + n, y + n, ldy);
+    for (; n < n1; ++n) idot_rows<1, 6>(xq, ldq, rows, e + n * lde, lde, K, sx, s + n, y + n, ldy);
   }
   return 0;
 }
