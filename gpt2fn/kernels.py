@@ -105,16 +105,6 @@ def native_applies(x: Tensor, w: Matrix, b: Tensor | None = None) -> bool:
             and (scale is None or scale.is_contiguous()))
 
 
-def _chunk(rows: int, dtype: torch.dtype) -> int:
-    """Rows of W per chunk of the reduction (0: the kernel's one-row walk, four long streams with y in L1).
-    Measured on the AMD EPYC, one step's 48 block products: fp32 1 row 16.6 ms one-row walk against 20.5 in
-    chunks of 16 (16-bit and int8 were 0.3-1 ms faster in chunks); short chunks keep 1-2 rows' bands in a few
-    streams; more rows reuse each band from L1 over a longer chunk (8 rows 24 -> 21 ms, 32 rows 54 -> 39)."""
-    if rows == 1 and dtype == torch.float32:
-        return 0
-    return 16 if rows <= 2 else 256
-
-
 def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
@@ -127,7 +117,7 @@ def native_affine(x: Tensor, w: Tensor, b: Tensor | None, scale: Tensor | None =
     y = torch.empty(rows, d_out, dtype=torch.float32)
     fn = getattr(native.library(), f"gpt2fn_affine_{_STORED[w.dtype]}")
     fn(x.data_ptr(), rows, d_in, x.stride(0), w.data_ptr(), d_out, w.stride(0), _ptr(scale), _ptr(b), y.data_ptr(),
-       d_out, torch.get_num_threads(), _chunk(rows, w.dtype))
+       d_out, torch.get_num_threads(), 0)
     return y
 
 

@@ -49,21 +49,36 @@ def test_the_in_place_kernel_equals_the_plain_product(threads, rows, d_in, d_out
 
 @needs_native
 @settings(max_examples=30)
-@given(d_in=st.integers(1, 81), d_out=st.integers(1, 200), bias=st.booleans(), w_gap=st.sampled_from([0, 3, 16]),
-       seed=st.integers(0, 2**31 - 1))
-def test_one_input_row_takes_the_four_stream_walk_and_equals_the_plain_product(threads, d_in, d_out, bias, w_gap,
-                                                                                seed):
-    """One fp32 row (every decode step at batch 1) takes the kernel's one-row walk (`kc=0`): K past a multiple of 4,
-    widths past whole vectors, strided matrices."""
-    from gpt2fn.kernels import _chunk
-
-    assert _chunk(1, torch.float32) == 0
+@given(rows=st.integers(1, 20), d_in=st.integers(1, 200), d_out=st.integers(1, 120), bias=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**31 - 1))
+def test_a_rows_product_has_the_same_bits_on_any_thread_count_and_in_any_batch(rows, d_in, d_out, bias, dtype, seed):
+    """The kernel cuts the reduction into pieces fixed by the width alone (halves, from 64 inputs), so the sums of a
+    row are the same whether 1, 2 or 3 threads share the matrix, and whether the row is alone or one of a batch:
+    batched decoding and speculative verification see the logits a row would get alone. The tied head's dot
+    products are whole rows of E, so the same holds for it."""
     g = torch.Generator().manual_seed(seed)
-    w = _strided(torch.randn(d_in, d_out, generator=g), w_gap)
+    w = torch.randn(d_in, d_out, generator=g).to(dtype)
     b = torch.randn(d_out, generator=g) if bias else None
-    x = torch.randn(1, d_in, generator=g)
-    want = x @ w if b is None else x @ w + b
-    torch.testing.assert_close(affine(x, w, b), want, atol=1e-5, rtol=1e-5)
+    x = torch.randn(rows, d_in, generator=g)
+    e = w.T.contiguous()  # as a tied head [out, in]
+    before = torch.get_num_threads()
+    try:
+        outs, heads = [], []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            outs.append(affine(x, w, b))
+            heads.append(affine_t(x, e))
+        alone = torch.cat([affine(x[i:i + 1], w, b) for i in range(rows)])
+        head_alone = torch.cat([affine_t(x[i:i + 1], e) for i in range(rows)])
+    finally:
+        torch.set_num_threads(before)
+    for other in (*outs[1:], alone):
+        assert torch.equal(outs[0], other)
+    for other in (*heads[1:], head_alone):
+        assert torch.equal(heads[0], other)
+    want = x @ w.float() if b is None else x @ w.float() + b
+    torch.testing.assert_close(outs[0], want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(heads[0], x @ w.float(), atol=1e-4, rtol=1e-4)
 
 
 @needs_native

@@ -108,43 +108,50 @@ static inline float widen1(bf16 v) { uint32_t u = uint32_t(v.bits) << 16; float 
 static inline float widen1(int8_t v) { return float(v); }
 
 // Rows per register block with NV vectors per row: R*NV accumulators + NV weights + 1 broadcast <= NREG.
-#ifndef PD
-#define PD 16
-#endif
 constexpr int rmax(int nv) { return std::min(8, std::max(1, (NREG - 1 - nv) / nv)); }
 
-// The finishing touch of a column band: for scaled (int8) weights the accumulators are sums of x * q, so the
-// band's column scales multiply them once, after the last chunk of the reduction, and the bias is added then;
-// unscaled weights start from the bias instead.
-struct Out {
-  const float* s;  // per-column scales at this band's first column, or null (not a scaled type)
-  const float* b;  // bias at this band's first column, or null
+// Software prefetch in address order: a cursor over `rows` row segments of `lpr` cache lines each (segment r starts
+// at base + r * stride), `per` lines each time it is stepped, `left` lines in all. The kernels read a matrix in
+// register-sized pieces of many rows at once, an order the hardware prefetcher follows poorly (about 20 GB/s on an
+// AMD EPYC, against 29-33 for the same bytes read front to back); prefetching the next piece of the walk front to
+// back, spread over the current one, lets DRAM see one sequential stream per thread.
+struct Ahead {
+  const char* row = nullptr;  // the current segment's first line
+  const char* at = nullptr;   // the next line to prefetch
+  int64_t stride = 0, lpr = 1, in_row = 0, left = 0, per = 0;
+  Ahead() = default;
+  Ahead(const char* base, int64_t stride_, int64_t lpr_, int64_t lines)
+      : row(base), at(base), stride(stride_), lpr(lpr_), in_row(lpr_), left(lines) {}
+  inline void step() {
+    for (int64_t i = 0; i < per && left > 0; ++i, --left) {
+      __builtin_prefetch(at, 0, 2);
+      at += 64;
+      if (--in_row == 0) {
+        row += stride;
+        at = row;
+        in_row = lpr;
+      }
+    }
+  }
 };
 
-// acc[r][j] over k in [0, k_len): y[r, j*VL..] (+)= sum_k x[r, k] * w[k, j*VL..]
+// acc[r][j] over k in [0, k_len): y[r, j*VL..] (+)= sum_k x[r, k] * w[k, j*VL..] (= when first)
 template <int R, int NV, class W>
 static inline void band(const float* __restrict x, int64_t ldx, const W* __restrict w, int64_t ldw,
-                        int64_t k_len, Out o, float* __restrict y, int64_t ldy, bool first, bool last) {
+                        int64_t k_len, float* __restrict y, int64_t ldy, bool first, Ahead& ahead) {
   vf acc[R][NV];
   for (int r = 0; r < R; ++r)
-    for (int j = 0; j < NV; ++j)
-      acc[r][j] = !first ? load(y + r * ldy + j * VL) : (o.b && !o.s ? load(o.b + j * VL) : vf{});
+    for (int j = 0; j < NV; ++j) acc[r][j] = first ? vf{} : load(y + r * ldy + j * VL);
   for (int64_t k = 0; k < k_len; ++k) {
     vf wv[NV];
     const W* wk = w + k * ldw;
-    if (PD > 0 && k + PD < k_len)
-      for (int j = 0; j < NV; ++j) __builtin_prefetch(wk + PD * ldw + j * VL);
+    if (ahead.per) ahead.step();
     for (int j = 0; j < NV; ++j) wv[j] = widen(wk + j * VL);
     for (int r = 0; r < R; ++r) {
       const vf xs = splat(x[r * ldx + k]);
       for (int j = 0; j < NV; ++j) acc[r][j] += xs * wv[j];
     }
   }
-  if (last && o.s)
-    for (int j = 0; j < NV; ++j) {
-      const vf s = load(o.s + j * VL), b = o.b ? load(o.b + j * VL) : vf{};
-      for (int r = 0; r < R; ++r) acc[r][j] = acc[r][j] * s + b;
-    }
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < NV; ++j) store(y + r * ldy + j * VL, acc[r][j]);
 }
@@ -165,36 +172,40 @@ static inline void row_blocks(int64_t rows, F&& f) {
   }
 }
 
-// One band of NV vectors for every row block, over one chunk of K.
+// One band of NV vectors for every row block, over one chunk of K (the first block issues the prefetches; the
+// others read the band again from L1).
 template <int NV, class W>
 static inline void band_rows(const float* x, int64_t rows, int64_t ldx, const W* w, int64_t ldw, int64_t k_len,
-                             Out o, float* y, int64_t ldy, bool first, bool last) {
+                             float* y, int64_t ldy, bool first, Ahead& ahead) {
+  Ahead none;
   row_blocks<rmax(NV)>(rows, [&](auto n, int64_t r0) {
-    band<decltype(n)::value, NV>(x + r0 * ldx, ldx, w, ldw, k_len, o, y + r0 * ldy, ldy, first, last);
+    band<decltype(n)::value, NV>(x + r0 * ldx, ldx, w, ldw, k_len, y + r0 * ldy, ldy, first, r0 == 0 ? ahead : none);
   });
 }
 
-static inline Out at(const float* s, const float* b, int64_t c) { return {s ? s + c : nullptr, b ? b + c : nullptr}; }
-
-// Columns [c0, c0 + nvec * VL) of y for every row, K in chunks of kc rows.
+// Columns [c0, c0 + nvec * VL) of y for every row, over rows [k0, k1) of W in chunks of kc rows; y starts from
+// zero (the caller adds the pieces, the scales and the bias). While one chunk is walked band by band, the next
+// chunk's columns [c0, c0 + nvec * VL) are prefetched front to back, a share in each band.
 template <class W>
-static void columns(const float* x, int64_t rows, int64_t K, int64_t ldx, const W* w, int64_t ldw, const float* s,
-                    const float* b, float* y, int64_t ldy, int64_t c0, int64_t nvec, int64_t kc) {
-  for (int64_t k0 = 0; k0 < K; k0 += kc) {
-    const int64_t kl = std::min(kc, K - k0);
-    const bool first = k0 == 0, last = k0 + kl == K;
-    const float* xk = x + k0;
-    const W* wk = w + k0 * ldw;
+static void columns(const float* x, int64_t rows, int64_t ldx, const W* w, int64_t ldw, int64_t k0, int64_t k1,
+                    float* y, int64_t ldy, int64_t c0, int64_t nvec, int64_t kc) {
+  const int64_t nbands = (nvec + 2) / 3;
+  for (int64_t ka = k0; ka < k1; ka += kc) {
+    const int64_t kl = std::min(kc, k1 - ka), next = std::min(kc, k1 - ka - kl);
+    const bool first = ka == k0;
+    const float* xk = x + ka;
+    const W* wk = w + ka * ldw;
+    const int64_t lpr = (nvec * VL * int64_t(sizeof(W)) + 63) / 64 + 1;  // + 1: a segment may start mid-line
+    Ahead ahead(reinterpret_cast<const char*>(w + (ka + kl) * ldw + c0), ldw * int64_t(sizeof(W)), lpr, next * lpr);
+    ahead.per = (next * lpr + nbands * kl - 1) / (nbands * kl);
     int64_t v = 0;
-    for (; v + 3 <= nvec; v += 3) {
+    for (; v < nvec; v += 3) {
       const int64_t c = c0 + v * VL;
-      band_rows<3>(xk, rows, ldx, wk + c, ldw, kl, at(s, b, c), y + c, ldy, first, last);
-    }
-    const int64_t c = c0 + v * VL;
-    switch (nvec - v) {
-      case 2: band_rows<2>(xk, rows, ldx, wk + c, ldw, kl, at(s, b, c), y + c, ldy, first, last); break;
-      case 1: band_rows<1>(xk, rows, ldx, wk + c, ldw, kl, at(s, b, c), y + c, ldy, first, last); break;
-      default: break;
+      switch (std::min<int64_t>(3, nvec - v)) {
+        case 3: band_rows<3>(xk, rows, ldx, wk + c, ldw, kl, y + c, ldy, first, ahead); break;
+        case 2: band_rows<2>(xk, rows, ldx, wk + c, ldw, kl, y + c, ldy, first, ahead); break;
+        default: band_rows<1>(xk, rows, ldx, wk + c, ldw, kl, y + c, ldy, first, ahead); break;
+      }
     }
   }
 }
@@ -211,47 +222,15 @@ static void tail_columns(const float* x, int64_t rows, int64_t K, int64_t ldx, c
     }
 }
 
-// One input row: y[c0, c1) = (x @ W[:, c0:c1]) * s + b with y itself as the accumulator (it stays in L1: a few KB
-// per thread). Four rows of W at a time, each read front to back across the thread's whole column range, so the
-// reads are four long sequential streams; no per-band calls or register blocks, which only pay for several rows.
-template <class W>
-static void one_row(const float* __restrict x, int64_t K, const W* __restrict w, int64_t ldw, const float* s,
-                    const float* b, float* __restrict y, int64_t c0, int64_t c1) {
-  for (int64_t c = c0; c < c1; c += VL) store(y + c, vf{});
-  int64_t k = 0;
-  for (; k + 4 <= K; k += 4) {
-    const vf x0 = splat(x[k]), x1 = splat(x[k + 1]), x2 = splat(x[k + 2]), x3 = splat(x[k + 3]);
-    const W *w0 = w + k * ldw, *w1 = w0 + ldw, *w2 = w1 + ldw, *w3 = w2 + ldw;
-    for (int64_t c = c0; c < c1; c += VL) {
-      vf a = load(y + c);
-      a += x0 * widen(w0 + c);
-      a += x1 * widen(w1 + c);
-      a += x2 * widen(w2 + c);
-      a += x3 * widen(w3 + c);
-      store(y + c, a);
-    }
-  }
-  for (; k < K; ++k) {
-    const vf xk = splat(x[k]);
-    const W* wk = w + k * ldw;
-    for (int64_t c = c0; c < c1; c += VL) store(y + c, load(y + c) + xk * widen(wk + c));
-  }
-  for (int64_t c = c0; c < c1; c += VL) {
-    vf a = load(y + c);
-    if (s) a *= load(s + c);
-    if (b) a += load(b + c);
-    store(y + c, a);
-  }
-}
-
 template <int G, int R, class W>
 static inline void dots(const float* __restrict x, int64_t ldx, const W* __restrict e, int64_t lde, int64_t K,
-                        const float* sc, float* __restrict y, int64_t ldy) {
+                        const float* sc, float* __restrict y, int64_t ldy, Ahead& ahead) {
   vf acc[G][R];
   for (int g = 0; g < G; ++g)
     for (int r = 0; r < R; ++r) acc[g][r] = vf{};
   const int64_t kv = K / VL * VL;
   for (int64_t k = 0; k < kv; k += VL) {
+    if (ahead.per) ahead.step();
     vf ev[G];
     for (int g = 0; g < G; ++g) ev[g] = widen(e + g * lde + k);
     for (int r = 0; r < R; ++r) {
@@ -270,10 +249,24 @@ static inline void dots(const float* __restrict x, int64_t ldx, const W* __restr
 
 template <int G, int R, class W>
 static void dot_rows(const float* x, int64_t rows, int64_t ldx, const W* e, int64_t lde, int64_t K,
-                     const float* sc, float* y, int64_t ldy) {
+                     const float* sc, float* y, int64_t ldy, Ahead& ahead) {
+  Ahead none;
   row_blocks<R>(rows, [&](auto n, int64_t r0) {
-    dots<G, decltype(n)::value>(x + r0 * ldx, ldx, e, lde, K, sc, y + r0 * ldy, ldy);
+    dots<G, decltype(n)::value>(x + r0 * ldx, ldx, e, lde, K, sc, y + r0 * ldy, ldy, r0 == 0 ? ahead : none);
   });
+}
+
+// The prefetch for a group of G rows of E starting at row n: the group AHEAD_GROUPS further on, if it is still the
+// thread's (rows before n1), spread over the group's K / VL steps.
+constexpr int64_t AHEAD_GROUPS = 2;
+template <class W>
+static inline Ahead group_ahead(const W* e, int64_t lde, int64_t K, int64_t n, int64_t G, int64_t n1, int64_t step) {
+  const int64_t at = n + AHEAD_GROUPS * G, steps = std::max<int64_t>(1, K / step);
+  if (at + G > n1) return Ahead();
+  const int64_t lpr = (K * int64_t(sizeof(W)) + 63) / 64 + 1;
+  Ahead a(reinterpret_cast<const char*>(e + at * lde), lde * int64_t(sizeof(W)), lpr, G * lpr);
+  a.per = (G * lpr + steps - 1) / steps;
+  return a;
 }
 
 // Output columns [n0, n1) of y = x @ E^T.
@@ -284,12 +277,51 @@ static void dot_columns(const float* x, int64_t rows, int64_t K, int64_t ldx, co
   int64_t n = n0;
   auto s = [&](int64_t i) { return sc ? sc + i : nullptr; };
   if (rows == 1) {
-    for (; n + 8 <= n1; n += 8) dots<8, 1>(x, ldx, e + n * lde, lde, K, s(n), y + n, ldy);
+    for (; n + 8 <= n1; n += 8) {
+      Ahead a = group_ahead(e, lde, K, n, 8, n1, VL);
+      dots<8, 1>(x, ldx, e + n * lde, lde, K, s(n), y + n, ldy, a);
+    }
   } else {
-    for (; n + 4 <= n1; n += 4) dot_rows<4, RB>(x, rows, ldx, e + n * lde, lde, K, s(n), y + n, ldy);
+    for (; n + 4 <= n1; n += 4) {
+      Ahead a = group_ahead(e, lde, K, n, 4, n1, VL);
+      dot_rows<4, RB>(x, rows, ldx, e + n * lde, lde, K, s(n), y + n, ldy, a);
+    }
   }
-  for (; n < n1; ++n) dot_rows<1, RB>(x, rows, ldx, e + n * lde, lde, K, s(n), y + n, ldy);
+  Ahead none;
+  for (; n < n1; ++n) dot_rows<1, RB>(x, rows, ldx, e + n * lde, lde, K, s(n), y + n, ldy, none);
 }
+
+// Rows of W per chunk of the walk, for `rows` inputs: one chunk is prefetched while the one before it is walked, so
+// chunks stay a few hundred KB (L2); more rows spend longer per chunk and park their accumulators less often.
+// Measured on the AMD EPYC (GPT-2 124M's 48 block products, bf16, 2 threads): 16 rows for 1-2 inputs, 32 for 3-4,
+// 64 up to 16, 128 past that.
+static inline int64_t chunk_rows(int64_t rows) { return rows <= 2 ? 16 : rows <= 4 ? 32 : rows <= 16 ? 64 : 128; }
+
+// The reduction over K is cut into pieces fixed by K alone (halves, for K >= 64), each summed into a partial of its
+// own; then y = (p0 + p1) * s + b. A piece of a column group is a unit of work; with T threads there are T column
+// groups per piece, and each thread takes the next P units in piece-major order (a piece's adjacent groups merged
+// into one walk). So each of 2 threads walks one half of W, the full width, front to back; 1 thread walks both;
+// more threads share each piece by columns. The arithmetic depends on K only: the same bits on any thread count,
+// for a row alone or in any batch.
+struct Pieces {
+  int64_t K, P, G, U, n;  // n: column units (vectors, or blocks of 32 for int8)
+  int64_t align;          // piece bounds are multiples of this (2: int8 pairs rows of W)
+  int threads;
+  Pieces(int64_t K_, int threads_, int64_t n_, int64_t align_)
+      : K(K_), P(K_ >= 64 ? 2 : 1), G(std::max<int64_t>(1, std::min<int64_t>(threads_, n_))), U(P * G), n(n_),
+        align(align_), threads(static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads_, U)))) {}
+  int64_t bound(int64_t p) const { return p == P ? K : (K * p / P + align - 1) / align * align; }
+  // f(k0, k1, piece, unit0, unit1) for each walk thread t of T makes
+  template <class F>
+  void walk(int t, int T, F&& f) const {
+    const int64_t u0 = n ? U * t / T : 0, u1 = n ? U * (t + 1) / T : 0;
+    for (int64_t p = u0 / G; u1 > u0 && p <= (u1 - 1) / G; ++p) {
+      const int64_t ga = std::max(u0, p * G) - p * G, gb = std::min(u1, (p + 1) * G) - p * G;
+      const int64_t v0 = n * ga / G, v1 = n * gb / G;
+      if (v1 > v0) f(bound(p), bound(p + 1), p, v0, v1);
+    }
+  }
+};
 
 // ---------------------------------------------------------------------------------------------------------------
 // int8 weights with integer products (AVX-512BW; vpdpwssd where the CPU has VNNI, else vpmaddwd + vpaddd).
@@ -368,31 +400,27 @@ struct RoundedRows {
   }
 };
 
-static inline __m512i load_i32(const float* p) { return _mm512_loadu_si512(p); }
-static inline void store_i32(float* p, __m512i v) { _mm512_storeu_si512(p, v); }
+static inline __m512i load_i32(const int32_t* p) { return _mm512_loadu_si512(p); }
+static inline void store_i32(int32_t* p, __m512i v) { _mm512_storeu_si512(p, v); }
 static inline __m512i widen16(const int8_t* p) {
   return _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
-// acc over k in [k0, k1) for R rows x NB blocks of 32 columns: park[r][block] (int32 in y) (+)= sum xq * q.
-// K_total: the odd last row (K odd) pairs with a zero row.
+// Over k in [k0, k1), R rows x NB blocks of 32 columns: part[r][block] (int32, in the unpack's column order) (+)=
+// sum xq * q (= when first). K: the odd last row (K odd) pairs with a zero row.
 template <int R, int NB>
 static inline void iband(const int16_t* __restrict xq, int64_t ldq, const int8_t* __restrict w, int64_t ldw,
-                         int64_t k0, int64_t k1, int64_t K, float* __restrict y, int64_t ldy, bool first, bool last,
-                         const float* sx, const float* s, const float* b) {
+                         int64_t k0, int64_t k1, int64_t K, int32_t* __restrict part, int64_t ldp, bool first,
+                         Ahead& ahead) {
   __m512i acc[R][NB][2];
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < NB; ++j)
       for (int h = 0; h < 2; ++h)
-        acc[r][j][h] = first ? _mm512_setzero_si512() : load_i32(y + r * ldy + j * 32 + h * 16);
+        acc[r][j][h] = first ? _mm512_setzero_si512() : load_i32(part + r * ldp + j * 32 + h * 16);
   int64_t k = k0;
   for (; k + 2 <= k1; k += 2) {
     const int8_t* w0 = w + k * ldw;
-    if (PD > 0 && k + PD < K)
-      for (int j = 0; j < NB; ++j) {
-        __builtin_prefetch(w0 + PD * ldw + j * 32);
-        __builtin_prefetch(w0 + (PD + 1) * ldw + j * 32);
-      }
+    if (ahead.per) ahead.step();
     __m512i p[NB][2];
     for (int j = 0; j < NB; ++j) {
       const __m512i a = widen16(w0 + j * 32), c = widen16(w0 + ldw + j * 32);
@@ -425,28 +453,10 @@ static inline void iband(const int16_t* __restrict xq, int64_t ldq, const int8_t
       }
     }
   }
-  if (!last) {
-    for (int r = 0; r < R; ++r)
-      for (int j = 0; j < NB; ++j)
-        for (int h = 0; h < 2; ++h) store_i32(y + r * ldy + j * 32 + h * 16, acc[r][j][h]);
-    return;
-  }
-  // columns back in order: out[c'] takes lo dword 4j + m (m = c' % 8 < 4) or hi dword 4j + m - 4, j = c' / 8
-  const __m512i first16 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
-  const __m512i second16 = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
-  for (int r = 0; r < R; ++r) {
-    const __m512 rs = _mm512_set1_ps(sx[r]);
-    for (int j = 0; j < NB; ++j) {
-      const __m512 lo = _mm512_cvtepi32_ps(acc[r][j][0]), hi = _mm512_cvtepi32_ps(acc[r][j][1]);
-      for (int h = 0; h < 2; ++h) {
-        const int64_t c = j * 32 + h * 16;
-        // one rounding, whatever the compiler contracts: fma(sum, sx * s, b)
-        const __m512 v = _mm512_permutex2var_ps(lo, h ? second16 : first16, hi);
-        _mm512_storeu_ps(y + r * ldy + c, _mm512_fmadd_ps(v, _mm512_mul_ps(rs, _mm512_loadu_ps(s + c)),
-                                                          b ? _mm512_loadu_ps(b + c) : _mm512_setzero_ps()));
-      }
-    }
-  }
+  (void)K;
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NB; ++j)
+      for (int h = 0; h < 2; ++h) store_i32(part + r * ldp + j * 32 + h * 16, acc[r][j][h]);
 }
 
 template <int NB>
@@ -454,29 +464,59 @@ constexpr int irmax() { return std::min(8, (31 - 2 * NB - 2) / (2 * NB)); }
 
 template <int NB>
 static inline void iband_rows(const int16_t* xq, int64_t ldq, int64_t rows, const int8_t* w, int64_t ldw, int64_t k0,
-                              int64_t k1, int64_t K, float* y, int64_t ldy, bool first, bool last, const float* sx,
-                              const float* s, const float* b) {
+                              int64_t k1, int64_t K, int32_t* part, int64_t ldp, bool first, Ahead& ahead) {
+  Ahead none;
   row_blocks<irmax<NB>()>(rows, [&](auto n, int64_t r0) {
-    iband<decltype(n)::value, NB>(xq + r0 * ldq, ldq, w, ldw, k0, k1, K, y + r0 * ldy, ldy, first, last, sx + r0,
-                                  s, b);
+    iband<decltype(n)::value, NB>(xq + r0 * ldq, ldq, w, ldw, k0, k1, K, part + r0 * ldp, ldp, first,
+                                  r0 == 0 ? ahead : none);
   });
 }
 
-// Columns [c0, c0 + 32 nblk) of y, K in chunks of kc rows (even).
-static void iblocks(const int16_t* xq, int64_t ldq, const float* sx, int64_t rows, int64_t K, const int8_t* w,
-                    int64_t ldw, const float* s, const float* b, float* y, int64_t ldy, int64_t c0, int64_t nblk,
-                    int64_t kc, int nb) {
-  for (int64_t k0 = 0; k0 < K; k0 += kc) {
-    const int64_t k1 = std::min(K, k0 + kc);
-    const bool first = k0 == 0, last = k1 == K;
+// Blocks [c0 / 32, c0 / 32 + nblk) of the partial sums over rows [k0, k1) of W, in chunks of kc rows (even), bands
+// of nb blocks; the next chunk is prefetched front to back while one is walked (as `columns`).
+static void iblocks(const int16_t* xq, int64_t ldq, int64_t rows, int64_t K, const int8_t* w, int64_t ldw,
+                    int64_t k0, int64_t k1, int32_t* part, int64_t ldp, int64_t c0, int64_t nblk, int64_t kc,
+                    int nb) {
+  for (int64_t ka = k0; ka < k1; ka += kc) {
+    const int64_t kb = std::min(k1, ka + kc), next = std::min(kc, k1 - kb), steps = (kb - ka + 1) / 2;
+    const bool first = ka == k0;
+    const int64_t lpr = (nblk * 32 + 63) / 64 + 1;  // + 1: a segment may start mid-line
+    Ahead ahead(reinterpret_cast<const char*>(w + kb * ldw + c0), ldw, lpr, next * lpr);
+    const int64_t lines = next * lpr;
     int64_t j = 0;
-#define GPT2FN_BAND(n)                                                                                     \
-  iband_rows<n>(xq, ldq, rows, w + c0 + j * 32, ldw, k0, k1, K, y + c0 + j * 32, ldy, first, last, sx,     \
-                s + c0 + j * 32, b ? b + c0 + j * 32 : nullptr)
-    if (nb >= 4) for (; j + 4 <= nblk; j += 4) GPT2FN_BAND(4);
-    if (nb >= 2) for (; j + 2 <= nblk; j += 2) GPT2FN_BAND(2);
-    for (; j < nblk; ++j) GPT2FN_BAND(1);
+#define GPT2FN_BAND(n)                                                                                           \
+  ahead.per = (lines * n + nblk * steps - 1) / (nblk * steps);                                                   \
+  iband_rows<n>(xq, ldq, rows, w + c0 + j * 32, ldw, ka, kb, K, part + c0 + j * 32, ldp, first, ahead)
+    if (nb >= 4) for (; j + 4 <= nblk; j += 4) { GPT2FN_BAND(4); }
+    if (nb >= 2) for (; j + 2 <= nblk; j += 2) { GPT2FN_BAND(2); }
+    for (; j < nblk; ++j) { GPT2FN_BAND(1); }
 #undef GPT2FN_BAND
+  }
+}
+
+// y[r, blocks j0..j1) = fma(sum of the P partials, sx[r] * s, b): the columns back in order, one rounding.
+// out[c'] takes lo dword 4j + m (m = c' % 8 < 4) or hi dword 4j + m - 4, j = c' / 8.
+static void ifinish(const int32_t* part, int64_t P, int64_t rows, int64_t ldp, int64_t j0, int64_t j1,
+                    const float* sx, const float* s, const float* b, float* y, int64_t ldy) {
+  const __m512i first16 = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i second16 = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  for (int64_t r = 0; r < rows; ++r) {
+    const __m512 rs = _mm512_set1_ps(sx[r]);
+    for (int64_t j = j0; j < j1; ++j) {
+      __m512i sum[2];
+      for (int h = 0; h < 2; ++h) {
+        sum[h] = load_i32(part + r * ldp + j * 32 + h * 16);
+        for (int64_t p = 1; p < P; ++p)
+          sum[h] = _mm512_add_epi32(sum[h], load_i32(part + (p * rows + r) * ldp + j * 32 + h * 16));
+      }
+      const __m512 lo = _mm512_cvtepi32_ps(sum[0]), hi = _mm512_cvtepi32_ps(sum[1]);
+      for (int h = 0; h < 2; ++h) {
+        const int64_t c = j * 32 + h * 16;
+        const __m512 v = _mm512_permutex2var_ps(lo, h ? second16 : first16, hi);
+        _mm512_storeu_ps(y + r * ldy + c, _mm512_fmadd_ps(v, _mm512_mul_ps(rs, _mm512_loadu_ps(s + c)),
+                                                          b ? _mm512_loadu_ps(b + c) : _mm512_setzero_ps()));
+      }
+    }
   }
 }
 
@@ -491,34 +531,44 @@ static void itail(const int16_t* xq, int64_t ldq, const float* sx, int64_t rows,
     }
 }
 
+// As `affine`: two pieces of K (their bounds even), T column groups of 32-column blocks per piece; the integer
+// partials add exactly, so any cut gives the same sums.
 static int affine_i8dot(const float* x, int64_t rows, int64_t K, int64_t ldx, const int8_t* w, int64_t N,
                         int64_t ldw, const float* s, const float* b, float* y, int64_t ldy, int threads, int64_t kc) {
   const RoundedRows xr(x, rows, K, ldx);
   const int16_t* xq = xr.q.data();
   const float* sx = xr.s.data();
   const int64_t ldq = xr.ld;
-  const int64_t nblk = N / 32, tail = N - nblk * 32;
-  threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, std::max<int64_t>(1, nblk))));
-  kc = kc > 0 ? even(kc) : (rows <= 2 ? 16 : 256);
+  const int64_t nblk = N / 32, tail = N - nblk * 32, ldp = nblk * 32;
+  const Pieces pc(K, threads, nblk, 2);
+  kc = kc > 0 ? even(kc) : even(chunk_rows(rows));
   const int nb = rows == 1 ? 4 : rows <= 3 ? 2 : 1;
-#pragma omp parallel num_threads(threads)
+  thread_local std::vector<int32_t> scratch;
+  if (static_cast<int64_t>(scratch.size()) < pc.P * rows * ldp) scratch.resize(pc.P * rows * ldp);
+  int32_t* part = scratch.data();
+#pragma omp parallel num_threads(pc.threads)
   {
     const int t = omp_get_thread_num(), T = omp_get_num_threads();
-    const int64_t j0 = nblk * t / T, j1 = nblk * (t + 1) / T;
-    if (j1 > j0) iblocks(xq, ldq, sx, rows, K, w, ldw, s, b, y, ldy, j0 * 32, j1 - j0, kc, nb);
+    pc.walk(t, T, [&](int64_t k0, int64_t k1, int64_t p, int64_t j0, int64_t j1) {
+      iblocks(xq, ldq, rows, K, w, ldw, k0, k1, part + p * rows * ldp, ldp, j0 * 32, j1 - j0, kc, nb);
+    });
     if (t == T - 1 && tail) itail(xq, ldq, sx, rows, K, w, ldw, s, b, y, ldy, nblk * 32, tail);
+#pragma omp barrier
+    ifinish(part, pc.P, rows, ldp, nblk * t / T, nblk * (t + 1) / T, sx, s, b, y, ldy);
   }
   return 0;
 }
 
 template <int G, int R>
 static inline void idots(const int16_t* __restrict xq, int64_t ldq, const int8_t* __restrict e, int64_t lde,
-                         int64_t K, const float* sx, const float* se, float* __restrict y, int64_t ldy) {
+                         int64_t K, const float* sx, const float* se, float* __restrict y, int64_t ldy,
+                         Ahead& ahead) {
   __m512i acc[G][R];
   for (int g = 0; g < G; ++g)
     for (int r = 0; r < R; ++r) acc[g][r] = _mm512_setzero_si512();
   const int64_t kv = K / 32 * 32;
   for (int64_t k = 0; k < kv; k += 32) {
+    if (ahead.per) ahead.step();
     __m512i ev[G];
     for (int g = 0; g < G; ++g) ev[g] = widen16(e + g * lde + k);
     for (int r = 0; r < R; ++r) {
@@ -536,9 +586,11 @@ static inline void idots(const int16_t* __restrict xq, int64_t ldq, const int8_t
 
 template <int G, int R>
 static void idot_rows(const int16_t* xq, int64_t ldq, int64_t rows, const int8_t* e, int64_t lde, int64_t K,
-                      const float* sx, const float* se, float* y, int64_t ldy) {
+                      const float* sx, const float* se, float* y, int64_t ldy, Ahead& ahead) {
+  Ahead none;
   row_blocks<R>(rows, [&](auto n, int64_t r0) {
-    idots<G, decltype(n)::value>(xq + r0 * ldq, ldq, e, lde, K, sx + r0, se, y + r0 * ldy, ldy);
+    idots<G, decltype(n)::value>(xq + r0 * ldq, ldq, e, lde, K, sx + r0, se, y + r0 * ldy, ldy,
+                                 r0 == 0 ? ahead : none);
   });
 }
 
@@ -555,11 +607,18 @@ static int affine_t_i8dot(const float* x, int64_t rows, int64_t K, int64_t ldx, 
     const int64_t n1 = N * (t + 1) / T;
     int64_t n = N * t / T;
     if (rows == 1) {
-      for (; n + 8 <= n1; n += 8) idots<8, 1>(xq, ldq, e + n * lde, lde, K, sx, s + n, y + n, ldy);
+      for (; n + 8 <= n1; n += 8) {
+        Ahead a = group_ahead(e, lde, K, n, 8, n1, 32);
+        idots<8, 1>(xq, ldq, e + n * lde, lde, K, sx, s + n, y + n, ldy, a);
+      }
     } else {
-      for (; n + 4 <= n1; n += 4) idot_rows<4, 6>(xq, ldq, rows, e + n * lde, lde, K, sx, s + n, y + n, ldy);
+      for (; n + 4 <= n1; n += 4) {
+        Ahead a = group_ahead(e, lde, K, n, 4, n1, 32);
+        idot_rows<4, 6>(xq, ldq, rows, e + n * lde, lde, K, sx, s + n, y + n, ldy, a);
+      }
     }
-    for (; n < n1; ++n) idot_rows<1, 6>(xq, ldq, rows, e + n * lde, lde, K, sx, s + n, y + n, ldy);
+    Ahead none;
+    for (; n < n1; ++n) idot_rows<1, 6>(xq, ldq, rows, e + n * lde, lde, K, sx, s + n, y + n, ldy, none);
   }
   return 0;
 }
@@ -570,15 +629,30 @@ static int affine_t_i8dot(const float* x, int64_t rows, int64_t K, int64_t ldx, 
 template <class W>
 static int affine(const float* x, int64_t rows, int64_t K, int64_t ldx, const W* w, int64_t N, int64_t ldw,
                   const float* s, const float* b, float* y, int64_t ldy, int threads, int64_t kc) {
-  const int64_t nvec = N / VL, tail = N - nvec * VL;
-  threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, nvec)));
-#pragma omp parallel num_threads(threads)
+  const int64_t nvec = N / VL, tail = N - nvec * VL, nv = nvec * VL;
+  const Pieces pc(K, threads, nvec, 1);
+  kc = kc > 0 ? kc : chunk_rows(rows);
+  thread_local std::vector<float> scratch;
+  if (static_cast<int64_t>(scratch.size()) < pc.P * rows * nv) scratch.resize(pc.P * rows * nv);
+  float* part = scratch.data();
+#pragma omp parallel num_threads(pc.threads)
   {
     const int t = omp_get_thread_num(), T = omp_get_num_threads();
-    const int64_t v0 = nvec * t / T, v1 = nvec * (t + 1) / T;
-    if (v1 > v0 && rows == 1 && kc == 0) one_row(x, K, w, ldw, s, b, y, v0 * VL, v1 * VL);
-    else if (v1 > v0) columns(x, rows, K, ldx, w, ldw, s, b, y, ldy, v0 * VL, v1 - v0, kc > 0 ? kc : 16);
-    if (t == T - 1 && tail) tail_columns(x, rows, K, ldx, w, ldw, s, b, y, ldy, nvec * VL, tail);
+    pc.walk(t, T, [&](int64_t k0, int64_t k1, int64_t p, int64_t v0, int64_t v1) {
+      columns(x, rows, ldx, w, ldw, k0, k1, part + p * rows * nv, nv, v0 * VL, v1 - v0, kc);
+    });
+    if (t == T - 1 && tail) tail_columns(x, rows, K, ldx, w, ldw, s, b, y, ldy, nv, tail);
+#pragma omp barrier
+    const int64_t c0 = nv * t / T, c1 = nv * (t + 1) / T;
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* p0 = part + r * nv;
+      const float* p1 = pc.P == 2 ? part + (rows + r) * nv : nullptr;
+      float* yr = y + r * ldy;
+      for (int64_t c = c0; c < c1; ++c) {
+        const float v = p1 ? p0[c] + p1[c] : p0[c];
+        yr[c] = (s ? v * s[c] : v) + (b ? b[c] : 0.0f);
+      }
+    }
   }
   return 0;
 }
