@@ -36,7 +36,9 @@ torch where it was measured at 1 row and leads by 1.5-2x at 2-64 rows on the AMD
 GEMM catches up.
 """
 
+import functools
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -66,11 +68,13 @@ def _native_has(name: str) -> bool:
     return native.has_type(name)
 
 
+_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
 def _plain(t: Tensor, dtype: torch.dtype | None = torch.float32) -> bool:
     """A plain CPU tensor (of `dtype`, when given): not a subclass, not wrapped by a `torch.func` transform,
     nothing to differentiate."""
-    return (type(t) is Tensor and t.device.type == "cpu" and (dtype is None or t.dtype == dtype)
-            and not torch._C._functorch.is_functorch_wrapped_tensor(t)
+    return (type(t) is Tensor and t.is_cpu and (dtype is None or t.dtype == dtype) and not _wrapped(t)
             and not (t.requires_grad and torch.is_grad_enabled()))
 
 
@@ -86,6 +90,11 @@ def native_applies(x: Tensor, w: Matrix, b: Tensor | None = None) -> bool:
     `w` with unit stride along its second axis, `b` contiguous, and at most `NATIVE_MAX_ROWS` rows. Under
     `torch.compile` the same rule holds, on the traced tensors' properties."""
     stored, scale = _parts(w)
+    return _applies(x, stored, scale, b, torch.compiler.is_compiling())
+
+
+def _applies(x: Tensor, stored: Tensor, scale: Tensor | None, b: Tensor | None, compiling: bool) -> bool:
+    """`native_applies` on the parts of the matrix, `compiling` given (the products call it once per call)."""
     name = _STORED.get(stored.dtype)
     if name is None or (name == "i8") != (scale is not None):
         return False
@@ -96,13 +105,19 @@ def native_applies(x: Tensor, w: Matrix, b: Tensor | None = None) -> bool:
     rows = math.prod(x.shape[:-1])
     if not 1 <= rows <= NATIVE_MAX_ROWS:
         return False
-    fp32 = [x] if scale is None else [x, scale]  # the bias may be stored in the weights' dtype: it is widened
-    other = [stored] if b is None else [stored, b]
-    if torch.compiler.is_compiling():
+    if compiling:
+        fp32 = [x] if scale is None else [x, scale]  # the bias may be stored in the weights' dtype: it is widened
+        other = [stored] if b is None else [stored, b]
         return (all(t.dtype == torch.float32 for t in fp32)
                 and all(t.device.type == "cpu" and not t.requires_grad for t in fp32 + other))
-    return (all(_plain(t) for t in fp32) and all(_plain(t, None) for t in other) and (b is None or b.is_contiguous())
-            and (scale is None or scale.is_contiguous()))
+    return (_plain(x) and _plain(stored, None) and (b is None or (_plain(b, None) and b.is_contiguous()))
+            and (scale is None or (_plain(scale) and scale.is_contiguous())))
+
+
+@functools.cache
+def _entry(kind: str, dtype: torch.dtype) -> Callable[..., int]:
+    """The kernel's entry point `gpt2fn_<kind>_<stored type>` (kind: affine, affine_t)."""
+    return getattr(native.library(), f"gpt2fn_{kind}_{_STORED[dtype]}")
 
 
 def _ptr(t: Tensor | None) -> int | None:
@@ -115,9 +130,8 @@ def native_affine(x: Tensor, w: Tensor, b: Tensor | None, scale: Tensor | None =
     rows, d_in = x.shape
     d_out = w.shape[1]
     y = torch.empty(rows, d_out, dtype=torch.float32)
-    fn = getattr(native.library(), f"gpt2fn_affine_{_STORED[w.dtype]}")
-    fn(x.data_ptr(), rows, d_in, x.stride(0), w.data_ptr(), d_out, w.stride(0), _ptr(scale), _ptr(b), y.data_ptr(),
-       d_out, torch.get_num_threads(), 0)
+    _entry("affine", w.dtype)(x.data_ptr(), rows, d_in, x.stride(0), w.data_ptr(), d_out, w.stride(0), _ptr(scale),
+                              _ptr(b), y.data_ptr(), d_out, torch.get_num_threads(), 0)
     return y
 
 
@@ -127,9 +141,8 @@ def native_affine_t(x: Tensor, e: Tensor, scale: Tensor | None = None) -> Tensor
     rows, d_in = x.shape
     d_out = e.shape[0]
     y = torch.empty(rows, d_out, dtype=torch.float32)
-    fn = getattr(native.library(), f"gpt2fn_affine_t_{_STORED[e.dtype]}")
-    fn(x.data_ptr(), rows, d_in, x.stride(0), e.data_ptr(), d_out, e.stride(0), _ptr(scale), y.data_ptr(), d_out,
-       torch.get_num_threads())
+    _entry("affine_t", e.dtype)(x.data_ptr(), rows, d_in, x.stride(0), e.data_ptr(), d_out, e.stride(0), _ptr(scale),
+                                y.data_ptr(), d_out, torch.get_num_threads())
     return y
 
 
@@ -162,19 +175,18 @@ def _(x: Tensor, e: Tensor, scale: Tensor | None) -> Tensor:
     return x.new_empty(x.shape[0], e.shape[0], dtype=torch.float32)
 
 
-def _as(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    return None if t is None else t.to(dtype)
-
-
 def affine(x: Tensor, w: Matrix, b: Tensor | None) -> Tensor:
     """`x @ W + b` for `x` `[..., in]` and a matrix `W` `[in, out]` read in place, in `x`'s dtype (see the module
     docstring for the kernel that computes it; `W` may be stored in another dtype, or as an `Int8Matrix`)."""
     stored, scale = _parts(w)
     fits = x.shape[-1] == stored.shape[0] and (b is None or tuple(b.shape) == (stored.shape[1],))
     out = (*x.shape[:-1], stored.shape[1])
-    if fits and native_applies(x, w, b):
-        op = torch.ops.gpt2fn.affine if torch.compiler.is_compiling() else native_affine
-        return op(_rows(x), stored, _as(b, torch.float32), scale).view(out)
+    compiling = torch.compiler.is_compiling()
+    if fits and _applies(x, stored, scale, b, compiling):
+        bias = b if b is None or b.dtype == torch.float32 else b.to(torch.float32)
+        if compiling:
+            return torch.ops.gpt2fn.affine(_rows(x), stored, bias, scale).view(out)
+        return native_affine(_rows(x), stored, bias, scale).view(out)
     flat = x.reshape(-1, x.shape[-1])
     if scale is not None:  # torch's product of the int8 values, then the column scales (no dequantized copy kept)
         y = (flat @ stored.to(x.dtype)) * scale.to(x.dtype)
@@ -188,8 +200,9 @@ def affine_t(x: Tensor, e: Matrix) -> Tensor:
     """`x @ E^T` for `x` `[..., in]` and `E` `[out, in]` read in place: the tied head, `E` the token embedding (which
     may be stored in another dtype, or as an `Int8Matrix` with a scale per row)."""
     stored, scale = _parts(e)
-    if x.shape[-1] == stored.shape[1] and native_applies(x, e):
-        op = torch.ops.gpt2fn.affine_t if torch.compiler.is_compiling() else native_affine_t
+    compiling = torch.compiler.is_compiling()
+    if x.shape[-1] == stored.shape[1] and _applies(x, stored, scale, None, compiling):
+        op = torch.ops.gpt2fn.affine_t if compiling else native_affine_t
         return op(_rows(x), stored, scale).view(*x.shape[:-1], stored.shape[0])
     y = x @ stored.to(x.dtype).T
     return y if scale is None else y * scale.to(x.dtype)

@@ -281,6 +281,11 @@ static void dot_columns(const float* x, int64_t rows, int64_t K, int64_t ldx, co
       Ahead a = group_ahead(e, lde, K, n, 8, n1, VL);
       dots<8, 1>(x, ldx, e + n * lde, lde, K, s(n), y + n, ldy, a);
     }
+  } else if (NREG >= 32 && rows > RB && rows <= 8) {  // one block of all rows: 3 x 8 accumulators
+    for (; n + 3 <= n1; n += 3) {
+      Ahead a = group_ahead(e, lde, K, n, 3, n1, VL);
+      dot_rows<3, 8>(x, rows, ldx, e + n * lde, lde, K, s(n), y + n, ldy, a);
+    }
   } else {
     for (; n + 4 <= n1; n += 4) {
       Ahead a = group_ahead(e, lde, K, n, 4, n1, VL);
