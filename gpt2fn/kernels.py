@@ -46,7 +46,8 @@ from torch import Tensor
 from . import native
 from .params import Int8Matrix, Matrix
 
-__all__ = ["NATIVE_MAX_ROWS", "affine", "affine_t", "native_applies", "native_affine", "native_affine_t"]
+__all__ = ["NATIVE_MAX_ROWS", "affine", "affine_t", "native_applies", "native_affine", "native_affine_t",
+           "attend_applies", "native_attend"]
 
 # Products of more rows take torch's GEMM (a prefill, training): the native kernel keeps its lead over MKL up to
 # about 128 rows on the AMD EPYC (docs/performance.md)
@@ -206,3 +207,46 @@ def affine_t(x: Tensor, e: Matrix) -> Tensor:
         return op(_rows(x), stored, scale).view(*x.shape[:-1], stored.shape[0])
     y = x @ stored.to(x.dtype).T
     return y if scale is None else y * scale.to(x.dtype)
+
+
+def attend_applies(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> bool:
+    """Whether the attention of a decode step runs on the native kernel (`attend.cpp`): eager (not compiling), plain
+    CPU tensors with nothing to differentiate, one query per row and head (`q` `[batch, heads, 1, head_dim]`, fp32),
+    keys and values of the same dtype (fp32, bf16 or fp16: a 16-bit cache is read in place), unit stride along
+    `head_dim` and the same slot stride, and `mask` (which slots each row sees) bool, `[batch, 1, 1, slots]` or
+    `[1, slots]`, or None (every slot)."""
+    if torch.compiler.is_compiling() or q.ndim != 4 or q.shape[2] != 1 or k.ndim != 4 or k.shape != v.shape:
+        return False
+    b, h, _, d = q.shape
+    if k.shape[0] != b or k.shape[1] != h or k.shape[3] != d or k.shape[2] < 1 or d < 1:
+        return False
+    name = _STORED.get(k.dtype)
+    if name is None or name == "i8" or v.dtype != k.dtype or not _native_on() or not _native_has(name):
+        return False
+    if q.stride(3) != 1 or k.stride(3) != 1 or v.stride(3) != 1 or k.stride(2) != v.stride(2):
+        return False
+    if mask is not None:
+        if mask.dtype != torch.bool or mask.shape[-1] != k.shape[2] or not _plain(mask, torch.bool):
+            return False
+        if not (mask.shape == (b, 1, 1, k.shape[2]) or mask.shape == (1, k.shape[2])):
+            return False
+    return _plain(q) and _plain(k, None) and _plain(v, None)
+
+
+def native_attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """The native attention itself, no policy (the caller has checked `attend_applies`): `softmax(q k^T /
+    sqrt(head_dim))` over the visible slots, times `v`, `[batch, heads, 1, head_dim]` fp32, laid out as `[batch, 1,
+    heads, head_dim]` so that merging the heads is a view."""
+    b, h, _, d = q.shape
+    width = k.shape[2]
+    z = torch.empty(b, 1, h, d, dtype=torch.float32)
+    if mask is None:
+        m, msb, mst = None, 0, 0
+    elif mask.ndim == 4:
+        m, msb, mst = mask.data_ptr(), mask.stride(0), mask.stride(3)
+    else:
+        m, msb, mst = mask.data_ptr(), 0, mask.stride(1)
+    _entry("attend", k.dtype)(q.data_ptr(), b, h, d, q.stride(0), q.stride(1), k.data_ptr(), v.data_ptr(),
+                              k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), width, m, msb, mst,
+                              1.0 / math.sqrt(d), z.data_ptr(), z.stride(0), z.stride(2), torch.get_num_threads())
+    return z.transpose(1, 2)

@@ -24,7 +24,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from .config import GPTConfig
-from .kernels import affine
+from .kernels import affine, attend_applies, native_attend
 from .params import AttentionParams, BlockParams, LayerNormParams, MLPParams
 from .shapes import check_record, checked
 
@@ -125,8 +125,15 @@ def causal_mask(q_len: int, k_len: int, key_mask: Bool[Tensor, "batch kv_seq"] |
 def attend_fast(q: Float[Tensor, "batch heads seq head_dim"], k: Float[Tensor, "batch heads kv_seq head_dim"],
                 v: Float[Tensor, "batch heads kv_seq head_dim"], key_mask: Bool[Tensor, "batch kv_seq"] | None,
                 mask: Bool[Tensor, "batch 1 seq kv_seq"] | None = None) -> Float[Tensor, "batch heads seq head_dim"]:
-    """softmax(q k^T / sqrt(head_dim) + causal mask) v through torch's fused scaled-dot-product attention.
-    `mask` (which keys each query sees, from `gpt2fn.step`) replaces the causal mask built from `key_mask`."""
+    """softmax(q k^T / sqrt(head_dim) + causal mask) v through a fused kernel: a decode step's one query per row on
+    CPU through gpt2fn's native attention (`gpt2fn.kernels.attend_applies`), everything else through torch's
+    scaled-dot-product attention. `mask` (which keys each query sees, from `gpt2fn.step`) replaces the causal mask
+    built from `key_mask`. Keys and values may be stored in another dtype than `q` (a 16-bit cache): the native
+    kernel reads them in place, torch's gets them widened to `q`'s dtype."""
+    if (mask is not None or (key_mask is None and q.shape[2] == 1)) and attend_applies(q, k, v, mask):
+        return native_attend(q, k, v, mask)
+    if k.dtype != q.dtype:
+        k, v = k.to(q.dtype), v.to(q.dtype)
     if mask is not None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     q_len, k_len = q.shape[2], k.shape[2]
@@ -143,6 +150,8 @@ def attend_explicit(q: Float[Tensor, "batch heads seq head_dim"], k: Float[Tenso
                     generator: torch.Generator | None = None, tap: Tap | None = None, site: str = "attn"
                     ) -> tuple[Float[Tensor, "batch heads seq head_dim"], Float[Tensor, "batch heads seq kv_seq"]]:
     """The same attention written out, returning `(z, pattern)`; the pattern is exactly 0 above the diagonal."""
+    if k.dtype != q.dtype:  # a 16-bit cache
+        k, v = k.to(q.dtype), v.to(q.dtype)
     if mask is None:
         mask = causal_mask(q.shape[2], k.shape[2], key_mask, q.device)
     scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
@@ -182,7 +191,9 @@ def _head_shift(p: LayerNormParams, x: Tensor, edited: tuple[Tensor | None, ...]
 
 def write_slots(buf: Tensor, slots: Tensor, new: Tensor, *, donate: bool) -> Tensor:
     """`buf` `[batch, heads, capacity, head_dim]` with `new` written at `slots` `[seq]` (along the capacity axis):
-    a new tensor, or `buf` itself updated in place when the caller donates it (see `gpt2fn.cache`)."""
+    a new tensor, or `buf` itself updated in place when the caller donates it (see `gpt2fn.cache`). A cache of
+    another dtype than `new` (16-bit, `init_cache(dtype=...)`) stores it rounded to its own."""
+    new = new.to(buf.dtype)
     return buf.index_copy_(2, slots, new) if donate else buf.index_copy(2, slots, new)
 
 

@@ -41,7 +41,9 @@ STORED_TYPES = ("f32", "bf16", "f16", "i8")
 """The stored weight types the kernel reads (fp32, bf16, fp16, int8 with per-column scales); f16 only where the
 compiler knows `_Float16` (`has_type`)."""
 
-_SOURCE = Path(__file__).with_name("affine.cpp")
+_HERE = Path(__file__).parent
+_SOURCES = (_HERE / "affine.cpp", _HERE / "attend.cpp")
+_HEADERS = (_HERE / "vectors.h",)
 _FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-fPIC", "-shared", "-std=c++17")
 _ENV = "GPT2FN_NATIVE"
 _status = "not loaded yet"
@@ -66,13 +68,13 @@ def _compiler() -> str | None:
 def _build(cxx: str) -> tuple[Path, IO[bytes]]:
     """Compile the kernel for this machine (or find the build already made): its path and the verified file, open."""
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
-    source = _SOURCE.read_bytes()
+    source = b"\0".join(f.read_bytes() for f in (*_SOURCES, *_HEADERS))
     key = hashlib.sha256(b"\0".join([source, " ".join(_FLAGS).encode(), version.encode(),
                                      platform.machine().encode(), _cpu_flags().encode()])).hexdigest()[:16]
     out = cache_dir("native", key, "libgpt2fn_affine.so")
 
     def compile_to(tmp: Path) -> None:
-        done = subprocess.run([cxx, *_FLAGS, "-o", str(tmp), str(_SOURCE)], capture_output=True, text=True,
+        done = subprocess.run([cxx, *_FLAGS, "-o", str(tmp), *map(str, _SOURCES)], capture_output=True, text=True,
                               timeout=300)
         if done.returncode != 0:
             raise RuntimeError(f"{cxx} failed: {done.stderr.strip()[-400:]}")
@@ -117,6 +119,11 @@ def library() -> ctypes.CDLL | None:
         fn = getattr(lib, f"gpt2fn_affine_t_{name}")
         fn.restype = ctypes.c_int
         fn.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, ptr, ptr, i64, ctypes.c_int]
+        if name != "i8":
+            fn = getattr(lib, f"gpt2fn_attend_{name}")
+            fn.restype = ctypes.c_int
+            fn.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr, i64, i64, i64, i64, i64, i64, ptr, i64, i64,
+                           ctypes.c_float, ptr, i64, i64, ctypes.c_int]
     _status = f"on: {path} ({lib.gpt2fn_vector_width()} floats per vector)"
     return lib
 

@@ -1,0 +1,88 @@
+// The vector types and loads shared by the native kernels (affine.cpp, attend.cpp): VL floats per register,
+// the stored element types (fp32, bf16 as its bits, fp16, int8), and widening of VL of them to fp32 in registers.
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+#include <omp.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
+#if defined(__AVX512F__)
+constexpr int VL = 16, NREG = 32;
+#elif defined(__AVX__)
+constexpr int VL = 8, NREG = 16;
+#else
+constexpr int VL = 4, NREG = 16;
+#endif
+typedef float vf __attribute__((vector_size(VL * 4), aligned(4)));
+typedef uint32_t vu __attribute__((vector_size(VL * 4), aligned(4)));
+typedef uint16_t vbf __attribute__((vector_size(VL * 2), aligned(2)));
+#ifdef __FLT16_MAX__
+typedef _Float16 vhf __attribute__((vector_size(VL * 2), aligned(2)));
+#endif
+typedef int8_t vq __attribute__((vector_size(VL), aligned(1)));
+
+// The stored element types: fp32, bf16 (its bits), fp16, int8 (with one fp32 scale per output column).
+struct bf16 { uint16_t bits; };
+
+static inline vf load(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
+static inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+static inline vf splat(float s) { return vf{} + s; }
+
+// VL stored elements widened to fp32 in registers.
+static inline vf widen(const float* p) { return load(p); }
+// Widening through intrinsics where the CPU has the instruction: GCC splits __builtin_convertvector from 16-bit
+// lanes into halves (bf16) or, for _Float16 without AVX512-FP16, into one vcvtph2ps per element.
+static inline vf as_vf(const void* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
+static inline vf widen(const bf16* p) {
+#if defined(__AVX512F__)
+  __m512i u = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16);
+  return as_vf(&u);
+#elif defined(__AVX2__)
+  __m256i u = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16);
+  return as_vf(&u);
+#else
+  vbf h; std::memcpy(&h, p, sizeof h);
+  return (vf)(__builtin_convertvector(h, vu) << 16);
+#endif
+}
+#ifdef __FLT16_MAX__  // the compiler knows _Float16 (GCC 12+, clang 15+ on x86-64 and arm64)
+#define GPT2FN_F16 1
+static inline vf widen(const _Float16* p) {
+#if defined(__AVX512F__)
+  __m512 f = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return as_vf(&f);
+#elif defined(__F16C__) && defined(__AVX__)
+  __m256 f = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return as_vf(&f);
+#else
+  vhf h; std::memcpy(&h, p, sizeof h);
+  return __builtin_convertvector(h, vf);
+#endif
+}
+static inline float widen1(_Float16 v) { return float(v); }
+#else
+#define GPT2FN_F16 0
+#endif
+// int8 -> fp32: GCC scalarizes __builtin_convertvector from int8 lanes, so the sign extension is spelled out
+static inline vf widen(const int8_t* p) {
+#if defined(__AVX512F__)
+  __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#elif defined(__AVX2__)
+  __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+#else
+  vf f;
+  for (int i = 0; i < VL; ++i) f[i] = float(p[i]);
+#endif
+  vf v; std::memcpy(&v, &f, sizeof v);
+  return v;
+}
+static inline float widen1(float v) { return v; }
+static inline float widen1(bf16 v) { uint32_t u = uint32_t(v.bits) << 16; float f; std::memcpy(&f, &u, 4); return f; }
+static inline float widen1(int8_t v) { return float(v); }
