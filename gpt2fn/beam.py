@@ -21,7 +21,7 @@ import math
 import torch
 from torch import Tensor
 
-from .cache import init_cache, select_rows
+from .cache import check_cache_dtype, init_cache, select_rows
 from .checks import check_prompt_ids
 from .model import trained_vocab_index
 from .params import GPTParams, check_params
@@ -64,7 +64,7 @@ def _gather(t: Tensor, index: Tensor) -> Tensor:
 def beam_search(params: GPTParams, ids: Tensor, *, pad_mask: Tensor | None = None, num_beams: int,
                 max_new_tokens: int, length_penalty: float = 1.0, early_stopping: bool | str = False,
                 num_return_sequences: int = 1, eos_id: int | None = None, n_tokens: int | None = None,
-                allowed: Tensor | None = None) -> Tensor:
+                allowed: Tensor | None = None, cache_dtype: torch.dtype | str | None = None) -> Tensor:
     """The `num_return_sequences` best hypotheses of a beam search with `num_beams` beams, for every row of `ids`
     `[batch, seq]` (left padded where `pad_mask` is False): `[batch * num_return_sequences, seq + new]`, rows
     `i * num_return_sequences + j` for prompt `i`, best first.
@@ -117,7 +117,8 @@ def beam_search(params: GPTParams, ids: Tensor, *, pad_mask: Tensor | None = Non
     offsets = torch.arange(batch, device=dev)[:, None] * k
 
     checking = checks_enabled()
-    cache = init_cache(cfg, batch, max(1, total - 1), device=dev, dtype=params.compute_dtype)
+    cache = init_cache(cfg, batch, max(1, total - 1), device=dev,
+                       dtype=check_cache_dtype(cache_dtype) or params.compute_dtype)
     logits, cache = decode_step(params, cache, ids, pad_mask=pad_mask, donate=True, last_only=True)
     cache = select_rows(cache, torch.arange(batch, device=dev).repeat_interleave(k))
     logits = logits[:, -1].repeat_interleave(k, dim=0)

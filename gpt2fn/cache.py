@@ -25,6 +25,7 @@ import torch.utils._pytree as pytree
 from torch import Tensor
 
 from .config import GPTConfig
+from .devices import parse_dtype
 
 __all__ = ["KVCache", "DonatedCacheError", "init_cache", "rollback", "select_rows", "grow"]
 
@@ -102,6 +103,27 @@ def _flatten_with_keys(c: KVCache) -> tuple[list[tuple[Any, Any]], None]:
 
 pytree.register_pytree_node(KVCache, _flatten, _unflatten, serialized_type_name="gpt2fn.cache.KVCache",
                             flatten_with_keys_fn=_flatten_with_keys)
+
+
+CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+"""The dtypes a decoding call's `cache_dtype=` may ask for the keys and values."""
+
+
+def check_cache_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """`cache_dtype=` of `generate`, `generate_tokens`, `stream` and beam search: None (the keys and values in the
+    activations' dtype, fp32 on CPU), or fp32, bf16 or fp16 as a torch dtype or a name (`"bf16"`). A 16-bit cache
+    halves its memory and the bytes a step's attention reads; the keys and values are rounded to it as they are
+    written (attention itself, its softmax included, stays in the activations' dtype)."""
+    if dtype is None:
+        return None
+    try:
+        parsed = parse_dtype(dtype)
+    except ValueError as e:
+        raise ValueError(f"cache_dtype: {e}") from None
+    if parsed not in CACHE_DTYPES:
+        raise ValueError(f"cache_dtype must be one of float32, bfloat16, float16 (or None: the activations' dtype); "
+                         f"got {parsed}")
+    return parsed
 
 
 def init_cache(config: GPTConfig, batch: int, capacity: int | None = None, *,

@@ -145,7 +145,7 @@ def continuation_cache(cache: KVCache, config: GPTConfig, *, batch: int, seq: in
                          "cache (gpt2fn.select_rows picks rows)")
     if cache.valid.device != device or cache.keys[0].dtype != dtype:
         raise ValueError(f"cache= is {cache.keys[0].dtype} on {cache.valid.device}; these params decode in {dtype} "
-                         f"on {device}: continue with the params that made the cache")
+                         f"on {device}: continue with the params that made the cache (and its cache_dtype=)")
     if len(cache.keys) != config.n_layers or cache.keys[0].shape[1] != config.n_heads or (
             cache.keys[0].shape[3] != config.head_dim):
         raise ValueError(f"cache= has {len(cache.keys)} layers of {cache.keys[0].shape[1]} heads x "

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from .beam import beam_search, check_beam_options
-from .cache import KVCache, init_cache, rollback
+from .cache import KVCache, check_cache_dtype, init_cache, rollback
 from .checks import check_prompt_ids
 from .details import Recorder, check_top_logprobs, continuation_cache
 from .devices import parse_device
@@ -65,6 +65,7 @@ class _Request:
     capture: bool = False  # whether `edit` records captures (`gpt2fn.study.run.generation_tap`)
     draft: Draft | None = None  # speculative decoding (gpt2fn.speculative): a draft model or PromptLookup
     draft_tokens: int = 0
+    cache_dtype: torch.dtype | None = None  # the KV cache's keys and values (None: the activations' dtype)
 
 
 def _request(params: GPTParams, max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
@@ -72,7 +73,8 @@ def _request(params: GPTParams, max_new_tokens: int, temperature: float, top_k: 
              no_repeat_ngram_size: int | None = None, suppress: Sequence[int] | None = None,
              edit: Mapping[str, Callable[[Tensor], Tensor]] | None = None, compile: bool = False,
              logprobs: bool = False, processors: Sequence[LogitsProcessor] | None = None,
-             capture: str | Sequence[str] | None = None, draft: Any = None, draft_tokens: Any = None) -> _Request:
+             capture: str | Sequence[str] | None = None, draft: Any = None, draft_tokens: Any = None,
+             cache_dtype: torch.dtype | str | None = None) -> _Request:
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     options = SamplingOptions(temperature, top_k, top_p, repetition_penalty, min_p, no_repeat_ngram_size,
@@ -103,7 +105,8 @@ def _request(params: GPTParams, max_new_tokens: int, temperature: float, top_k: 
         raise ValueError("processors= are not applied by speculative decoding (its rejection rule compares the "
                          "built-in filtered distributions of both models): drop processors= or draft=")
     return _Request(max_new_tokens, options, eos_id, tap, bool(compile), bool(logprobs),
-                    check_processors(processors, n_tokens), capture=bool(capture), draft=spec, draft_tokens=k)
+                    check_processors(processors, n_tokens), capture=bool(capture), draft=spec, draft_tokens=k,
+                    cache_dtype=check_cache_dtype(cache_dtype))
 
 
 def _crop_to_window(ids: Tensor, mask: Tensor | None, ctx: int) -> tuple[Tensor, Tensor | None]:
@@ -132,7 +135,8 @@ def _token_steps(params: GPTParams, ids: Tensor, mask: Tensor | None, request: _
     if request.draft is not None:  # speculative decoding: its own loop over the same decode_step
         yield from speculative_steps(params, request.draft, ids, mask, generators, options=request.options,
                                      eos_id=request.eos_id, max_new_tokens=request.max_new_tokens,
-                                     draft_tokens=request.draft_tokens, logprobs=request.logprobs)
+                                     draft_tokens=request.draft_tokens, logprobs=request.logprobs,
+                                     cache_dtype=request.cache_dtype)
         return
     cfg, opts = params.config, request.options
     (batch, prompt_len), ctx = ids.shape, cfg.context_length
@@ -144,13 +148,14 @@ def _token_steps(params: GPTParams, ids: Tensor, mask: Tensor | None, request: _
     if mask is not None and bool(mask.all()):
         mask = None
     donate, filled = True, prompt_len
+    kv_dtype = request.cache_dtype or params.compute_dtype
     if cache is None:
         cache = init_cache(cfg, batch, min(ctx, prompt_len + request.max_new_tokens), device=ids.device,
-                           dtype=params.compute_dtype)
+                           dtype=kv_dtype)
     else:  # a continuation (gpt2fn.details): the caller's cache is not consumed; it has room, never slides
         cache, donate = continuation_cache(cache, cfg, batch=batch, seq=prompt_len,
                                            max_new_tokens=request.max_new_tokens, device=ids.device,
-                                           dtype=params.compute_dtype)
+                                           dtype=kv_dtype)
         filled += int(cache.length)
     capacity = cache.capacity
     # every token so far, preallocated: the source of a re-prefill when the window slides
@@ -305,7 +310,7 @@ def _continue(params: GPTParams, ids: Tensor, mask: Tensor | None, request: _Req
     cfg = params.config
     if beams is not None:  # beam_search masks a trained vocabulary itself
         out = beam_search(params, window, pad_mask=mask, max_new_tokens=request.max_new_tokens,
-                          eos_id=request.eos_id, n_tokens=cfg.n_tokens, **beams)
+                          eos_id=request.eos_id, n_tokens=cfg.n_tokens, cache_dtype=request.cache_dtype, **beams)
         return out[:, window.shape[1]:], None
     gens = None if request.options.greedy else row_generators(seed, ids.shape[0], params.device)
     steps = list(_token_steps(params, window, mask, request, gens, cache, record))
@@ -326,7 +331,8 @@ def generate_tokens(params: GPTParams, ids: Tensor, *, max_new_tokens: int = 20,
                     num_return_sequences: int = 1, processors: Sequence[LogitsProcessor] | None = None,
                     cache: KVCache | None = None, return_details: bool = False, output_logits: bool = False,
                     top_logprobs: int | None = None, capture: str | Sequence[str] | None = None,
-                    draft: GPTParams | PromptLookup | str | None = None, draft_tokens: int | None = None) -> Any:
+                    draft: GPTParams | PromptLookup | str | None = None, draft_tokens: int | None = None,
+                    cache_dtype: torch.dtype | str | None = None) -> Any:
     """Continue each row of `ids` `[batch, seq]`: returns `[batch, seq + new]` (the prompt, then the new ids).
 
     `new` is `max_new_tokens`, or fewer when every row has produced `eos` (an id; True means `<|endoftext|>`);
@@ -346,7 +352,7 @@ def generate_tokens(params: GPTParams, ids: Tensor, *, max_new_tokens: int = 20,
     request = _request(params, max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos, min_p=min_p,
                        no_repeat_ngram_size=no_repeat_ngram_size, suppress=suppress, edit=edit, compile=compile,
                        logprobs=return_logprobs or return_details, processors=processors, capture=capture,
-                       draft=draft, draft_tokens=draft_tokens)
+                       draft=draft, draft_tokens=draft_tokens, cache_dtype=cache_dtype)
     beams = _check_beams(request, num_beams, length_penalty, early_stopping, num_return_sequences)
     record = _recorder(request, beams, cache, details=return_details, logits=output_logits,
                        top_logprobs=top_logprobs, logprobs=return_logprobs, vocab=params.config.vocab_size)
@@ -506,7 +512,8 @@ def generate(params: GPTParams, prompt: str | Sequence[str], *, max_new_tokens: 
              num_return_sequences: int = 1, processors: Sequence[LogitsProcessor] | None = None,
              cache: KVCache | None = None, return_details: bool = False, output_logits: bool = False,
              top_logprobs: int | None = None, capture: str | Sequence[str] | None = None,
-             draft: GPTParams | PromptLookup | str | None = None, draft_tokens: int | None = None) -> Any:
+             draft: GPTParams | PromptLookup | str | None = None, draft_tokens: int | None = None,
+             cache_dtype: torch.dtype | str | None = None) -> Any:
     """The model's continuation of `prompt` (without the prompt); a list of prompts gives a list of continuations.
 
     - `temperature=0` (default) is greedy; above 0 it samples, optionally from the `top_k` most likely ids,
@@ -566,7 +573,7 @@ def generate(params: GPTParams, prompt: str | Sequence[str], *, max_new_tokens: 
     request = _request(params, max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos, min_p=min_p,
                        no_repeat_ngram_size=no_repeat_ngram_size, suppress=suppress, edit=edit, compile=compile,
                        logprobs=return_logprobs or return_details, processors=processors, capture=capture,
-                       draft=draft, draft_tokens=draft_tokens)
+                       draft=draft, draft_tokens=draft_tokens, cache_dtype=cache_dtype)
     beams = _check_beams(request, num_beams, length_penalty, early_stopping, num_return_sequences)
     record = _recorder(request, beams, cache, details=return_details, logits=output_logits,
                        top_logprobs=top_logprobs, logprobs=return_logprobs, vocab=params.config.vocab_size)
@@ -599,7 +606,7 @@ def stream(params: GPTParams, prompt: str, *, max_new_tokens: int = 20, temperat
            edit: Mapping[str, Callable[[Tensor], Tensor]] | None = None,
            processors: Sequence[LogitsProcessor] | None = None, cache: KVCache | None = None,
            capture: str | Sequence[str] | None = None, draft: GPTParams | PromptLookup | str | None = None,
-           draft_tokens: int | None = None) -> Iterator[str]:
+           draft_tokens: int | None = None, cache_dtype: torch.dtype | str | None = None) -> Iterator[str]:
     """Like :func:`generate` for one prompt, yielding text pieces as soon as they are final. The pieces
     concatenate to `generate`'s text; a multi-byte UTF-8 character is never split between two pieces.
     `processors`, `cache` and `draft` as in :func:`generate`.
@@ -618,7 +625,7 @@ def stream(params: GPTParams, prompt: str, *, max_new_tokens: int = 20, temperat
     params = _prepare(params, device)
     request = _request(params, max_new_tokens, temperature, top_k, top_p, repetition_penalty, eos, min_p=min_p,
                        no_repeat_ngram_size=no_repeat_ngram_size, suppress=suppress, edit=edit, compile=compile,
-                       processors=processors, draft=draft, draft_tokens=draft_tokens)
+                       processors=processors, draft=draft, draft_tokens=draft_tokens, cache_dtype=cache_dtype)
     _recorder(request, None, cache, details=False, logits=False, top_logprobs=None, logprobs=False,
               vocab=params.config.vocab_size)  # checks cache=
     with torch.no_grad():

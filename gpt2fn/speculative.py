@@ -243,7 +243,8 @@ def _check_window(context: int, width: int, new: int, whose: str) -> None:
 def speculative_steps(params: GPTParams, draft: Draft, ids: Tensor, mask: Tensor | None,
                       generators: list[torch.Generator] | None, *, options: SamplingOptions, eos_id: int | None,
                       max_new_tokens: int, draft_tokens: int, logprobs: bool = False,
-                      stats: dict[str, int] | None = None) -> Iterator[tuple[Tensor, Tensor | None]]:
+                      stats: dict[str, int] | None = None, cache_dtype: torch.dtype | None = None
+                      ) -> Iterator[tuple[Tensor, Tensor | None]]:
     """Yield `(next token [batch], its log-probability [batch] or None)` column by column, as
     `gpt2fn.generate`'s loop does (rows finished at EOS repeat it), decoding speculatively with `draft`.
 
@@ -273,11 +274,12 @@ def speculative_steps(params: GPTParams, draft: Draft, ids: Tensor, mask: Tensor
     out: list[list[int]] = [[] for _ in range(batch)]
     out_lp: list[list[float]] = [[] for _ in range(batch)]
     room = width + 2 * (new + k + 1)  # the generation, one round, and as much again for gaps between rebuilds
-    tcache = init_cache(cfg, batch, min(cfg.context_length, room), device=device, dtype=params.compute_dtype)
+    tcache = init_cache(cfg, batch, min(cfg.context_length, room), device=device,
+                        dtype=cache_dtype or params.compute_dtype)
     dcache, dfed = None, torch.zeros(batch, dtype=torch.long, device=device)  # draft: tokens of each row it holds
     if isinstance(draft, GPTParams):
         dcache = init_cache(draft.config, batch, min(draft.config.context_length, room), device=device,
-                            dtype=draft.compute_dtype)
+                            dtype=cache_dtype or draft.compute_dtype)
     checking = checks_enabled()  # the caller's setting for the first round; then off, as plain decoding does
     with shape_checks(checking):
         tcache = _refill(params, tcache, seq, real, count - 1, active_t)

@@ -388,3 +388,35 @@ def test_bfloat16_params_generate_the_same_kind_of_output(sharp):
     ids = _ids(0, 2, 5, device=sharp.device)
     out = generate_tokens(params, ids, max_new_tokens=6, temperature=0.8, seed=0)
     assert out.shape == (2, 11) and out.dtype == torch.long and (out < 97).all()
+
+
+# ---------------------------------------------------------------- a 16-bit KV cache
+
+
+@pytest.mark.parametrize("cache_dtype", ["bf16", torch.float16])
+def test_a_16_bit_cache_holds_its_dtype_and_decodes_the_fp32_caches_tokens(sharp, cache_dtype):
+    """`cache_dtype=` stores keys and values in 16 bits (half the cache's memory and of the bytes a step's
+    attention reads); attention itself stays fp32, so the logits move by about the keys' and values' rounding and
+    greedy tokens of a sharp model are the fp32 cache's, plain and with beams."""
+    ids = torch.randint(0, 97, (3, 5), generator=torch.Generator().manual_seed(0))
+    ref = generate_tokens(sharp, ids, max_new_tokens=8, return_details=True, output_logits=True)
+    got = generate_tokens(sharp, ids, max_new_tokens=8, return_details=True, output_logits=True,
+                          cache_dtype=cache_dtype)
+    want_dtype = gpt2fn.devices.parse_dtype(cache_dtype)
+    assert all(t.dtype == want_dtype for t in (*got.cache.keys, *got.cache.values))
+    assert all(t.dtype == torch.float32 for t in (*ref.cache.keys, *ref.cache.values))
+    assert torch.equal(got.ids, ref.ids)
+    scale = ref.logits.abs().max()
+    drift = (got.logits - ref.logits).abs().max()
+    assert 0 < drift < 2e-2 * scale  # rounded, and only by the 16-bit step
+    beams = dict(max_new_tokens=6, num_beams=3)
+    assert torch.equal(generate_tokens(sharp, ids, cache_dtype=cache_dtype, **beams),
+                       generate_tokens(sharp, ids, **beams))
+
+
+def test_a_bad_cache_dtype_is_refused_at_the_call_with_the_choices(sharp):
+    ids = torch.zeros(1, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="cache_dtype.*float32, bfloat16, float16"):
+        generate_tokens(sharp, ids, max_new_tokens=2, cache_dtype=torch.int8)
+    with pytest.raises(ValueError, match="cache_dtype: unknown dtype 'q4'"):
+        generate_tokens(sharp, ids, max_new_tokens=2, cache_dtype="q4")

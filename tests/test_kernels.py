@@ -225,3 +225,56 @@ def test_the_native_build_is_cached_per_machine_and_loaded_once():
     path = native.status().removeprefix("on: ").split(" (")[0]
     assert os.path.exists(path) and os.path.dirname(path).startswith(os.path.dirname(os.path.dirname(path)))
     assert native.library() is native.library() and native.vector_width() in (4, 8, 16)
+
+
+# ---------------------------------------------------------------- the native attention of a decode step
+
+
+def _visible(b: int, width: int, kind: str, g: torch.Generator) -> torch.Tensor | None:
+    """A decode step's mask: each row sees a random subset of the slots and always the last (its own)."""
+    if kind == "none":
+        return None
+    if kind == "shared":  # [1, width]: every row sees the same slots
+        m = torch.rand(1, width, generator=g) < 0.7
+        m[:, -1] = True
+        return m
+    m = torch.rand(b, 1, 1, width, generator=g) < 0.7
+    m[..., -1] = True
+    return m
+
+
+@needs_native
+@settings(max_examples=40)
+@given(batch=st.integers(1, 4), heads=st.integers(1, 3), head_dim=st.integers(1, 70), width=st.integers(1, 40),
+       capacity_gap=st.integers(0, 9), kind=st.sampled_from(["rows", "shared", "none"]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), seed=st.integers(0, 2**31 - 1))
+def test_decode_attention_equals_torchs_on_the_widened_cache(threads, batch, heads, head_dim, width, capacity_gap,
+                                                            kind, dtype, seed):
+    """One query per row and head over the slots written so far of a cache (a view into buffers of a larger
+    capacity), 16-bit caches read in place: softmax over the visible slots, every head_dim (vectors and the
+    columns past them), masks per row, shared, or none."""
+    from gpt2fn.kernels import attend_applies, native_attend
+
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, 1, heads, head_dim, generator=g).transpose(1, 2)  # strided, as split from w_qkv
+    keys = torch.randn(batch, heads, width + capacity_gap, head_dim, generator=g).to(dtype)
+    values = torch.randn(batch, heads, width + capacity_gap, head_dim, generator=g).to(dtype)
+    k, v = keys[:, :, :width], values[:, :, :width]
+    mask = _visible(batch, width, kind, g)
+    assert attend_applies(q, k, v, mask)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k.float(), v.float(), attn_mask=mask)
+    torch.testing.assert_close(native_attend(q, k, v, mask), want, atol=2e-6, rtol=2e-5)
+
+
+def test_decode_attention_takes_torchs_where_the_kernel_does_not_apply():
+    from gpt2fn.kernels import attend_applies
+
+    q, k = torch.randn(2, 3, 1, 8), torch.randn(2, 3, 5, 8)
+    assert not attend_applies(torch.randn(2, 3, 2, 8), k, k, None)  # two queries: a prefill or a verify
+    assert not attend_applies(q.double(), k.double(), k.double(), None)
+    assert not attend_applies(q, k, k.half(), None)  # keys and values of different dtypes
+    assert not attend_applies(q, k, k, torch.ones(2, 1, 1, 5))  # a float mask
+    with torch.enable_grad():
+        assert not attend_applies(q.requires_grad_(True), k, k, None)
+    if native.available():
+        assert attend_applies(torch.randn(2, 3, 1, 8), k, k, None)
