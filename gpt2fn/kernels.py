@@ -125,14 +125,22 @@ def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+_BIAS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+"""The bias dtypes the kernel widens itself (code passed as `btype`); any other is made fp32 first."""
+
+
 def native_affine(x: Tensor, w: Tensor, b: Tensor | None, scale: Tensor | None = None) -> Tensor:
     """The native kernel itself, no policy (the caller has checked `native_applies`): `x` `[rows, in]` (fp32, unit
-    stride along `in`) @ `w` `[in, out]` (fp32, bf16, fp16, or int8 times `scale` `[out]`) + `b`."""
+    stride along `in`) @ `w` `[in, out]` (fp32, bf16, fp16, or int8 times `scale` `[out]`) + `b` (contiguous;
+    fp32, bf16 or fp16, widened by the kernel)."""
     rows, d_in = x.shape
     d_out = w.shape[1]
     y = torch.empty(rows, d_out, dtype=torch.float32)
+    if b is not None and b.dtype not in _BIAS:
+        b = b.to(torch.float32)
     _entry("affine", w.dtype)(x.data_ptr(), rows, d_in, x.stride(0), w.data_ptr(), d_out, w.stride(0), _ptr(scale),
-                              _ptr(b), y.data_ptr(), d_out, torch.get_num_threads(), 0)
+                              _ptr(b), 0 if b is None else _BIAS[b.dtype], y.data_ptr(), d_out,
+                              torch.get_num_threads(), 0)
     return y
 
 
@@ -184,10 +192,10 @@ def affine(x: Tensor, w: Matrix, b: Tensor | None) -> Tensor:
     out = (*x.shape[:-1], stored.shape[1])
     compiling = torch.compiler.is_compiling()
     if fits and _applies(x, stored, scale, b, compiling):
-        bias = b if b is None or b.dtype == torch.float32 else b.to(torch.float32)
         if compiling:
+            bias = b if b is None or b.dtype == torch.float32 else b.to(torch.float32)
             return torch.ops.gpt2fn.affine(_rows(x), stored, bias, scale).view(out)
-        return native_affine(_rows(x), stored, bias, scale).view(out)
+        return native_affine(_rows(x), stored, b, scale).view(out)
     flat = x.reshape(-1, x.shape[-1])
     if scale is not None:  # torch's product of the int8 values, then the column scales (no dequantized copy kept)
         y = (flat @ stored.to(x.dtype)) * scale.to(x.dtype)

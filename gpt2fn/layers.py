@@ -193,7 +193,8 @@ def write_slots(buf: Tensor, slots: Tensor, new: Tensor, *, donate: bool) -> Ten
     """`buf` `[batch, heads, capacity, head_dim]` with `new` written at `slots` `[seq]` (along the capacity axis):
     a new tensor, or `buf` itself updated in place when the caller donates it (see `gpt2fn.cache`). A cache of
     another dtype than `new` (16-bit, `init_cache(dtype=...)`) stores it rounded to its own."""
-    new = new.to(buf.dtype)
+    if new.dtype != buf.dtype:
+        new = new.to(buf.dtype)
     return buf.index_copy_(2, slots, new) if donate else buf.index_copy(2, slots, new)
 
 

@@ -68,6 +68,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, 
 """Decode formats: a floating dtype of every weight, or int8 (`gpt2fn.quantize`: int8 matrices, fp32 scales)."""
 GPT2FN, HF, SEED = "gpt2fn", "transformers", "seed loop (no cache)"
 COMPILED = "gpt2fn compile=True"
+CACHE16 = "gpt2fn 16-bit cache"  # 16-bit weights with cache_dtype= their dtype (what llama.cpp F16 runs by default)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -289,6 +290,9 @@ def bench_decode(params: GPTParams, *, batch: int, prompt_len: int = 16, new_tok
     if with_compiled:  # the same steps through torch.compile (one graph per batch and capacity)
         decoders[COMPILED] = lambda ids, new: gpt2fn.generate_tokens(params, ids, max_new_tokens=new, eos=False,
                                                                      compile=True)
+    if dtype in (torch.bfloat16, torch.float16):  # the same weights, keys and values stored in their dtype too
+        decoders[CACHE16] = lambda ids, new: gpt2fn.generate_tokens(params, ids, max_new_tokens=new, eos=False,
+                                                                    cache_dtype=dtype)
     clocks = {}
     for label, worker in (engines or {}).items():
         decoders[label] = worker.generate

@@ -45,15 +45,17 @@ def _tolerance(kind: str, x: torch.Tensor, wide_in_out: torch.Tensor) -> torch.T
 @needs_native
 @settings(max_examples=40, deadline=None)
 @given(kind=st.sampled_from(["bfloat16", "float16", "int8"]), rows=st.integers(1, 80), d_in=st.integers(1, 81),
-       d_out=st.integers(1, 150), bias=st.booleans(), seed=st.integers(0, 2**31 - 1))
+       d_out=st.integers(1, 150), bias=st.sampled_from([None, torch.float32, torch.bfloat16, torch.float16]),
+       seed=st.integers(0, 2**31 - 1))
 def test_16_and_8_bit_products_equal_the_widened_fp32_product(threads, kind, rows, d_in, d_out, bias, seed):
-    """Rows 1..80, odd and even widths, 1 and 2 threads: read in place by the kernel, widened in registers."""
+    """Rows 1..80, odd and even widths, 1 and 2 threads: read in place by the kernel, widened in registers; the
+    bias fp32 or stored in 16 bits (a 16-bit tree's), widened by the kernel too."""
     g = torch.Generator().manual_seed(seed)
     w, wide = _stored(torch.randn(d_in, d_out, generator=g), kind)
-    b = torch.randn(d_out, generator=g) if bias else None
+    b = None if bias is None else torch.randn(d_out, generator=g).to(bias)
     x = torch.randn(rows, d_in, generator=g)
     assert native_applies(x, w, b)
-    want = x @ wide if b is None else x @ wide + b
+    want = x @ wide if b is None else x @ wide + b.float()
     err = (affine(x, w, b) - want).abs()
     assert bool((err <= _tolerance(kind, x, wide)).all()), float((err - _tolerance(kind, x, wide)).max())
 

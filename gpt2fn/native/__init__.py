@@ -115,7 +115,7 @@ def library() -> ctypes.CDLL | None:
     for name in STORED_TYPES if lib.gpt2fn_has_f16() else tuple(t for t in STORED_TYPES if t != "f16"):
         fn = getattr(lib, f"gpt2fn_affine_{name}")
         fn.restype = ctypes.c_int
-        fn.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, ptr, ptr, ptr, i64, ctypes.c_int, i64]
+        fn.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, ptr, ptr, ctypes.c_int, ptr, i64, ctypes.c_int, i64]
         fn = getattr(lib, f"gpt2fn_affine_t_{name}")
         fn.restype = ctypes.c_int
         fn.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, ptr, ptr, i64, ctypes.c_int]

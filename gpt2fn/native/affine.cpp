@@ -598,16 +598,32 @@ int gpt2fn_vector_width(void) { return VL; }
 // Whether this build has the f16 entry points (the compiler knows _Float16).
 int gpt2fn_has_f16(void) { return GPT2FN_F16; }
 
-// y [rows, N] (row stride ldy) = (x [rows, K] (row stride ldx) @ W [K, N] (row stride ldw)) * s + b, fp32 x, y, s
-// and b; s (one scale per column, int8 only) and b may be null. kc: rows of W per chunk of the register-blocked
-// walk; 0 picks the default (one input row: the four-stream walk `one_row`; more: chunks of 16).
+// The bias as fp32: b itself (btype 0, or null), or its N elements widened from bf16 (1) or fp16 (2) into a buffer
+// of the calling thread, so a 16-bit tree's biases need no fp32 copy made per call in Python.
+static const float* bias_f32(const void* b, int btype, int64_t N) {
+  if (b == nullptr || btype == 0) return static_cast<const float*>(b);
+  thread_local std::vector<float> wide;
+  if (static_cast<int64_t>(wide.size()) < N) wide.resize(N);
+  for (int64_t c = 0; c < N; ++c)
+#if GPT2FN_F16
+    wide[c] = btype == 1 ? widen1(static_cast<const bf16*>(b)[c]) : widen1(static_cast<const _Float16*>(b)[c]);
+#else
+    wide[c] = widen1(static_cast<const bf16*>(b)[c]);
+#endif
+  return wide.data();
+}
+
+// y [rows, N] (row stride ldy) = (x [rows, K] (row stride ldx) @ W [K, N] (row stride ldw)) * s + b, fp32 x, y and
+// s; b fp32 (btype 0), bf16 (1) or fp16 (2); s (one scale per column, int8 only) and b may be null. kc: rows of W
+// per chunk of the walk; 0 picks the default (`chunk_rows`).
 // gpt2fn_affine_t: y = (x @ E^T) * s, E [N, K] (row stride lde), s one scale per row of E (int8 only) or null.
 // One pair per stored type: f32, bf16, f16, i8. Each returns 0.
 #define GPT2FN_TYPE(name, W)                                                                                   \
   int gpt2fn_affine_##name(const float* x, int64_t rows, int64_t K, int64_t ldx, const void* w, int64_t N,     \
-                           int64_t ldw, const float* s, const float* b, float* y, int64_t ldy, int threads,    \
-                           int64_t kc) {                                                                       \
-    return affine(x, rows, K, ldx, static_cast<const W*>(w), N, ldw, s, b, y, ldy, threads, kc);               \
+                           int64_t ldw, const float* s, const void* b, int btype, float* y, int64_t ldy,       \
+                           int threads, int64_t kc) {                                                          \
+    return affine(x, rows, K, ldx, static_cast<const W*>(w), N, ldw, s, bias_f32(b, btype, N), y, ldy, threads, \
+                  kc);                                                                                         \
   }                                                                                                            \
   int gpt2fn_affine_t_##name(const float* x, int64_t rows, int64_t K, int64_t ldx, const void* e, int64_t N,   \
                              int64_t lde, const float* s, float* y, int64_t ldy, int threads) {                \
@@ -622,11 +638,12 @@ GPT2FN_TYPE(f16, _Float16)
 
 // int8: the integer products where the CPU has them (GPT2FN_I8DOT), else widened to fp32 like the others.
 int gpt2fn_affine_i8(const float* x, int64_t rows, int64_t K, int64_t ldx, const void* w, int64_t N, int64_t ldw,
-                     const float* s, const float* b, float* y, int64_t ldy, int threads, int64_t kc) {
+                     const float* s, const void* b, int btype, float* y, int64_t ldy, int threads, int64_t kc) {
+  const float* bf = bias_f32(b, btype, N);
 #if GPT2FN_I8DOT
-  return affine_i8dot(x, rows, K, ldx, static_cast<const int8_t*>(w), N, ldw, s, b, y, ldy, threads, kc);
+  return affine_i8dot(x, rows, K, ldx, static_cast<const int8_t*>(w), N, ldw, s, bf, y, ldy, threads, kc);
 #else
-  return affine(x, rows, K, ldx, static_cast<const int8_t*>(w), N, ldw, s, b, y, ldy, threads, kc);
+  return affine(x, rows, K, ldx, static_cast<const int8_t*>(w), N, ldw, s, bf, y, ldy, threads, kc);
 #endif
 }
 int gpt2fn_affine_t_i8(const float* x, int64_t rows, int64_t K, int64_t ldx, const void* e, int64_t N, int64_t lde,
