@@ -319,7 +319,8 @@ def bench_decode(params: GPTParams, *, batch: int, prompt_len: int = 16, new_tok
         got = outputs[(n, new_tokens)][:, prompt_len:]
         agree = float((got == ref).float().mean()) if got.shape == ref.shape else 0.0
         extra = {"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "dtype": _dtype_name(dtype),
-                 "weight_bytes": weight_bytes(params), "kv_itemsize": params.compute_dtype.itemsize,
+                 "weight_bytes": weight_bytes(params), "compute_itemsize": params.compute_dtype.itemsize,
+                 "kv_itemsize": dtype.itemsize if n == CACHE16 else params.compute_dtype.itemsize,
                  "ids_agree_with_gpt2fn": agree, "first_mismatch": first_mismatch(got, ref),
                  "ms_per_step": [1e3 * (t - statistics.median(first[n])) / max(1, new_tokens - 1)
                                  for t in full[n]]}
@@ -1055,7 +1056,8 @@ def roofline(results: list[Result], config: gpt2fn.GPTConfig) -> list[dict[str, 
                                               new_tokens=e["new_tokens"], weights=e.get("weight_bytes"),
                                               kv_itemsize=e.get("kv_itemsize"))
         # on CPU gpt2fn's products run in fp32 whatever the storage (GPTParams.compute_dtype)
-        rate = gemm.get("fp32" if r.extra.get("kv_itemsize") == 4 else e["dtype"], float("inf"))
+        rate = gemm.get("fp32" if e.get("compute_itemsize", e.get("kv_itemsize")) == 4 else e["dtype"],
+                        float("inf"))
         t_mem, t_flop = nbytes / (bw * 1e9), flops / (rate * 1e9)
         limit = e["batch"] / max(t_mem, t_flop)
         rows.append({"case": r.case, "contender": r.contender, "bytes_per_step": nbytes, "flops_per_step": flops,
