@@ -1,4 +1,5 @@
-"""The products of the model, and the one policy that picks their kernel: `affine(x, W, b)` and `affine_t(x, E)`.
+"""The products of the model, and the one policy that picks their kernel: `affine(x, W, b)` and `affine_t(x, E)`;
+also the kernel of a decode step's attention (`attend_applies`, `native_attend`).
 
     affine(x, W, b)    x @ W + b    W [in, out]       every block matrix, and an untied head
     affine_t(x, E)     x @ E^T      E [out, in]       the tied head: the token embedding [vocab, d_model]
@@ -7,17 +8,19 @@ Both read the matrices the caller holds, in place: no copy and no layout of gpt2
 dtype (DESIGN principle 6). Which kernel computes them is decided here and nowhere else:
 
 - **gpt2fn's native kernel** (`gpt2fn.native`, built on first use) for CPU products of fp32 activations with at
-  most `NATIVE_MAX_ROWS` rows (decoding: the batch, or a short prompt) and nothing to differentiate: it streams
-  each thread's share of the stored matrix once per step and keeps a block of rows x a band of columns in vector
-  registers. The tied head is the dot-product orientation (each vocabulary row contiguous), which the kernel
-  reads as it is. The weights may be stored fp32, bf16, fp16 or int8 with a scale per output column
-  (`gpt2fn.quantize`): they are widened to fp32 in registers, so a step reads 2 or 1 bytes per weight instead of
-  4, and accumulates in fp32. int8 on a CPU with AVX-512BW takes integer products instead (`native.int8_integer`):
-  each input row is rounded to 16-bit integers with one scale and the sums are exact int32 (vpdpwssd with VNNI),
-  64 multiply-adds per instruction against the 16 of a widened fp32 FMA; the rounding of the input is at most
-  1/(2 amax) of the row's largest value, amax = min(32767, (2^31 - 1) // 127 // in) (1/44000 for 768 inputs,
-  1/11000 for 3072), against the weights' own 1/254 of each column's, and the result is the same on any thread
-  count and batch.
+  most `NATIVE_MAX_ROWS` rows (decoding: the batch, or a short prompt) and nothing to differentiate: each of two
+  threads reads its half of the stored matrix (half of the rows of W, the full width) front to back once per
+  step, prefetching the next chunk in address order, and keeps a block of rows x a band of columns in vector
+  registers; the halves are summed at the end. They are fixed by the matrix's size alone, so a row's result has
+  the same bits on any thread count and alone or in any batch. The tied head is the dot-product orientation (each
+  vocabulary row contiguous), which the kernel reads as it is. The weights may be stored fp32, bf16, fp16 or int8
+  with a scale per output column (`gpt2fn.quantize`), the bias fp32 or 16-bit: they are widened to fp32 in
+  registers, so a step reads 2 or 1 bytes per weight instead of 4, and accumulates in fp32. int8 on a CPU with
+  AVX-512BW takes integer products instead (`native.int8_integer`): each input row is rounded to 16-bit integers
+  with one scale and the sums are exact int32 (vpdpwssd with VNNI), 64 multiply-adds per instruction against the
+  16 of a widened fp32 FMA; the rounding of the input is at most 1/(2 amax) of the row's largest value, amax =
+  min(32767, (2^31 - 1) // 127 // in) (1/44000 for 768 inputs, 1/11000 for 3072), against the weights' own 1/254
+  of each column's.
 - On CPU, activations are fp32 whatever the weights' dtype (`GPTParams.compute_dtype`): where torch computes a
   product of fp32 activations with 16-bit or int8 weights (autograd, more rows), it widens the matrix first.
 - **torch's own product** (`torch.addmm`, `x @ E.T`) everywhere else: more rows (a long prefill, training; MKL's
@@ -26,14 +29,17 @@ dtype (DESIGN principle 6). Which kernel computes them is decided here and nowhe
   `gpt2fn::affine` (`gpt2fn::affine_t`), one opaque node of the graph.
 
 Why (measured, `scripts/bench.py --only products`; GPT-2 124M's 48 block products + the head, distinct weights, 2
-threads, ms per step): on an AMD EPYC (AVX-512) torch's `x @ W + b` takes 20 ms at 1 row, 44-47 at 8, 67-85 at 32
-against the native kernel's 16, 20-22 and 38; the tied head `x @ tok_emb.T` 13 ms against 5.5 (it is 154 MB:
-28 GB/s). On an Intel Xeon (AVX-512 + VNNI) MKL's 1-row product is already near the bandwidth (17.4 ms) and a
-prototype of this kernel gave 17.2; at 8 rows MKL packed 26.2 against the prototype's 31 (see docs/performance.md
-for the rows of each CPU; the 2026-12-07 run on the AMD, at a lower bandwidth that day: native 25.8 / 38.3 / 78.2 ms
-against torch's 36 / 93 / 125 at 1 / 8 / 32 rows). One policy, no per-CPU switch: the kernel is never slower than
-torch where it was measured at 1 row and leads by 1.5-2x at 2-64 rows on the AMD; `NATIVE_MAX_ROWS` is where torch's
-GEMM catches up.
+threads, ms per step): on an AMD EPYC (AVX-512), run 5 of docs/performance.md, fp32 native 18.3 / 21.4 / 60.1 ms
+at 1 / 8 / 32 rows against torch's 34.5 / 70.9 / 103, 1.23x still at 128 rows (231 against 284). On an Intel Xeon
+(AVX-512 + VNNI) MKL's 1-row product is already near the bandwidth (17.4 ms) and a prototype of this kernel gave
+17.2; at 8 rows MKL packed 26.2 against the prototype's 31 (docs/performance.md has the rows of each CPU). One
+policy, no per-CPU switch: the kernel is never slower than torch where it was measured at 1 row and leads by
+1.4-3.7x at 2-64 rows on the AMD; `NATIVE_MAX_ROWS` is where torch's GEMM catches up.
+
+A decode step's attention (`gpt2fn.layers.attend_fast`) takes the native `attend.cpp` for one query per row on CPU,
+eager, with nothing to differentiate: the cache's keys and values are read in place (fp32, or 16-bit with
+`cache_dtype=`), the softmax is fp32. Prefills, speculative verification (several queries), `torch.compile`,
+autograd and other devices take torch's scaled-dot-product attention.
 """
 
 import functools

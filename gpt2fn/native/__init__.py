@@ -1,18 +1,21 @@
-"""gpt2fn's one native kernel: `affine.cpp`, built on first use with the machine's C++ compiler.
+"""gpt2fn's native kernels, built on first use with the machine's C++ compiler: `affine.cpp` (the products) and
+`attend.cpp` (a decode step's attention), sharing `vectors.h`.
 
 Why a kernel of our own: torch's CPU products of 1..64 rows (MKL's small GEMMs) run below the memory bandwidth
 on some of the CPUs gpt2fn is built on (the AMD EPYC most of all), and decoding a batch is exactly such products;
 its tied head `x @ tok_emb.T` runs at about half the bandwidth of the other orientation in torch. `affine.cpp`
 reads the stored matrices in place (`[in, out]` and, for the tied head, `[vocab, d_model]`), fp32, bf16, fp16 or
 int8 with per-column scales, widens them to fp32 in registers and keeps a block of rows x a band of columns of
-fp32 accumulators (int8 with AVX-512BW: exact integer sums of 16-bit-rounded inputs instead, `int8_integer`).
-The policy that decides when it is used is `gpt2fn.kernels`.
+fp32 accumulators (int8 with AVX-512BW: exact integer sums of 16-bit-rounded inputs instead, `int8_integer`);
+each thread reads its half of a matrix front to back. `attend.cpp` attends one query per row and head over a KV
+cache as stored (fp32, bf16 or fp16), where torch's fused attention costs more per call than a decode step's
+reads and needs the cache in the query's dtype. The policy that decides when each is used is `gpt2fn.kernels`.
 
-How it is built: the source ships in the package; the first call compiles it with `$CXX` (default `c++`),
-`-O3 -march=native -fopenmp`, into the user cache (`$XDG_CACHE_HOME/gpt2fn/native/<key>/`, default
-`~/.cache/gpt2fn`), keyed by the source, the flags, the compiler's version and the CPU's flags, so a machine never
-loads a build made for another. The build is one compiler call (a few seconds, no torch headers, no ninja) and
-is a verified cache entry (`gpt2fn.files.cached_entry`): written atomically, then its size and sha256 into
+How it is built: the sources ship in the package; the first call compiles them into one library with `$CXX`
+(default `c++`), `-O3 -march=native -fopenmp`, into the user cache (`$XDG_CACHE_HOME/gpt2fn/native/<key>/`,
+default `~/.cache/gpt2fn`), keyed by the sources, the flags, the compiler's version and the CPU's flags, so a
+machine never loads a build made for another. The build is one compiler call (a few seconds, no torch headers, no
+ninja) and is a verified cache entry (`gpt2fn.files.cached_entry`): written atomically, then its size and sha256 into
 `libgpt2fn_affine.so.check`, under a lock, so concurrent first builds compile once. Each process checks the file
 against its check before `dlopen`, and loads the very file it checked (`/proc/self/fd/N` where there is one): a
 short or altered build (a full disk, a copied home directory) is rebuilt with one warning, never mapped (a short

@@ -12,15 +12,18 @@
 // through ctypes; every caller has a torch fallback. OpenMP resolves to the libgomp torch loaded, so these
 // threads are torch's threads.
 //
-// gpt2fn_affine: each thread owns a contiguous range of columns, cut into bands of up to 3 vectors. K is walked
-// in chunks of KC rows; within a chunk the thread visits its bands left to right, so each of the KC rows is read
-// front to back as one stream (the hardware prefetcher follows KC streams). A band keeps a block of up to 8 rows
-// x 3 vectors of accumulators in registers for the chunk (one weight load feeds 8 multiply-adds) and parks them
-// in y between chunks. Rows past one block reuse the chunk's band from L1.
+// gpt2fn_affine: K is cut into two halves fixed by K (`Pieces`); each half is summed into a partial of its own
+// and y = (p0 + p1) * s + b at the end, so a row's bits depend on K only, not on the thread count or the batch.
+// With two threads each walks one half, the full width, front to back; more threads share a half by columns.
+// A walk takes KC rows at a time and visits its bands of up to 3 vectors left to right; a band keeps a block of
+// up to 8 rows x 3 vectors of accumulators in registers over the chunk (one weight load feeds 8 multiply-adds)
+// and parks them in the partial between chunks; rows past one block reuse the band from L1. While a chunk is
+// walked, the next one is prefetched in address order, a share in each band (`Ahead`): DRAM then sees one stream
+// per thread instead of KC short ones.
 //
 // gpt2fn_affine_t: each thread owns a contiguous range of E's rows (output columns); G of them at a time are
 // dotted with a block of R input rows, G*R vector accumulators, reduced once at the end. Every E row is read once
-// per block of R input rows, front to back.
+// per block of R input rows, front to back, and the group two groups ahead is prefetched meanwhile.
 #include "vectors.h"
 
 // Rows per register block with NV vectors per row: R*NV accumulators + NV weights + 1 broadcast <= NREG.
