@@ -420,3 +420,19 @@ def test_a_bad_cache_dtype_is_refused_at_the_call_with_the_choices(sharp):
         generate_tokens(sharp, ids, max_new_tokens=2, cache_dtype=torch.int8)
     with pytest.raises(ValueError, match="cache_dtype: unknown dtype 'q4'"):
         generate_tokens(sharp, ids, max_new_tokens=2, cache_dtype="q4")
+
+
+def test_a_16_bit_cache_works_through_stream_speculation_and_compile(sharp, wordy):
+    """The other ways a cache is made: `stream` (its pieces concatenate to `generate`'s text with the same cache),
+    speculative decoding (the target's own greedy tokens, prompt lookup and a draft model, several queries per
+    verify through torch's attention over the widened cache) and `compile=True` (torch's attention in the graph)."""
+    text = generate(wordy, "The cache", max_new_tokens=12, cache_dtype="bf16")
+    assert "".join(stream(wordy, "The cache", max_new_tokens=12, cache_dtype="bf16")) == text
+    ids = torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(1))
+    plain = generate_tokens(sharp, ids, max_new_tokens=10, cache_dtype="fp16")
+    assert torch.equal(generate_tokens(sharp, ids, max_new_tokens=10, cache_dtype="fp16", draft="prompt_lookup"),
+                       plain)
+    draft = init_params(preset("tiny"), seed=3)
+    assert torch.equal(generate_tokens(sharp, ids, max_new_tokens=10, cache_dtype="fp16", draft=draft), plain)
+    torch.compiler.reset()
+    assert torch.equal(generate_tokens(sharp, ids, max_new_tokens=10, cache_dtype="fp16", compile=True), plain)
