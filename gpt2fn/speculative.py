@@ -250,7 +250,9 @@ def speculative_steps(params: GPTParams, draft: Draft, ids: Tensor, mask: Tensor
 
     `ids` `[batch, width]` are left-padded prompts (`mask` False on padding), `max_new_tokens >= 1`. `stats`, when
     given, receives the counts `rounds` (target steps after the prefill), `proposed` and `accepted` (proposals
-    checked and kept, over the rows): the acceptance rate is `accepted / proposed`."""
+    checked and kept, over the rows): the acceptance rate is `accepted / proposed`. `cache_dtype` (checked by the
+    caller, `gpt2fn.cache.check_cache_dtype`): the keys and values of both models' caches, None for each model's
+    compute dtype."""
     if stats is not None:
         stats.update(rounds=0, proposed=0, accepted=0)
     cfg, device = params.config, ids.device
