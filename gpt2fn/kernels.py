@@ -123,7 +123,7 @@ def _applies(x: Tensor, stored: Tensor, scale: Tensor | None, b: Tensor | None, 
 
 @functools.cache
 def _entry(kind: str, dtype: torch.dtype) -> Callable[..., int]:
-    """The kernel's entry point `gpt2fn_<kind>_<stored type>` (kind: affine, affine_t)."""
+    """The kernel's entry point `gpt2fn_<kind>_<stored type>` (kind: affine, affine_t, attend)."""
     return getattr(native.library(), f"gpt2fn_{kind}_{_STORED[dtype]}")
 
 
