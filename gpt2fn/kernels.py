@@ -17,7 +17,7 @@ dtype (DESIGN principle 6). Which kernel computes them is decided here and nowhe
   with a scale per output column (`gpt2fn.quantize`), the bias fp32 or 16-bit: they are widened to fp32 in
   registers, so a step reads 2 or 1 bytes per weight instead of 4, and accumulates in fp32. int8 on a CPU with
   AVX-512BW takes integer products instead (`native.int8_integer`): each input row is rounded to 16-bit integers
-  with one scale and the sums are exact int32 (vpdpwssd with VNNI), 64 multiply-adds per instruction against the
+  with one scale and the sums are exact int32 (vpdpwssd with VNNI), 32 multiply-adds per instruction against the
   16 of a widened fp32 FMA; the rounding of the input is at most 1/(2 amax) of the row's largest value, amax =
   min(32767, (2^31 - 1) // 127 // in) (1/44000 for 768 inputs, 1/11000 for 3072), against the weights' own 1/254
   of each column's.

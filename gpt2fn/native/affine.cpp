@@ -258,7 +258,7 @@ struct Pieces {
 //
 // [K, N] (gpt2fn_affine_i8): rows k and k+1 of 32 columns are sign-extended to int16 and interleaved in pairs
 // (vpunpcklwd / vpunpckhwd per 128-bit lane), so one vpdpwssd multiplies 16 columns by (xq[k], xq[k+1]) broadcast
-// as one dword: 64 multiply-adds per instruction for every input row. The accumulators hold the columns in the
+// as one dword: 32 multiply-adds per instruction for every input row. The accumulators hold the columns in the
 // unpack's order (lo: 8j + m, hi: 8j + 4 + m for lane j, m < 4) and are put back in order once, at the end.
 // Between chunks of K they are parked in y as int32 bits. [N, K] (gpt2fn_affine_t_i8, the tied head): each row
 // of E is contiguous along K, so 32 of its int8 widen to int16 and meet 32 of xq directly.
