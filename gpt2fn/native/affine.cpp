@@ -235,7 +235,7 @@ struct Pieces {
       : K(K_), P(K_ >= 64 ? 2 : 1), G(std::max<int64_t>(1, std::min<int64_t>(threads_, n_))), U(P * G), n(n_),
         align(align_), threads(static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads_, U)))) {}
   int64_t bound(int64_t p) const { return p == P ? K : (K * p / P + align - 1) / align * align; }
-  // f(k0, k1, piece, unit0, unit1) for each walk thread t of T makes
+  // f(k0, k1, piece, u0, u1) for each walk thread t of T takes: rows [k0, k1) of W, column units [u0, u1)
   template <class F>
   void walk(int t, int T, F&& f) const {
     const int64_t u0 = n ? U * t / T : 0, u1 = n ? U * (t + 1) / T : 0;
@@ -246,6 +246,23 @@ struct Pieces {
     }
   }
 };
+
+// The frame both split products share: each thread walks its units of `pc` into partial sums (P pieces of
+// `per_piece` elements of type T, in a buffer of the calling thread); once every partial is written, each thread
+// finishes its share of the output from them.
+template <class T, class Walk, class Finish>
+static void in_pieces(const Pieces& pc, int64_t per_piece, Walk&& walk, Finish&& finish) {
+  thread_local std::vector<T> scratch;
+  if (static_cast<int64_t>(scratch.size()) < pc.P * per_piece) scratch.resize(pc.P * per_piece);
+  T* part = scratch.data();
+#pragma omp parallel num_threads(pc.threads)
+  {
+    const int t = omp_get_thread_num(), n = omp_get_num_threads();
+    walk(part, t, n);
+#pragma omp barrier
+    finish(part, t, n);
+  }
+}
 
 // ---------------------------------------------------------------------------------------------------------------
 // int8 weights with integer products (AVX-512BW; vpdpwssd where the CPU has VNNI, else vpmaddwd + vpaddd).
@@ -467,19 +484,17 @@ static int affine_i8dot(const float* x, int64_t rows, int64_t K, int64_t ldx, co
   const Pieces pc(K, threads, nblk, 2);
   kc = kc > 0 ? even(kc) : even(chunk_rows(rows));
   const int nb = rows == 1 ? 4 : rows <= 3 ? 2 : 1;
-  thread_local std::vector<int32_t> scratch;
-  if (static_cast<int64_t>(scratch.size()) < pc.P * rows * ldp) scratch.resize(pc.P * rows * ldp);
-  int32_t* part = scratch.data();
-#pragma omp parallel num_threads(pc.threads)
-  {
-    const int t = omp_get_thread_num(), T = omp_get_num_threads();
-    pc.walk(t, T, [&](int64_t k0, int64_t k1, int64_t p, int64_t j0, int64_t j1) {
-      iblocks(xq, ldq, rows, K, w, ldw, k0, k1, part + p * rows * ldp, ldp, j0 * 32, j1 - j0, kc, nb);
-    });
-    if (t == T - 1 && tail) itail(xq, ldq, sx, rows, K, w, ldw, s, b, y, ldy, nblk * 32, tail);
-#pragma omp barrier
-    ifinish(part, pc.P, rows, ldp, nblk * t / T, nblk * (t + 1) / T, sx, s, b, y, ldy);
-  }
+  in_pieces<int32_t>(
+      pc, rows * ldp,
+      [&](int32_t* part, int t, int T) {
+        pc.walk(t, T, [&](int64_t k0, int64_t k1, int64_t p, int64_t j0, int64_t j1) {
+          iblocks(xq, ldq, rows, K, w, ldw, k0, k1, part + p * rows * ldp, ldp, j0 * 32, j1 - j0, kc, nb);
+        });
+        if (t == T - 1 && tail) itail(xq, ldq, sx, rows, K, w, ldw, s, b, y, ldy, nblk * 32, tail);
+      },
+      [&](const int32_t* part, int t, int T) {
+        ifinish(part, pc.P, rows, ldp, nblk * t / T, nblk * (t + 1) / T, sx, s, b, y, ldy);
+      });
   return 0;
 }
 
@@ -556,28 +571,26 @@ static int affine(const float* x, int64_t rows, int64_t K, int64_t ldx, const W*
   const int64_t nvec = N / VL, tail = N - nvec * VL, nv = nvec * VL;
   const Pieces pc(K, threads, nvec, 1);
   kc = kc > 0 ? kc : chunk_rows(rows);
-  thread_local std::vector<float> scratch;
-  if (static_cast<int64_t>(scratch.size()) < pc.P * rows * nv) scratch.resize(pc.P * rows * nv);
-  float* part = scratch.data();
-#pragma omp parallel num_threads(pc.threads)
-  {
-    const int t = omp_get_thread_num(), T = omp_get_num_threads();
-    pc.walk(t, T, [&](int64_t k0, int64_t k1, int64_t p, int64_t v0, int64_t v1) {
-      columns(x, rows, ldx, w, ldw, k0, k1, part + p * rows * nv, nv, v0 * VL, v1 - v0, kc);
-    });
-    if (t == T - 1 && tail) tail_columns(x, rows, K, ldx, w, ldw, s, b, y, ldy, nv, tail);
-#pragma omp barrier
-    const int64_t c0 = nv * t / T, c1 = nv * (t + 1) / T;
-    for (int64_t r = 0; r < rows; ++r) {
-      const float* p0 = part + r * nv;
-      const float* p1 = pc.P == 2 ? part + (rows + r) * nv : nullptr;
-      float* yr = y + r * ldy;
-      for (int64_t c = c0; c < c1; ++c) {
-        const float v = p1 ? p0[c] + p1[c] : p0[c];
-        yr[c] = (s ? v * s[c] : v) + (b ? b[c] : 0.0f);
-      }
-    }
-  }
+  in_pieces<float>(
+      pc, rows * nv,
+      [&](float* part, int t, int T) {
+        pc.walk(t, T, [&](int64_t k0, int64_t k1, int64_t p, int64_t v0, int64_t v1) {
+          columns(x, rows, ldx, w, ldw, k0, k1, part + p * rows * nv, nv, v0 * VL, v1 - v0, kc);
+        });
+        if (t == T - 1 && tail) tail_columns(x, rows, K, ldx, w, ldw, s, b, y, ldy, nv, tail);
+      },
+      [&](const float* part, int t, int T) {
+        const int64_t c0 = nv * t / T, c1 = nv * (t + 1) / T;
+        for (int64_t r = 0; r < rows; ++r) {
+          const float* p0 = part + r * nv;
+          const float* p1 = pc.P == 2 ? part + (rows + r) * nv : nullptr;
+          float* yr = y + r * ldy;
+          for (int64_t c = c0; c < c1; ++c) {
+            const float v = p1 ? p0[c] + p1[c] : p0[c];
+            yr[c] = (s ? v * s[c] : v) + (b ? b[c] : 0.0f);
+          }
+        }
+      });
   return 0;
 }
 
