@@ -68,7 +68,7 @@ static inline void band(const float* __restrict x, int64_t ldx, const W* __restr
     for (int j = 0; j < NV; ++j) wv[j] = widen(wk + j * VL);
     for (int r = 0; r < R; ++r) {
       const vf xs = splat(x[r * ldx + k]);
-      for (int j = 0; j < NV; ++j) acc[r][j] += xs * wv[j];
+      for (int j = 0; j < NV; ++j) acc[r][j] = madd(xs, wv[j], acc[r][j]);
     }
   }
   for (int r = 0; r < R; ++r)
@@ -136,7 +136,7 @@ static void tail_columns(const float* x, int64_t rows, int64_t K, int64_t ldx, c
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = c0; c < c0 + n; ++c) {
       float s = 0.0f;
-      for (int64_t k = 0; k < K; ++k) s += x[r * ldx + k] * widen1(w[k * ldw + c]);
+      for (int64_t k = 0; k < K; ++k) s = madd1(x[r * ldx + k], widen1(w[k * ldw + c]), s);
       y[r * ldy + c] = (sc ? s * sc[c] : s) + (b ? b[c] : 0.0f);
     }
 }
@@ -154,14 +154,14 @@ static inline void dots(const float* __restrict x, int64_t ldx, const W* __restr
     for (int g = 0; g < G; ++g) ev[g] = widen(e + g * lde + k);
     for (int r = 0; r < R; ++r) {
       const vf xv = load(x + r * ldx + k);
-      for (int g = 0; g < G; ++g) acc[g][r] += ev[g] * xv;
+      for (int g = 0; g < G; ++g) acc[g][r] = madd(ev[g], xv, acc[g][r]);
     }
   }
   for (int g = 0; g < G; ++g)
     for (int r = 0; r < R; ++r) {
       float s = 0.0f;
       for (int i = 0; i < VL; ++i) s += acc[g][r][i];
-      for (int64_t k = kv; k < K; ++k) s += widen1(e[g * lde + k]) * x[r * ldx + k];
+      for (int64_t k = kv; k < K; ++k) s = madd1(widen1(e[g * lde + k]), x[r * ldx + k], s);
       y[r * ldy + g] = sc ? s * sc[g] : s;
     }
 }

@@ -20,8 +20,8 @@ constexpr int VL = 8, NREG = 16;
 #else
 constexpr int VL = 4, NREG = 16;
 #endif
-typedef float vf __attribute__((vector_size(VL * 4), aligned(4)));
-typedef uint32_t vu __attribute__((vector_size(VL * 4), aligned(4)));
+typedef float vf __attribute__((vector_size(VL * 4)));
+typedef uint32_t vu __attribute__((vector_size(VL * 4)));
 typedef uint16_t vbf __attribute__((vector_size(VL * 2), aligned(2)));
 #ifdef __FLT16_MAX__
 typedef _Float16 vhf __attribute__((vector_size(VL * 2), aligned(2)));
@@ -31,22 +31,65 @@ typedef int8_t vq __attribute__((vector_size(VL), aligned(1)));
 // The stored element types: fp32, bf16 (its bits), fp16, int8 (with one fp32 scale per output column).
 struct bf16 { uint16_t bits; };
 
-static inline vf load(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
-static inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+// Unaligned loads and stores through the ISA's intrinsics: GCC expands a memcpy of a 256-bit vector as two 128-bit
+// moves through the stack under -mtune=znver3 (a store-forwarding stall on every load: AVX2 products at a fifth of
+// their speed on an AMD EPYC 7003).
+static inline vf load(const float* p) {
+#if defined(__AVX512F__)
+  return (vf)_mm512_loadu_ps(p);
+#elif defined(__AVX__)
+  return (vf)_mm256_loadu_ps(p);
+#elif defined(__SSE2__)
+  return (vf)_mm_loadu_ps(p);
+#else
+  vf v; std::memcpy(&v, p, sizeof v); return v;
+#endif
+}
+static inline void store(float* p, vf v) {
+#if defined(__AVX512F__)
+  _mm512_storeu_ps(p, (__m512)v);
+#elif defined(__AVX__)
+  _mm256_storeu_ps(p, (__m256)v);
+#elif defined(__SSE2__)
+  _mm_storeu_ps(p, (__m128)v);
+#else
+  std::memcpy(p, &v, sizeof v);
+#endif
+}
 static inline vf splat(float s) { return vf{} + s; }
+
+// a * b + c with one rounding where the CPU has FMA. Spelled out rather than left to -ffp-contract: under
+// -mtune=znver* GCC keeps a loop-carried accumulation as a multiply and an add ("avoid FMA chains") in some loops
+// and fuses it in others, so the same sum would round differently in different kernels (the tail of a row, a
+// smaller row block) and a row's bits would depend on the thread count and the batch.
+static inline vf madd(vf a, vf b, vf c) {
+#if defined(__AVX512F__)
+  return (vf)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#elif defined(__AVX__) && defined(__FMA__)
+  return (vf)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#else
+  return a * b + c;
+#endif
+}
+static inline float madd1(float a, float b, float c) {
+#if defined(__FMA__) || defined(__aarch64__)
+  return __builtin_fmaf(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
 
 // VL stored elements widened to fp32 in registers.
 static inline vf widen(const float* p) { return load(p); }
 // Widening through intrinsics where the CPU has the instruction: GCC splits __builtin_convertvector from 16-bit
 // lanes into halves (bf16) or, for _Float16 without AVX512-FP16, into one vcvtph2ps per element.
-static inline vf as_vf(const void* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
 static inline vf widen(const bf16* p) {
 #if defined(__AVX512F__)
   __m512i u = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16);
-  return as_vf(&u);
+  return (vf)u;
 #elif defined(__AVX2__)
   __m256i u = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16);
-  return as_vf(&u);
+  return (vf)u;
 #else
   vbf h; std::memcpy(&h, p, sizeof h);
   return (vf)(__builtin_convertvector(h, vu) << 16);
@@ -57,10 +100,10 @@ static inline vf widen(const bf16* p) {
 static inline vf widen(const _Float16* p) {
 #if defined(__AVX512F__)
   __m512 f = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return as_vf(&f);
+  return (vf)f;
 #elif defined(__F16C__) && defined(__AVX__)
   __m256 f = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return as_vf(&f);
+  return (vf)f;
 #else
   vhf h; std::memcpy(&h, p, sizeof h);
   return __builtin_convertvector(h, vf);
@@ -73,15 +116,14 @@ static inline float widen1(_Float16 v) { return float(v); }
 // int8 -> fp32: GCC scalarizes __builtin_convertvector from int8 lanes, so the sign extension is spelled out
 static inline vf widen(const int8_t* p) {
 #if defined(__AVX512F__)
-  __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  return (vf)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 #elif defined(__AVX2__)
-  __m256 f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  return (vf)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 #else
   vf f;
   for (int i = 0; i < VL; ++i) f[i] = float(p[i]);
+  return f;
 #endif
-  vf v; std::memcpy(&v, &f, sizeof v);
-  return v;
 }
 static inline float widen1(float v) { return v; }
 static inline float widen1(bf16 v) { uint32_t u = uint32_t(v.bits) << 16; float f; std::memcpy(&f, &u, 4); return f; }
