@@ -32,8 +32,8 @@ typedef int8_t vq __attribute__((vector_size(VL), aligned(1)));
 struct bf16 { uint16_t bits; };
 
 // Unaligned loads and stores through the ISA's intrinsics: GCC expands a memcpy of a 256-bit vector as two 128-bit
-// moves through the stack under -mtune=znver3 (a store-forwarding stall on every load: AVX2 products at a fifth of
-// their speed on an AMD EPYC 7003).
+// moves through the stack under -mtune=znver3 (a store-forwarding stall on every load: on an AMD EPYC 7003 the fp32
+// 1-row products took 2.7x and the 8-row tied head 9x their time, docs/performance.md run 6).
 static inline vf load(const float* p) {
 #if defined(__AVX512F__)
   return (vf)_mm512_loadu_ps(p);
