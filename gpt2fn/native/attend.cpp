@@ -37,10 +37,10 @@ template <class T>
 static inline float dot(const float* __restrict q, const T* __restrict k, int64_t D) {
   vf acc = vf{};
   int64_t d = 0;
-  for (; d + VL <= D; d += VL) acc += load(q + d) * widen(k + d);
+  for (; d + VL <= D; d += VL) acc = madd(load(q + d), widen(k + d), acc);
   float s = 0.0f;
   for (int i = 0; i < VL; ++i) s += acc[i];
-  for (; d < D; ++d) s += q[d] * widen1(k[d]);
+  for (; d < D; ++d) s = madd1(q[d], widen1(k[d]), s);
   return s;
 }
 
@@ -79,7 +79,7 @@ static void attend_one(const float* __restrict q, const T* __restrict k, const T
     if (p[t] == 0.0f) continue;
     const vf w = splat(p[t]);
     const T* vt = v + t * kst;
-    for (int j = 0; j < nv; ++j) acc[j] += w * widen(vt + j * VL);
+    for (int j = 0; j < nv; ++j) acc[j] = madd(w, widen(vt + j * VL), acc[j]);
   }
   for (int j = 0; j < nv; ++j) store(z + j * VL, acc[j] * inv);
   for (int64_t d = dv; d < D; ++d) {  // past the vectors held in registers
