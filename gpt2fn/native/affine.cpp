@@ -25,6 +25,7 @@
 // dotted with a block of R input rows, G*R vector accumulators, reduced once at the end. Every E row is read once
 // per block of R input rows, front to back, and the group two groups ahead is prefetched meanwhile.
 #include "vectors.h"
+#include <unistd.h>
 
 // Rows per register block with NV vectors per row: R*NV accumulators + NV weights + 1 broadcast <= NREG.
 constexpr int rmax(int nv) { return std::min(8, std::max(1, (NREG - 1 - nv) / nv)); }
@@ -102,13 +103,37 @@ static inline void band_rows(const float* x, int64_t rows, int64_t ldx, const W*
   });
 }
 
-// Columns [c0, c0 + nvec * VL) of y for every row, over rows [k0, k1) of W in chunks of kc rows; y starts from
+// Rows of W per chunk of the walk, for `rows` inputs: one chunk is prefetched while the one before it is walked, so
+// chunks stay a few hundred KB (L2); more rows spend longer per chunk and park their accumulators less often.
+// Measured on the AMD EPYC (GPT-2 124M's 48 block products, bf16, 2 threads): 16 rows for 1-2 inputs, 32 for 3-4,
+// 64 up to 16, 128 past that.
+static inline int64_t chunk_rows(int64_t rows) { return rows <= 2 ? 16 : rows <= 4 ? 32 : rows <= 16 ? 64 : 128; }
+
+// ... and at most this many bytes of W per chunk: an eighth of the L2 (the chunk walked, the one prefetched, the
+// partials and the inputs all stay in it). On an AMD EPYC 7003 (512 KB of L2) 64 rows of an fp32 [768, 2304] half
+// were 590 KB, and the walk thrashed: the 8-row fp32 products took 52 ms instead of 39 (docs/performance.md run 7).
+// The chunk changes where the partial sums are parked, never their order, so it changes no bits.
+static int64_t chunk_bytes() {
+  static const int64_t bytes = [] {
+#ifdef _SC_LEVEL2_CACHE_SIZE
+    const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#else
+    const long l2 = 0;  // unknown: 64 KB
+#endif
+    return l2 > 0 ? std::min<int64_t>(512 << 10, std::max<int64_t>(32 << 10, l2 / 8)) : int64_t(64 << 10);
+  }();
+  return bytes;
+}
+
+// Columns [c0, c0 + nvec * VL) of y for every row, over rows [k0, k1) of W in chunks of kc rows (kc < 0: at most
+// -kc rows and `chunk_bytes`); y starts from
 // zero (the caller adds the pieces, the scales and the bias). While one chunk is walked band by band, the next
 // chunk's columns [c0, c0 + nvec * VL) are prefetched front to back, a share in each band.
 template <class W>
 static void columns(const float* x, int64_t rows, int64_t ldx, const W* w, int64_t ldw, int64_t k0, int64_t k1,
                     float* y, int64_t ldy, int64_t c0, int64_t nvec, int64_t kc) {
   const int64_t nbands = (nvec + 2) / 3;
+  if (kc < 0) kc = std::max<int64_t>(4, std::min<int64_t>(-kc, chunk_bytes() / (nvec * VL * int64_t(sizeof(W)))));
   for (int64_t ka = k0; ka < k1; ka += kc) {
     const int64_t kl = std::min(kc, k1 - ka), next = std::min(kc, k1 - ka - kl);
     const bool first = ka == k0;
@@ -195,15 +220,21 @@ static void dot_columns(const float* x, int64_t rows, int64_t K, int64_t ldx, co
   constexpr int RB = NREG >= 32 ? 6 : 2;  // 4*RB accumulators + 4 rows of E + 1 input vector
   int64_t n = n0;
   auto s = [&](int64_t i) { return sc ? sc + i : nullptr; };
+  constexpr int G1 = NREG >= 32 ? 8 : 6;  // one input row: G1 accumulators + G1 rows of E + 1 input vector
   if (rows == 1) {
-    for (; n + 8 <= n1; n += 8) {
-      Ahead a = group_ahead(e, lde, K, n, 8, n1, VL);
-      dots<8, 1>(x, ldx, e + n * lde, lde, K, s(n), y + n, ldy, a);
+    for (; n + G1 <= n1; n += G1) {
+      Ahead a = group_ahead(e, lde, K, n, G1, n1, VL);
+      dots<G1, 1>(x, ldx, e + n * lde, lde, K, s(n), y + n, ldy, a);
     }
   } else if (NREG >= 32 && rows > RB && rows <= 8) {  // one block of all rows: 3 x 8 accumulators
     for (; n + 3 <= n1; n += 3) {
       Ahead a = group_ahead(e, lde, K, n, 3, n1, VL);
       dot_rows<3, 8>(x, rows, ldx, e + n * lde, lde, K, s(n), y + n, ldy, a);
+    }
+  } else if (NREG < 32 && rows > RB) {  // 16 registers: blocks of 4 rows x 3 rows of E, 12 accumulators
+    for (; n + 3 <= n1; n += 3) {
+      Ahead a = group_ahead(e, lde, K, n, 3, n1, VL);
+      dot_rows<3, 4>(x, rows, ldx, e + n * lde, lde, K, s(n), y + n, ldy, a);
     }
   } else {
     for (; n + 4 <= n1; n += 4) {
@@ -215,11 +246,6 @@ static void dot_columns(const float* x, int64_t rows, int64_t K, int64_t ldx, co
   for (; n < n1; ++n) dot_rows<1, RB>(x, rows, ldx, e + n * lde, lde, K, s(n), y + n, ldy, none);
 }
 
-// Rows of W per chunk of the walk, for `rows` inputs: one chunk is prefetched while the one before it is walked, so
-// chunks stay a few hundred KB (L2); more rows spend longer per chunk and park their accumulators less often.
-// Measured on the AMD EPYC (GPT-2 124M's 48 block products, bf16, 2 threads): 16 rows for 1-2 inputs, 32 for 3-4,
-// 64 up to 16, 128 past that.
-static inline int64_t chunk_rows(int64_t rows) { return rows <= 2 ? 16 : rows <= 4 ? 32 : rows <= 16 ? 64 : 128; }
 
 // The reduction over K is cut into pieces fixed by K alone (halves, for K >= 64), each summed into a partial of its
 // own; then y = (p0 + p1) * s + b. A piece of a column group is a unit of work; with T threads there are T column
@@ -570,7 +596,7 @@ static int affine(const float* x, int64_t rows, int64_t K, int64_t ldx, const W*
                   const float* s, const float* b, float* y, int64_t ldy, int threads, int64_t kc) {
   const int64_t nvec = N / VL, tail = N - nvec * VL, nv = nvec * VL;
   const Pieces pc(K, threads, nvec, 1);
-  kc = kc > 0 ? kc : chunk_rows(rows);
+  kc = kc > 0 ? kc : -chunk_rows(rows);
   in_pieces<float>(
       pc, rows * nv,
       [&](float* part, int t, int T) {
@@ -631,7 +657,7 @@ static const float* bias_f32(const void* b, int btype, int64_t N) {
 
 // y [rows, N] (row stride ldy) = (x [rows, K] (row stride ldx) @ W [K, N] (row stride ldw)) * s + b, fp32 x, y and
 // s; b fp32 (btype 0), bf16 (1) or fp16 (2); s (one scale per column, int8 only) and b may be null. kc: rows of W
-// per chunk of the walk; 0 picks the default (`chunk_rows`).
+// per chunk of the walk; 0 picks the default (`chunk_rows`, at most `chunk_bytes`).
 // gpt2fn_affine_t: y = (x @ E^T) * s, E [N, K] (row stride lde), s one scale per row of E (int8 only) or null.
 // One pair per stored type: f32, bf16, f16, i8. Each returns 0.
 #define GPT2FN_TYPE(name, W)                                                                                   \

@@ -56,7 +56,22 @@ static inline void store(float* p, vf v) {
   std::memcpy(p, &v, sizeof v);
 #endif
 }
-static inline vf splat(float s) { return vf{} + s; }
+// s in every lane, one broadcast. Not `vf{} + s`: GCC keeps that as an add to a zero register then a broadcast, an
+// extra instruction and a register the 16-register (AVX2) blocks do not have: 4 rows x 3 vectors of accumulators
+// spilled one to the stack, and the 8-row products ran at a third of the FMA peak (docs/performance.md run 7).
+static inline vf splat(float s) {
+#if defined(__AVX512F__)
+  return (vf)_mm512_set1_ps(s);
+#elif defined(__AVX__)
+  return (vf)_mm256_set1_ps(s);
+#elif defined(__SSE2__)
+  return (vf)_mm_set1_ps(s);
+#else
+  vf v;
+  for (int i = 0; i < VL; ++i) v[i] = s;
+  return v;
+#endif
+}
 
 // a * b + c with one rounding where the CPU has FMA. Spelled out rather than left to -ffp-contract: under
 // -mtune=znver* GCC keeps a loop-carried accumulation as a multiply and an add ("avoid FMA chains") in some loops
