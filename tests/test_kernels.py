@@ -4,6 +4,7 @@ product, with any rows, widths, strides and thread counts; the policy picks torc
 does not apply."""
 
 import os
+import platform
 import subprocess
 import sys
 
@@ -191,6 +192,59 @@ def test_greedy_batches_decode_each_row_as_gpt2fn_alone(sharp_rows, batch):
         assert torch.equal(generate_tokens(params, ids[:batch], max_new_tokens=5), alone[:batch])
     finally:
         torch.set_num_threads(before)
+
+
+_OTHER_ISA = """
+import sys, torch
+from gpt2fn import native
+native._FLAGS = tuple(g for f in native._FLAGS for g in (sys.argv[1].split() if f.startswith("-march=") else [f]))
+from gpt2fn.kernels import affine, affine_t
+if not native.available():
+    sys.exit("no build: " + native.status())
+g = torch.Generator().manual_seed(0)
+for trial in range(int(sys.argv[2])):
+    rows, d_in, d_out = (int(torch.randint(1, n, (1,), generator=g)) for n in (21, 201, 121))
+    w = torch.randn(d_in, d_out, generator=g).to([torch.float32, torch.bfloat16, torch.float16][trial % 3])
+    x, e = torch.randn(rows, d_in, generator=g), w.T.contiguous()
+    outs = []
+    for n in (1, 2, 3):
+        torch.set_num_threads(n)
+        outs.append((affine(x, w, None), affine_t(x, e)))
+    torch.set_num_threads(2)
+    outs.append((torch.cat([affine(x[i:i + 1], w, None) for i in range(rows)]),
+                 torch.cat([affine_t(x[i:i + 1], e) for i in range(rows)])))
+    for y, h in outs[1:]:
+        assert torch.equal(y, outs[0][0]) and torch.equal(h, outs[0][1]), (trial, rows, d_in, d_out, w.dtype)
+    torch.testing.assert_close(outs[0][0], x @ w.float(), atol=1e-4, rtol=1e-4)
+print(native.vector_width())
+"""
+
+
+def _cpu_has(*flags: str) -> bool:
+    have = set(native._cpu_flags().split())
+    return all(f in have for f in flags)
+
+
+@needs_native
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="the other builds are x86-64's")
+@pytest.mark.parametrize(("target", "floats", "flags"), [
+    ("-march=x86-64", 4, ()),
+    ("-march=x86-64-v3 -mtune=znver3", 8, ("avx2", "fma")),
+], ids=["sse2", "avx2-znver3"])
+def test_the_builds_for_other_x86_cpus_keep_a_rows_bits(tmp_path, target, floats, flags):
+    """The kernel compiled for another x86-64 target than this CPU's, in a process of its own: `-march=x86-64`
+    (SSE2, 4 floats a vector) and AVX2 + FMA tuned for the AMD EPYC 7003 (8 floats; the CPU of docs/performance.md
+    run 6, whose tuning leaves some accumulations unfused). A row's product has the same bits on 1, 2 or 3 threads
+    and alone or in a batch, as on the native build. On an AVX-512 machine this is the only test of the narrower
+    code paths, where register blocks, bands and FMA fusing differ."""
+    if not _cpu_has(*flags):
+        pytest.skip(f"this CPU cannot run the {target} build (needs {', '.join(flags)})")
+    run = subprocess.run([sys.executable, "-c", _OTHER_ISA, target, "40"], capture_output=True, text=True,
+                         timeout=600, env={**os.environ, "XDG_CACHE_HOME": str(tmp_path)})
+    if run.returncode != 0 and "no build: off: the build failed" in run.stderr:
+        pytest.skip(f"this compiler does not build {target}: {run.stderr.strip()[-300:]}")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split()[-1] == str(floats)
 
 
 _PROBE = """
