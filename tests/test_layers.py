@@ -37,7 +37,8 @@ def test_layer_norm_is_invariant_to_adding_a_constant_and_positive_scaling(devic
     x = torch.randn(2, 5, d, generator=g, dtype=torch.float64).to(**f64)
     base = gpt2fn.layer_norm(p, x, eps=1e-12)
     torch.testing.assert_close(gpt2fn.layer_norm(p, x + shift, eps=1e-12), base, atol=1e-9, rtol=1e-9)
-    torch.testing.assert_close(gpt2fn.layer_norm(p, x * scale, eps=1e-12), base, atol=1e-9, rtol=1e-9)
+    # exact in the maths: LN(a x; a^2 eps) = LN(x; eps) (with eps fixed, a scale of 0.05 moved it by 1.2e-9)
+    torch.testing.assert_close(gpt2fn.layer_norm(p, x * scale, eps=1e-12 * scale**2), base, atol=1e-9, rtol=1e-9)
 
 
 def test_layer_norm_applies_scale_then_shift(device):
