@@ -125,15 +125,16 @@ static int64_t chunk_bytes() {
   return bytes;
 }
 
-// Columns [c0, c0 + nvec * VL) of y for every row, over rows [k0, k1) of W in chunks of kc rows (kc < 0: at most
-// -kc rows and `chunk_bytes`); y starts from
-// zero (the caller adds the pieces, the scales and the bias). While one chunk is walked band by band, the next
+// Columns [c0, c0 + nvec * VL) of y for every row, over rows [k0, k1) of W in chunks of kc rows (0: `chunk_rows`,
+// at most `chunk_bytes` of the walk's columns); y starts from zero (the caller adds the pieces, the scales and the
+// bias). While one chunk is walked band by band, the next
 // chunk's columns [c0, c0 + nvec * VL) are prefetched front to back, a share in each band.
 template <class W>
 static void columns(const float* x, int64_t rows, int64_t ldx, const W* w, int64_t ldw, int64_t k0, int64_t k1,
                     float* y, int64_t ldy, int64_t c0, int64_t nvec, int64_t kc) {
   const int64_t nbands = (nvec + 2) / 3;
-  if (kc < 0) kc = std::max<int64_t>(4, std::min<int64_t>(-kc, chunk_bytes() / (nvec * VL * int64_t(sizeof(W)))));
+  if (kc <= 0)
+    kc = std::max<int64_t>(4, std::min<int64_t>(chunk_rows(rows), chunk_bytes() / (nvec * VL * int64_t(sizeof(W)))));
   for (int64_t ka = k0; ka < k1; ka += kc) {
     const int64_t kl = std::min(kc, k1 - ka), next = std::min(kc, k1 - ka - kl);
     const bool first = ka == k0;
@@ -226,15 +227,11 @@ static void dot_columns(const float* x, int64_t rows, int64_t K, int64_t ldx, co
       Ahead a = group_ahead(e, lde, K, n, G1, n1, VL);
       dots<G1, 1>(x, ldx, e + n * lde, lde, K, s(n), y + n, ldy, a);
     }
-  } else if (NREG >= 32 && rows > RB && rows <= 8) {  // one block of all rows: 3 x 8 accumulators
+  } else if (rows > RB && (NREG < 32 || rows <= 8)) {  // 3 rows of E x blocks of R3 rows: one block of up to 8
+    constexpr int R3 = NREG >= 32 ? 8 : 4;             // rows (32 registers), or blocks of 4 (16 registers)
     for (; n + 3 <= n1; n += 3) {
       Ahead a = group_ahead(e, lde, K, n, 3, n1, VL);
-      dot_rows<3, 8>(x, rows, ldx, e + n * lde, lde, K, s(n), y + n, ldy, a);
-    }
-  } else if (NREG < 32 && rows > RB) {  // 16 registers: blocks of 4 rows x 3 rows of E, 12 accumulators
-    for (; n + 3 <= n1; n += 3) {
-      Ahead a = group_ahead(e, lde, K, n, 3, n1, VL);
-      dot_rows<3, 4>(x, rows, ldx, e + n * lde, lde, K, s(n), y + n, ldy, a);
+      dot_rows<3, R3>(x, rows, ldx, e + n * lde, lde, K, s(n), y + n, ldy, a);
     }
   } else {
     for (; n + 4 <= n1; n += 4) {
@@ -245,7 +242,6 @@ static void dot_columns(const float* x, int64_t rows, int64_t K, int64_t ldx, co
   Ahead none;
   for (; n < n1; ++n) dot_rows<1, RB>(x, rows, ldx, e + n * lde, lde, K, s(n), y + n, ldy, none);
 }
-
 
 // The reduction over K is cut into pieces fixed by K alone (halves, for K >= 64), each summed into a partial of its
 // own; then y = (p0 + p1) * s + b. A piece of a column group is a unit of work; with T threads there are T column
@@ -596,7 +592,6 @@ static int affine(const float* x, int64_t rows, int64_t K, int64_t ldx, const W*
                   const float* s, const float* b, float* y, int64_t ldy, int threads, int64_t kc) {
   const int64_t nvec = N / VL, tail = N - nvec * VL, nv = nvec * VL;
   const Pieces pc(K, threads, nvec, 1);
-  kc = kc > 0 ? kc : -chunk_rows(rows);
   in_pieces<float>(
       pc, rows * nv,
       [&](float* part, int t, int T) {
