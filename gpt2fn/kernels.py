@@ -38,8 +38,12 @@ policy, no per-CPU switch: the kernel is never slower than torch where it was me
 
 A decode step's attention (`gpt2fn.layers.attend_fast`) takes the native `attend.cpp` for one query per row on CPU,
 eager, with nothing to differentiate: the cache's keys and values are read in place (fp32, or 16-bit with
-`cache_dtype=`), the softmax is fp32. Prefills, speculative verification (several queries), `torch.compile`,
-autograd and other devices take torch's scaled-dot-product attention.
+`cache_dtype=`), the softmax is fp32. A one-token step that donates its cache and has no tap (what `generate` runs)
+goes further (`native_attend_append`, from `gpt2fn.layers.attention`): one call writes the step's key and value
+into the cache, attends, and merges the heads, straight from the qkv product, with the same bits as the separate
+calls. The torch calls around the kernel (splitting the heads, two `index_copy_`, slicing to the visible slots,
+merging) cost more than its reads at batch 1. Prefills, speculative verification (several queries),
+`torch.compile`, autograd and other devices take torch's scaled-dot-product attention.
 """
 
 import functools
@@ -53,7 +57,7 @@ from . import native
 from .params import Int8Matrix, Matrix
 
 __all__ = ["NATIVE_MAX_ROWS", "affine", "affine_t", "native_applies", "native_affine", "native_affine_t",
-           "attend_applies", "native_attend"]
+           "attend_applies", "native_attend", "attend_append_applies", "native_attend_append"]
 
 # Products of more rows take torch's GEMM (a prefill, training): the native kernel keeps its lead over MKL up to
 # about 128 rows on the AMD EPYC (docs/performance.md)
@@ -123,7 +127,7 @@ def _applies(x: Tensor, stored: Tensor, scale: Tensor | None, b: Tensor | None, 
 
 @functools.cache
 def _entry(kind: str, dtype: torch.dtype) -> Callable[..., int]:
-    """The kernel's entry point `gpt2fn_<kind>_<stored type>` (kind: affine, affine_t, attend)."""
+    """The kernel's entry point `gpt2fn_<kind>_<stored type>` (kind: affine, affine_t, attend, attend_append)."""
     return getattr(native.library(), f"gpt2fn_{kind}_{_STORED[dtype]}")
 
 
@@ -136,15 +140,23 @@ _BIAS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def native_affine(x: Tensor, w: Tensor, b: Tensor | None, scale: Tensor | None = None) -> Tensor:
-    """The native kernel itself, no policy (the caller has checked `native_applies`): `x` `[rows, in]` (fp32, unit
+    """The native kernel itself, no policy (the caller has checked `native_applies`): `x` `[..., in]` (fp32, unit
     stride along `in`) @ `w` `[in, out]` (fp32, bf16, fp16, or int8 times `scale` `[out]`) + `b` (contiguous;
-    fp32, bf16 or fp16, widened by the kernel)."""
-    rows, d_in = x.shape
-    d_out = w.shape[1]
-    y = torch.empty(rows, d_out, dtype=torch.float32)
+    fp32, bf16 or fp16, widened by the kernel), `[..., out]`. The output is made in its final shape and a
+    contiguous `x` is read as it is (no reshape, no view: a decode step makes 49 of these calls, and each torch call
+    around the kernel costs microseconds)."""
+    d_in, d_out = x.shape[-1], w.shape[1]
+    if x.ndim == 2:
+        flat, rows, ldx = x, x.shape[0], x.stride(0)
+    elif x.is_contiguous():
+        flat, rows, ldx = x, x.numel() // d_in, d_in
+    else:
+        flat = _rows(x)
+        rows, ldx = flat.shape[0], flat.stride(0)
+    y = torch.empty(*x.shape[:-1], d_out, dtype=torch.float32)
     if b is not None and b.dtype not in _BIAS:
         b = b.to(torch.float32)
-    _entry("affine", w.dtype)(x.data_ptr(), rows, d_in, x.stride(0), w.data_ptr(), d_out, w.stride(0), _ptr(scale),
+    _entry("affine", w.dtype)(flat.data_ptr(), rows, d_in, ldx, w.data_ptr(), d_out, w.stride(0), _ptr(scale),
                               _ptr(b), 0 if b is None else _BIAS[b.dtype], y.data_ptr(), d_out,
                               torch.get_num_threads(), 0)
     return y
@@ -193,15 +205,15 @@ def _(x: Tensor, e: Tensor, scale: Tensor | None) -> Tensor:
 def affine(x: Tensor, w: Matrix, b: Tensor | None) -> Tensor:
     """`x @ W + b` for `x` `[..., in]` and a matrix `W` `[in, out]` read in place, in `x`'s dtype (see the module
     docstring for the kernel that computes it; `W` may be stored in another dtype, or as an `Int8Matrix`)."""
-    stored, scale = _parts(w)
-    fits = x.shape[-1] == stored.shape[0] and (b is None or tuple(b.shape) == (stored.shape[1],))
-    out = (*x.shape[:-1], stored.shape[1])
+    stored, scale = (w, None) if type(w) is Tensor else _parts(w)
+    fits = x.shape[-1] == stored.shape[0] and (b is None or b.shape == (stored.shape[1],))
     compiling = torch.compiler.is_compiling()
     if fits and _applies(x, stored, scale, b, compiling):
-        if compiling:
-            bias = b if b is None or b.dtype == torch.float32 else b.to(torch.float32)
-            return torch.ops.gpt2fn.affine(_rows(x), stored, bias, scale).view(out)
-        return native_affine(_rows(x), stored, b, scale).view(out)
+        if not compiling:
+            return native_affine(x, stored, b, scale)
+        bias = b if b is None or b.dtype == torch.float32 else b.to(torch.float32)
+        return torch.ops.gpt2fn.affine(_rows(x), stored, bias, scale).view(*x.shape[:-1], stored.shape[1])
+    out = (*x.shape[:-1], stored.shape[1])
     flat = x.reshape(-1, x.shape[-1])
     if scale is not None:  # torch's product of the int8 values, then the column scales (no dequantized copy kept)
         y = (flat @ stored.to(x.dtype)) * scale.to(x.dtype)
@@ -254,13 +266,63 @@ def native_attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tenso
     b, h, _, d = q.shape
     width = k.shape[2]
     z = torch.empty(b, 1, h, d, dtype=torch.float32)
-    if mask is None:
-        m, msb, mst = None, 0, 0
-    elif mask.ndim == 4:
-        m, msb, mst = mask.data_ptr(), mask.stride(0), mask.stride(3)
-    else:
-        m, msb, mst = mask.data_ptr(), 0, mask.stride(1)
+    m, msb, mst = _mask_args(mask)
     _entry("attend", k.dtype)(q.data_ptr(), b, h, d, q.stride(0), q.stride(1), k.data_ptr(), v.data_ptr(),
                               k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), width, m, msb, mst,
                               1.0 / math.sqrt(d), z.data_ptr(), z.stride(0), z.stride(2), torch.get_num_threads())
     return z.transpose(1, 2)
+
+
+def _mask_args(mask: Tensor | None) -> tuple[int | None, int, int]:
+    """The mask's pointer and its (row, slot) strides as the native attention takes them."""
+    if mask is None:
+        return None, 0, 0
+    if mask.ndim == 4:
+        return mask.data_ptr(), mask.stride(0), mask.stride(3)
+    return mask.data_ptr(), 0, mask.stride(1)
+
+
+def attend_append_applies(qkv: Tensor, k: Tensor, v: Tensor, slots: Tensor, mask: Tensor, n_heads: int) -> bool:
+    """Whether a one-token decode step's attention runs as one native call (`native_attend_append`): eager, plain
+    CPU tensors with nothing to differentiate, the qkv product `[batch, 1, 3 * heads * head_dim]` fp32 with unit
+    stride along its last axis, the cache buffers `k` and `v` `[batch, heads, capacity, head_dim]` and `mask` as
+    `attend_applies` takes them (the mask's width at most the capacity), and one slot (`slots` int64, one
+    element) to write the new key and value to."""
+    if torch.compiler.is_compiling() or qkv.ndim != 3 or qkv.shape[1] != 1 or k.ndim != 4 or k.shape != v.shape:
+        return False
+    b, h, capacity, d = k.shape
+    if (h != n_heads or d < 1 or qkv.shape[0] != b or qkv.shape[2] != 3 * h * d or qkv.stride(2) != 1
+            or qkv.dtype != torch.float32):
+        return False
+    name = _STORED.get(k.dtype)
+    if name is None or name == "i8" or v.dtype != k.dtype or not _native_on() or not _native_has(name):
+        return False
+    if k.stride(3) != 1 or v.stride(3) != 1 or k.stride(2) != v.stride(2):
+        return False
+    if slots.dtype != torch.int64 or slots.numel() != 1 or not _plain(slots, None):
+        return False
+    width = mask.shape[-1]
+    if mask.dtype != torch.bool or width > capacity or not (mask.shape == (b, 1, 1, width) or mask.shape == (1, width)):
+        return False
+    return _plain(mask, torch.bool) and _plain(qkv) and _plain(k, None) and _plain(v, None)
+
+
+def native_attend_append(qkv: Tensor, k: Tensor, v: Tensor, slots: Tensor, mask: Tensor) -> Tensor:
+    """The native one-token attention, no policy (the caller has checked `attend_append_applies`): the step's keys
+    and values (the second and third thirds of `qkv`) written into slot `slots[0]` of the cache buffers `k` and `v`,
+    in place and rounded to their dtype (as `index_copy_` writes them), then the queries (the first third)
+    attended over the mask's `width` slots as `native_attend` does. Returns `z` with the heads merged,
+    `[batch, 1, heads * head_dim]` fp32: the same bits as `native_attend` after writing the slot with torch."""
+    b, h, _, d = k.shape
+    width = mask.shape[-1]
+    z = torch.empty(b, 1, h * d, dtype=torch.float32)
+    m, msb, mst = _mask_args(mask)
+    at, row = qkv.data_ptr(), qkv.stride(0)
+    done = _entry("attend_append", k.dtype)(
+        at, b, h, d, row, d, k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1), k.stride(2), v.stride(0),
+        v.stride(1), width, m, msb, mst, 1.0 / math.sqrt(d), z.data_ptr(), h * d, d, torch.get_num_threads(),
+        at + 4 * h * d, at + 8 * h * d, row, d, slots.data_ptr())
+    if done != 0:
+        raise ValueError(f"the slot to write, {int(slots.reshape(()))}, is not one of the {width} slots the mask "
+                         "covers; the mask must cover every slot written so far (see gpt2fn.model.walk)")
+    return z

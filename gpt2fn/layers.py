@@ -24,7 +24,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from .config import GPTConfig
-from .kernels import affine, attend_applies, native_attend
+from .kernels import affine, attend_append_applies, attend_applies, native_attend, native_attend_append
 from .params import AttentionParams, BlockParams, LayerNormParams, MLPParams
 from .shapes import check_record, checked
 
@@ -162,7 +162,10 @@ def attend_explicit(q: Float[Tensor, "batch heads seq head_dim"], k: Float[Tenso
 
 def split_qkv(p: AttentionParams, x: Tensor, n_heads: int) -> tuple[Tensor, Tensor, Tensor]:
     """Queries, keys and values `[batch heads seq head_dim]` of `x` from the one `w_qkv` product."""
-    qkv = linear(x, p.w_qkv, p.b_qkv)
+    return _heads_of(linear(x, p.w_qkv, p.b_qkv), n_heads)
+
+
+def _heads_of(qkv: Tensor, n_heads: int) -> tuple[Tensor, Tensor, Tensor]:
     q, k, v = rearrange(qkv, "b s (three h d) -> three b h s d", three=3, h=n_heads)
     return q, k, v
 
@@ -216,7 +219,14 @@ def attention(p: AttentionParams, x: Float[Tensor, "batch seq d_model"], *, n_he
     queries, keys, values read (None: unchanged); each goes through its own head's columns of `w_qkv` only.
     """
     check_record(p, site)
-    q, k, v = split_qkv(p, x, n_heads)
+    qkv = linear(x, p.w_qkv, p.b_qkv)
+    if (kv is not None and donate and tap is None and head_shift is None and slots is not None and mask is not None
+            and (generator is None or drop_rate == 0.0)
+            and attend_append_applies(qkv, kv[0], kv[1], slots, mask, n_heads)):
+        # a one-token step written in place with nothing to show: the new key and value written, attended and the
+        # heads merged in one native call (`gpt2fn.kernels.native_attend_append`), the same bits as below
+        return linear(native_attend_append(qkv, kv[0], kv[1], slots, mask), p.w_out, p.b_out), kv
+    q, k, v = _heads_of(qkv, n_heads)
     if head_shift is not None:  # x' W + b = (x W + b) + (x' - x) W, head by head: other heads keep their bits
         d = x.shape[-1]
         w = p.w_qkv

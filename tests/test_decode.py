@@ -201,3 +201,25 @@ def test_decode_step_compiles_with_fullgraph_as_written(params, seed):
         logits, cache = step(params, cache, ids[:, t:t + 1])
         expect, ref = decode_step(params, ref, ids[:, t:t + 1])
         torch.testing.assert_close(logits, expect, atol=1e-6, rtol=1e-6)
+
+
+@settings(max_examples=25)
+@given(seed=st.integers(0, 2**31 - 1), prompt=st.integers(1, 6), new=st.integers(1, 4), batch=st.integers(1, 3),
+       cache_dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
+def test_donated_one_token_steps_have_the_bits_of_out_of_place_ones_on_every_cache_dtype(
+        params, threads, seed, prompt, new, batch, cache_dtype):
+    """A donated one-token step without a tap takes the one-call native attention (the key and value written,
+    attended and the heads merged together, `gpt2fn.kernels.native_attend_append`); an out-of-place step writes a
+    new cache with torch and attends after. Logits and every buffer agree bit for bit, left padding included."""
+    ids = _ids(seed, batch, prompt + new)
+    pad = torch.ones(batch, prompt, dtype=torch.bool)
+    pad[0, :prompt // 2] = False
+    donated = init_cache(params.config, batch, prompt + new, dtype=cache_dtype)
+    pure = init_cache(params.config, batch, prompt + new, dtype=cache_dtype)
+    got, donated = decode_step(params, donated, ids[:, :prompt], pad_mask=pad, donate=True)
+    want, pure = decode_step(params, pure, ids[:, :prompt], pad_mask=pad)
+    assert torch.equal(got, want)
+    for t in range(prompt, prompt + new):
+        got, donated = decode_step(params, donated, ids[:, t:t + 1], donate=True)
+        want, pure = decode_step(params, pure, ids[:, t:t + 1])
+        assert torch.equal(got, want) and _equal_caches(donated, pure)

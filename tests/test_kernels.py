@@ -332,3 +332,64 @@ def test_decode_attention_takes_torchs_where_the_kernel_does_not_apply():
         assert not attend_applies(q.requires_grad_(True), k, k, None)
     if native.available():
         assert attend_applies(torch.randn(2, 3, 1, 8), k, k, None)
+
+
+def _slot_written(buf: torch.Tensor, slot: int, new: torch.Tensor) -> torch.Tensor:
+    """`buf` with `new` `[batch, heads, head_dim]` (fp32) written at `slot`, rounded to `buf`'s dtype by torch."""
+    out = buf.clone()
+    out[:, :, slot] = new.to(buf.dtype)
+    return out
+
+
+@needs_native
+@settings(max_examples=40)
+@given(batch=st.integers(1, 4), heads=st.integers(1, 3), head_dim=st.integers(1, 70), width=st.integers(1, 40),
+       capacity_gap=st.integers(0, 9), kind=st.sampled_from(["rows", "shared"]), slot_back=st.integers(0, 39),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), seed=st.integers(0, 2**31 - 1))
+def test_the_one_call_decode_attention_writes_the_slot_and_equals_writing_it_then_attending(
+        threads, batch, heads, head_dim, width, capacity_gap, kind, slot_back, dtype, seed):
+    """`native_attend_append` (a one-token step's attention in one call, from the qkv product): the new key and value
+    land in the slot with the bits torch's `.to` rounds them to, nothing else in the buffers changes, and `z` has
+    the bits of `native_attend` on the cache written by torch, its heads merged."""
+    from gpt2fn.kernels import attend_append_applies, native_attend, native_attend_append
+
+    g = torch.Generator().manual_seed(seed)
+    d = heads * head_dim
+    qkv = torch.randn(batch, 1, 3 * d, generator=g) * 3
+    capacity = width + capacity_gap
+    keys = torch.randn(batch, heads, capacity, head_dim, generator=g).to(dtype)
+    values = torch.randn(batch, heads, capacity, head_dim, generator=g).to(dtype)
+    slot = width - 1 - slot_back % width
+    slots = torch.tensor([slot])
+    mask = _visible(batch, width, kind, g)
+    mask[..., slot] = True  # a query sees its own slot
+    q, k_new, v_new = qkv.view(batch, 3, heads, head_dim).unbind(1)
+    want_k, want_v = _slot_written(keys, slot, k_new), _slot_written(values, slot, v_new)
+    want = native_attend(q[:, :, None], want_k[:, :, :width], want_v[:, :, :width], mask)
+    assert attend_append_applies(qkv, keys, values, slots, mask, heads)
+    z = native_attend_append(qkv, keys, values, slots, mask)
+    assert z.shape == (batch, 1, d)
+    assert torch.equal(keys, want_k) and torch.equal(values, want_v)
+    assert torch.equal(z, want.reshape(batch, 1, d))
+
+
+@needs_native
+def test_the_one_call_decode_attention_refuses_a_slot_outside_the_mask_and_what_it_cannot_read():
+    from gpt2fn.kernels import attend_append_applies, native_attend_append
+
+    qkv, k = torch.randn(2, 1, 3 * 3 * 8), torch.zeros(2, 3, 10, 8)
+    mask = torch.ones(2, 1, 1, 5, dtype=torch.bool)
+    assert attend_append_applies(qkv, k, k.clone(), torch.tensor([4]), mask, 3)
+    before = k.clone()
+    with pytest.raises(ValueError, match="slot to write, 5, is not one of the 5 slots"):
+        native_attend_append(qkv, k, k.clone(), torch.tensor([5]), mask)
+    assert torch.equal(k, before)  # refused before writing anything
+    v = k.clone()
+    assert not attend_append_applies(torch.randn(2, 2, 72), k, v, torch.tensor([4, 5]), mask, 3)  # two tokens
+    assert not attend_append_applies(qkv, k, v, torch.tensor([4]), mask, 2)  # another head count
+    assert not attend_append_applies(qkv, k, v.half(), torch.tensor([4]), mask, 3)  # keys and values differ
+    assert not attend_append_applies(qkv, k, v, torch.tensor([4.0]), mask, 3)  # a float slot
+    assert not attend_append_applies(qkv, k, v, torch.tensor([4]), torch.ones(2, 1, 1, 11, dtype=torch.bool), 3)
+    assert not attend_append_applies(qkv.double(), k.double(), v.double(), torch.tensor([4]), mask, 3)
+    with torch.enable_grad():
+        assert not attend_append_applies(qkv.requires_grad_(True), k, v, torch.tensor([4]), mask, 3)

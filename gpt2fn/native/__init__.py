@@ -127,6 +127,10 @@ def library() -> ctypes.CDLL | None:
             fn.restype = ctypes.c_int
             fn.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr, i64, i64, i64, i64, i64, i64, ptr, i64, i64,
                            ctypes.c_float, ptr, i64, i64, ctypes.c_int]
+            fn = getattr(lib, f"gpt2fn_attend_append_{name}")
+            fn.restype = ctypes.c_int
+            fn.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr, i64, i64, i64, i64, i64, i64, ptr, i64, i64,
+                           ctypes.c_float, ptr, i64, i64, ctypes.c_int, ptr, ptr, i64, i64, ptr]
     _status = f"on: {path} ({lib.gpt2fn_vector_width()} floats per vector)"
     return lib
 
