@@ -146,7 +146,7 @@ def native_affine(x: Tensor, w: Tensor, b: Tensor | None, scale: Tensor | None =
     contiguous `x` is read as it is (no reshape, no view: a decode step makes 49 of these calls, and each torch call
     around the kernel costs microseconds)."""
     d_in, d_out = x.shape[-1], w.shape[1]
-    if x.ndim == 2:
+    if x.ndim == 2 and x.stride(1) == 1:
         flat, rows, ldx = x, x.shape[0], x.stride(0)
     elif x.is_contiguous():
         flat, rows, ldx = x, x.numel() // d_in, d_in

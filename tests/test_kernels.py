@@ -393,3 +393,16 @@ def test_the_one_call_decode_attention_refuses_a_slot_outside_the_mask_and_what_
     assert not attend_append_applies(qkv.double(), k.double(), v.double(), torch.tensor([4]), mask, 3)
     with torch.enable_grad():
         assert not attend_append_applies(qkv.requires_grad_(True), k, v, torch.tensor([4]), mask, 3)
+
+
+@needs_native
+def test_an_input_strided_along_its_features_is_read_as_its_values():
+    """`affine` hands its input to the kernel as it is where it can: a 2-D input whose features are not adjacent
+    (a transposed view) or a 3-D one that is not contiguous must still give the plain product."""
+    g = torch.Generator().manual_seed(3)
+    w, b = torch.randn(16, 24, generator=g), torch.randn(24, generator=g)
+    xt = torch.randn(16, 3, generator=g).T  # [3, 16] with stride (1, 3)
+    assert native_applies(xt, w, b)
+    torch.testing.assert_close(affine(xt, w, b), xt @ w + b, atol=1e-5, rtol=1e-5)
+    x3 = torch.randn(2, 5, 16, generator=g)[:, ::2]  # [2, 3, 16], rows strided
+    torch.testing.assert_close(affine(x3, w, b), x3 @ w + b, atol=1e-5, rtol=1e-5)
