@@ -246,17 +246,23 @@ def attend_applies(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> bool
     b, h, _, d = q.shape
     if k.shape[0] != b or k.shape[1] != h or k.shape[3] != d or k.shape[2] < 1 or d < 1:
         return False
+    return q.stride(3) == 1 and _reads_cache(k, v, mask, b, k.shape[2]) and _plain(q)
+
+
+def _reads_cache(k: Tensor, v: Tensor, mask: Tensor | None, batch: int, width: int) -> bool:
+    """What both native attentions need of the cache and the mask: keys and values of one dtype the kernel reads
+    (fp32, bf16, fp16), unit stride along `head_dim` and one slot stride, and `mask` None or bool `[batch, 1, 1,
+    width]` or `[1, width]`; all plain CPU tensors with nothing to differentiate."""
     name = _STORED.get(k.dtype)
     if name is None or name == "i8" or v.dtype != k.dtype or not _native_on() or not _native_has(name):
         return False
-    if q.stride(3) != 1 or k.stride(3) != 1 or v.stride(3) != 1 or k.stride(2) != v.stride(2):
+    if k.stride(3) != 1 or v.stride(3) != 1 or k.stride(2) != v.stride(2):
         return False
-    if mask is not None:
-        if mask.dtype != torch.bool or mask.shape[-1] != k.shape[2] or not _plain(mask, torch.bool):
-            return False
-        if not (mask.shape == (b, 1, 1, k.shape[2]) or mask.shape == (1, k.shape[2])):
-            return False
-    return _plain(q) and _plain(k, None) and _plain(v, None)
+    if mask is not None and (mask.dtype != torch.bool or not (mask.shape == (batch, 1, 1, width)
+                                                             or mask.shape == (1, width))
+                             or not _plain(mask, torch.bool)):
+        return False
+    return _plain(k, None) and _plain(v, None)
 
 
 def native_attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
@@ -294,17 +300,9 @@ def attend_append_applies(qkv: Tensor, k: Tensor, v: Tensor, slots: Tensor, mask
     if (h != n_heads or d < 1 or qkv.shape[0] != b or qkv.shape[2] != 3 * h * d or qkv.stride(2) != 1
             or qkv.dtype != torch.float32):
         return False
-    name = _STORED.get(k.dtype)
-    if name is None or name == "i8" or v.dtype != k.dtype or not _native_on() or not _native_has(name):
+    if slots.dtype != torch.int64 or slots.numel() != 1 or not _plain(slots, None) or mask.shape[-1] > capacity:
         return False
-    if k.stride(3) != 1 or v.stride(3) != 1 or k.stride(2) != v.stride(2):
-        return False
-    if slots.dtype != torch.int64 or slots.numel() != 1 or not _plain(slots, None):
-        return False
-    width = mask.shape[-1]
-    if mask.dtype != torch.bool or width > capacity or not (mask.shape == (b, 1, 1, width) or mask.shape == (1, width)):
-        return False
-    return _plain(mask, torch.bool) and _plain(qkv) and _plain(k, None) and _plain(v, None)
+    return _reads_cache(k, v, mask, b, mask.shape[-1]) and _plain(qkv)
 
 
 def native_attend_append(qkv: Tensor, k: Tensor, v: Tensor, slots: Tensor, mask: Tensor) -> Tensor:
